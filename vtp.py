@@ -1,0 +1,691 @@
+"""
+VTP: every model and loss of the visual tokenizer pre-training method of
+"Towards Scalable Pre-training of Visual Tokenizers for Generation" (Yao et al., 2025).
+
+Sections:
+  1. building blocks (RMSNorm, 2-D RoPE, SDPA attention with QK-norm, SwiGLU, pre-norm block)
+  2. the VTP tokenizer: ViT encoder + d-dim bottleneck, pixel decoder, text tower, DINO/iBOT heads
+  3. loading official checkpoints (HF folders, safetensors read without executing code)
+  4. stage-1 losses: CLIP, DINO (Sinkhorn-Knopp), iBOT, KoLeo, reconstruction (eq. 1-3)
+  5. EMA, schedules, FLOPs accounting
+
+The module and parameter names follow the official release (MiniMax-AI/VTP, `VTPModel`), so an official
+state dict loads with only the legacy renames of `OFFICIAL_RENAMES`.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.distributed as dist
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# -----------------------------------------------------------------------------
+# 1. building blocks
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 (official: rsqrt, then the fp32 weight promotes the result)."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def make_norm(kind, dim):
+    # the three norm types of the official ViT; eps values are part of the reference behaviour
+    if kind == 'rmsnorm':
+        return RMSNorm(dim, eps=1e-5)
+    if kind == 'layernorm':
+        return nn.LayerNorm(dim, eps=1e-6)
+    if kind == 'layernormbf16':
+        return nn.LayerNorm(dim, eps=1e-5)
+    raise ValueError(f"unknown norm layer {kind!r} (rmsnorm | layernorm | layernormbf16)")
+
+
+class SwiGLU(nn.Module):
+    """w3(silu(w1 x) * w2 x); hidden = 2/3 of mlp_ratio*dim, rounded up to a multiple of `align` (official: 8)."""
+
+    def __init__(self, dim, mlp_ratio=4.0, align=8, hidden=None):
+        super().__init__()
+        if hidden is None:
+            d = int(int(dim * mlp_ratio) * 2 / 3)
+            hidden = d + (-d % align)
+        self.w1 = nn.Linear(dim, hidden)
+        self.w2 = nn.Linear(dim, hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+class Mlp(nn.Module):
+    """The plain GELU MLP (official ffn_layer='mlp')."""
+
+    def __init__(self, dim, mlp_ratio=4.0, hidden=None):
+        super().__init__()
+        hidden = hidden or int(dim * mlp_ratio)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim, init_values):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class RopeEmbed(nn.Module):
+    """DINOv3-style 2-D axial RoPE (vtp_architecture.md §1.2).
+
+    Patch centres are normalised to [-1, 1] per axis, so one set of weights runs at any grid (224 px
+    crops, 96 px local crops, 256 px) without interpolation. The official code builds the tables in bf16;
+    we do the same, because fp32 tables change the latents by ~1e-5 and we want bit-faithful outputs.
+    """
+
+    def __init__(self, head_dim, base=100.0):
+        super().__init__()
+        assert head_dim % 4 == 0, "RoPE needs a head dim divisible by 4"
+        n = head_dim // 4
+        periods = base ** (2 * torch.arange(n, dtype=torch.float32) / (head_dim // 2))
+        self.register_buffer('periods', periods.to(torch.bfloat16), persistent=True)  # in the official ckpt
+
+    def forward(self, H, W):
+        dt, dev = torch.bfloat16, self.periods.device
+        ch = torch.arange(0.5, H, dtype=dt, device=dev) / H
+        cw = torch.arange(0.5, W, dtype=dt, device=dev) / W
+        coords = torch.stack(torch.meshgrid(ch, cw, indexing='ij'), -1).flatten(0, 1)  # (HW, 2) [y, x]
+        coords = 2 * coords - 1
+        angles = 2 * math.pi * coords[:, :, None] / self.periods[None, None, :]  # (HW, 2, Dh/4), bf16
+        angles = angles.flatten(1, 2).tile(2)  # (HW, Dh): [y, x, y, x]
+        return angles.sin(), angles.cos()
+
+
+def rope_rotate(x, sin, cos):
+    """Apply DINOv3 RoPE to the last HW tokens of x (B, h, N, Dh); earlier tokens (cls) pass unrotated.
+    rotate_half pairs dim i with dim i + Dh/2. Done in the table's dtype (bf16), as the official code."""
+    dtype = x.dtype
+    x = x.to(sin.dtype)
+    prefix, x_rot = x[:, :, : x.shape[2] - sin.shape[0]], x[:, :, x.shape[2] - sin.shape[0]:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    x_rot = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((prefix, x_rot), dim=2).to(dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention around F.scaled_dot_product_attention (flash / memory-efficient kernels).
+    `rope(t)` rotates q and k after the optional QK-norm, as in the official code."""
+
+    def __init__(self, dim, num_heads, qk_norm=False, qk_norm_eps=1e-5):
+        super().__init__()
+        assert dim % num_heads == 0
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        hd = dim // num_heads
+        self.q_norm = RMSNorm(hd, qk_norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(hd, qk_norm_eps) if qk_norm else nn.Identity()
+
+    def forward(self, x, rope=None):
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)  # [q | k | v], head-major
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, h, N, Dh)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        x = F.scaled_dot_product_attention(q, k, v)  # default scale 1/sqrt(Dh)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, ffn='swiglu', norm='rmsnorm', qk_norm=False,
+                 init_values=None, hidden=None):
+        super().__init__()
+        self.norm1 = make_norm(norm, dim)
+        self.attn = Attention(dim, num_heads, qk_norm)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.norm2 = make_norm(norm, dim)
+        if ffn == 'mlp':
+            self.mlp = Mlp(dim, mlp_ratio, hidden)
+        else:  # 'swiglu' aligns to 8; 'swiglu32/64/128' to that number
+            self.mlp = SwiGLU(dim, mlp_ratio, align=int(ffn[6:] or 8), hidden=hidden)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+
+    def forward(self, x, rope=None):
+        x = x + self.ls1(self.attn(self.norm1(x), rope))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+def init_vit_weights(module):
+    # trunc_normal(0.02) for Linear, zero bias (vtp_architecture.md §1.7)
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+# -----------------------------------------------------------------------------
+# 2. the VTP tokenizer
+
+
+@dataclass
+class VTPConfig:
+    image_size: int = 256             # training resolution of the main (CLIP + reconstruction) view
+    # vision encoder (DINOv3-style ViT; official `trunk`)
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    ffn_layer: str = 'swiglu'         # swiglu (hidden aligned to 8) | swiglu32/64/128 | mlp
+    ffn_hidden: int = 0               # 0: from mlp_ratio; set when loading a checkpoint
+    norm_layer: str = 'rmsnorm'
+    init_values: float = 0.0          # LayerScale init; 0 = no LayerScale (official default)
+    qk_norm: bool = True              # the paper trains with QK-norm (§4.1); the official config has it optional
+    bottleneck_dim: int = 64          # d: the latent channels (§3.1)
+    bottleneck_ae_only: bool = True   # CLIP/SSL read the D-dim features; only reconstruction uses the bottleneck
+    clip_feat: str = 'cls'            # cls | pooled
+    # pixel decoder
+    decoder_embed_dim: int = 768
+    decoder_depth: int = 12
+    decoder_num_heads: int = 12
+    decoder_ffn_layer: str = 'swiglu'
+    decoder_ffn_hidden: int = 0
+    decoder_norm_layer: str = 'layernorm'
+    decoder_init_values: float = 0.0
+    decoder_qk_norm: bool = True
+    # text tower (OpenCLIP text transformer)
+    text_embed_dim: int = 768
+    text_depth: int = 12
+    text_num_heads: int = 12
+    text_mlp_ratio: float = 4.0
+    text_context_length: int = 77
+    text_vocab_size: int = 49408
+    text_ls_init_value: float = 0.0
+    # SSL heads (DINOv2: 3-layer MLP -> 256 -> L2 norm -> weight-normed prototypes); training only
+    dino_out_dim: int = 65536
+    dino_hidden_dim: int = 2048
+    dino_bottleneck_dim: int = 256
+    ibot_separate_head: bool = False  # DINOv2 default: one head for cls (DINO) and patches (iBOT)
+    # which parts exist (an objective that is off builds nothing and costs nothing)
+    train_clip: bool = True
+    train_reconstruction: bool = True
+    train_ssl: bool = True
+
+
+# Size presets. S/B/L: "symmetric" ViTs (paper §6), decoder of the encoder's shape, 12x768 text tower,
+# d = 64, patch 16 (../shared/design/README.md). tiny runs on a laptop CPU.
+VTP_CONFIGS = {
+    # ~2.6M params with text tower and heads: 64 px synthetic images, byte-level text
+    'tiny': VTPConfig(image_size=64, embed_dim=128, depth=4, num_heads=2, bottleneck_dim=32,
+                      decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=2,
+                      text_embed_dim=128, text_depth=2, text_num_heads=2, text_context_length=48,
+                      text_vocab_size=258, dino_out_dim=1024, dino_hidden_dim=256, dino_bottleneck_dim=64),
+    'S': VTPConfig(embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=384, decoder_depth=12,
+                   decoder_num_heads=6),
+    'B': VTPConfig(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=768, decoder_depth=12,
+                   decoder_num_heads=12),
+    'L': VTPConfig(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=1024, decoder_depth=24,
+                   decoder_num_heads=16),
+}
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, dim, in_chans=3):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x)  # (B, D, h, w)
+
+
+class VisionTransformer(nn.Module):
+    """The encoder (official `trunk`): patch 16, cls token, no position table (RoPE), no registers,
+    a mask token for iBOT, final norm, then the bias-free bottleneck Linear D -> d (§3.1)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.embed_dim
+        self.patch_size = cfg.patch_size
+        self.cls_token = nn.Parameter(torch.randn(1, 1, D) * 0.02)
+        self.mask_token = nn.Parameter(torch.zeros(1, D))
+        self.patch_embed = PatchEmbed(cfg.patch_size, D)
+        self.rope_embed = RopeEmbed(D // cfg.num_heads)
+        self.blocks = nn.ModuleList([
+            Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.ffn_layer, cfg.norm_layer, cfg.qk_norm,
+                  cfg.init_values, cfg.ffn_hidden or None) for _ in range(cfg.depth)])
+        self.norm = make_norm(cfg.norm_layer, D)
+        self.feature_bottleneck = nn.Linear(D, cfg.bottleneck_dim, bias=False)
+
+    def forward(self, images, masks=None, collect=()):
+        """images (B, 3, H, W) -> pre-norm tokens (B, 1 + N, D), and the pre-norm outputs of the blocks
+        whose indices are in `collect`. masks (B, N) bool replace patch tokens by the mask token (iBOT)."""
+        x = self.patch_embed(images)
+        B, D, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D), row-major
+        if masks is not None:
+            x = torch.where(masks[..., None], self.mask_token.to(x.dtype), x)
+        # `+ 0 * mask_token` keeps the mask token in every graph (DDP needs every parameter used)
+        cls = (self.cls_token + 0 * self.mask_token).expand(B, -1, -1).to(x.dtype)
+        x = torch.cat((cls, x), dim=1)
+        sin, cos = self.rope_embed(h, w)
+        rope = lambda t: rope_rotate(t, sin, cos)
+        outs = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, rope)
+            if i in collect:
+                outs.append(x)
+        return x, outs
+
+
+class PixelDecoder(nn.Module):
+    """ViT pixel decoder (official `pixel_decoder`): 1x1 conv d -> Dd, RoPE blocks, norm, 1x1 conv to
+    3*16*16, pixel shuffle. Output in ImageNet-normalised space, no activation (vtp_architecture.md §2)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        Dd, p = cfg.decoder_embed_dim, cfg.patch_size
+        self.proj_in = nn.Conv2d(cfg.bottleneck_dim, Dd, kernel_size=1)
+        self.rope_embed = RopeEmbed(Dd // cfg.decoder_num_heads)
+        self.blocks = nn.ModuleList([
+            Block(Dd, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.decoder_ffn_layer, cfg.decoder_norm_layer,
+                  cfg.decoder_qk_norm, cfg.decoder_init_values, cfg.decoder_ffn_hidden or None)
+            for _ in range(cfg.decoder_depth)])
+        self.norm = make_norm(cfg.decoder_norm_layer, Dd)
+        self.proj_out = nn.Conv2d(Dd, 3 * p * p, kernel_size=1)
+        self.pixel_shuffle = nn.PixelShuffle(p)
+
+    def forward(self, z):
+        x = self.proj_in(z)  # (B, Dd, h, w)
+        B, Dd, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        sin, cos = self.rope_embed(h, w)
+        rope = lambda t: rope_rotate(t, sin, cos)  # no cls token: every token is rotated
+        for blk in self.blocks:
+            x = blk(x, rope)
+        x = self.norm(x).transpose(1, 2).reshape(B, Dd, h, w)
+        return self.pixel_shuffle(self.proj_out(x))  # (B, 3, 16h, 16w)
+
+
+class TextAttention(nn.Module):
+    """Causal self-attention with nn.MultiheadAttention's parameter names (OpenCLIP checkpoints load as is)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, L, C = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, L, 3, self.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out_proj(x.transpose(1, 2).reshape(B, L, C))
+
+
+class TextBlock(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, ls_init_value=0.0):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim)  # eps 1e-5 (torch default), as OpenCLIP
+        self.attn = TextAttention(dim, num_heads)
+        self.ls_1 = LayerScale(dim, ls_init_value) if ls_init_value else nn.Identity()
+        self.ln_2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module('c_fc', nn.Linear(dim, hidden))
+        self.mlp.add_module('gelu', nn.GELU())
+        self.mlp.add_module('c_proj', nn.Linear(hidden, dim))
+        self.ls_2 = LayerScale(dim, ls_init_value) if ls_init_value else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.ls_1(self.attn(self.ln_1(x)))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+
+class WeightNormLinear(nn.Module):
+    """Bias-free Linear with weight = g * v / ||v|| per output row (the DINO prototypes; keys as torch's
+    weight_norm: weight_g (out, 1) filled with 1, weight_v (out, in))."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
+        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
+
+    def forward(self, x):
+        w = self.weight_g * F.normalize(self.weight_v, dim=1)
+        return F.linear(x, w)
+
+
+class DINOHead(nn.Module):
+    """DINOv2 head: MLP (GELU) -> bottleneck -> L2 normalise -> weight-normalised prototypes."""
+
+    def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        init_vit_weights(self.mlp)
+
+    def forward(self, x):
+        x = F.normalize(self.mlp(x).float(), dim=-1)  # fp32: normalisation under bf16 is a known NaN source
+        return self.last_layer(x)
+
+
+class VTP(nn.Module):
+    """The VTP tokenizer: ViT encoder with a d-dim bottleneck, pixel decoder, text tower, SSL heads.
+    Attribute names follow the official `VTPModel`, so its state dicts load without renaming."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.trunk = VisionTransformer(cfg)
+        feat_dim = cfg.embed_dim if cfg.bottleneck_ae_only else cfg.bottleneck_dim
+        if cfg.train_clip:
+            W = cfg.text_embed_dim
+            self.visual_proj = nn.Linear(feat_dim, W, bias=False)
+            self.token_embedding = nn.Embedding(cfg.text_vocab_size, W)
+            self.positional_embedding = nn.Parameter(torch.randn(cfg.text_context_length, W) * 0.01)
+            self.text_transformer = nn.Module()
+            self.text_transformer.resblocks = nn.ModuleList([
+                TextBlock(W, cfg.text_num_heads, cfg.text_mlp_ratio, cfg.text_ls_init_value)
+                for _ in range(cfg.text_depth)])
+            self.ln_final = nn.LayerNorm(W)
+            self.text_projection = nn.Parameter(torch.randn(W, W) * W ** -0.5)
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        if cfg.train_reconstruction:
+            self.pixel_decoder = PixelDecoder(cfg)
+        if cfg.train_ssl:
+            head = lambda: DINOHead(feat_dim, cfg.dino_out_dim, cfg.dino_hidden_dim, cfg.dino_bottleneck_dim)
+            self.dino_head = head()
+            if cfg.ibot_separate_head:
+                self.ibot_head = head()
+        self._init_weights()
+
+    def _init_weights(self):
+        init_vit_weights(self.trunk)
+        if self.config.train_reconstruction:
+            init_vit_weights(self.pixel_decoder)
+            for conv in (self.pixel_decoder.proj_in, self.pixel_decoder.proj_out):
+                nn.init.trunc_normal_(conv.weight, std=0.02)
+                nn.init.zeros_(conv.bias)
+        if self.config.train_clip:  # OpenCLIP's text-tower init (vtp_architecture.md §3.1)
+            W, L = self.config.text_embed_dim, self.config.text_depth
+            nn.init.normal_(self.token_embedding.weight, std=0.02)
+            for blk in self.text_transformer.resblocks:
+                nn.init.normal_(blk.attn.in_proj_weight, std=W ** -0.5)
+                nn.init.normal_(blk.attn.out_proj.weight, std=W ** -0.5 * (2 * L) ** -0.5)
+                nn.init.normal_(blk.mlp.c_fc.weight, std=(2 * W) ** -0.5)
+                nn.init.normal_(blk.mlp.c_proj.weight, std=W ** -0.5 * (2 * L) ** -0.5)
+            nn.init.trunc_normal_(self.visual_proj.weight, std=0.02)
+
+    def num_params(self, module=None):
+        return sum(p.numel() for p in (module or self).parameters())
+
+    @property
+    def ibot(self):
+        return self.ibot_head if self.config.ibot_separate_head else self.dino_head
+
+    # --- the official public API --------------------------------------------------------------
+    def features(self, images, masks=None):
+        """Final-normed tokens (B, 1 + N, D)."""
+        x, _ = self.trunk(images, masks)
+        return self.trunk.norm(x)
+
+    def encode(self, images):
+        """images (B, 3, H, W), ImageNet-normalised -> latents (B, d, H/16, W/16)."""
+        x = self.trunk.feature_bottleneck(self.features(images)[:, 1:])  # (B, N, d)
+        h, w = images.shape[-2] // self.trunk.patch_size, images.shape[-1] // self.trunk.patch_size
+        return x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+
+    def decode(self, latents):
+        """latents (B, d, h, w) -> images (B, 3, 16h, 16w) in ImageNet-normalised space."""
+        return self.pixel_decoder(latents)
+
+    def _clip_image_features(self, x_norm, normalize=True):
+        x = x_norm[:, 0] if self.config.clip_feat == 'cls' else x_norm[:, 1:].mean(1)
+        if not self.config.bottleneck_ae_only:
+            x = self.trunk.feature_bottleneck(x)
+        x = self.visual_proj(x)
+        return F.normalize(x.float(), dim=-1) if normalize else x
+
+    def image_features(self, images, normalize=True):
+        return self._clip_image_features(self.features(images), normalize)
+
+    def text_features(self, tokens, normalize=True):
+        """tokens (B, L) int64, EOT = the largest id (argmax pooling) -> (B, W)."""
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+        for blk in self.text_transformer.resblocks:
+            x = blk(x)
+        x = self.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(-1)] @ self.text_projection
+        return F.normalize(x.float(), dim=-1) if normalize else x
+
+    def last_layer_features(self, images, use_bottleneck=False):
+        x = self.features(images)
+        if use_bottleneck:
+            x = self.trunk.feature_bottleneck(x)
+        return {'cls_token': x[:, 0], 'patch_tokens': x[:, 1:]}
+
+    def intermediate_layers(self, images, n=1, return_class_token=False):
+        """Final-normed outputs of the last n blocks (or of the block indices in list n); never bottlenecked."""
+        depth = len(self.trunk.blocks)
+        idx = list(range(depth - n, depth)) if isinstance(n, int) else list(n)
+        _, outs = self.trunk(images, collect=set(idx))
+        outs = [self.trunk.norm(o) for o in outs]
+        return tuple((o[:, 1:], o[:, 0]) if return_class_token else o[:, 1:] for o in outs)
+
+    @classmethod
+    def from_official(cls, state_dict, config=None):
+        """Build and load a model from an official VTPModel (or legacy VTP) state dict, an HF folder
+        (config.json + model.safetensors) or a file. Sizes come from the tensor shapes (§7.2); `config`
+        (an official config dict, or read from config.json) gives what shapes cannot: the text head count."""
+        if isinstance(state_dict, (str, os.PathLike)):
+            state_dict, file_config = read_official(str(state_dict))
+            config = config or file_config
+        sd = {}
+        for k, v in state_dict.items():
+            for old, new in OFFICIAL_RENAMES:
+                if k.startswith(old):
+                    k = new + k[len(old):]
+            if not k.startswith(('teacher_', 'dino_head.', 'logit_bias')):  # legacy training-only parts
+                sd[k] = v
+        model = cls(config_from_official(sd, config if isinstance(config, dict) else None))
+        model.load_state_dict(sd, strict=True)
+        return model
+
+    # --- training forward: one call through DDP computes every active branch -----------------
+    def forward(self, images=None, tokens=None, n_rec=0, global_crops=None, local_crops=None, masks=None,
+                ibot_index=None):
+        """images (B, 3, H, W): the main view, CLIP on all of it, reconstruction on its first n_rec rows
+        (a random subset, the batch being shuffled: §3.6). tokens (B, L): captions. global_crops (2n, ...),
+        local_crops (Ln, ...) with masks (2n, N) on the globals, ibot_index (M,) flat indices of the masked
+        global patches (padded; see data.py). Returns the raw student outputs; the losses live outside."""
+        out = {}
+        if images is not None:
+            x = self.features(images)
+            if self.config.train_clip:
+                out['image_features'] = self._clip_image_features(x)
+                out['text_features'] = self.text_features(tokens)
+                out['logit_scale'] = self.logit_scale.exp()
+            if self.config.train_reconstruction and n_rec > 0:
+                z = self.trunk.feature_bottleneck(x[:n_rec, 1:])  # (n_rec, N, d)
+                h, w = images.shape[-2] // self.trunk.patch_size, images.shape[-1] // self.trunk.patch_size
+                out['reconstruction'] = self.decode(z.transpose(1, 2).reshape(n_rec, -1, h, w))
+        if global_crops is not None:
+            g = self.ssl_tokens(global_crops, masks)  # (2n, 1 + N, F)
+            cls = [g[:, 0]]
+            if local_crops is not None:
+                cls.append(self.ssl_tokens(local_crops)[:, 0])
+            cls = torch.cat(cls)
+            patches = g[:, 1:].flatten(0, 1)[ibot_index]  # (M, F), masked patches only
+            if self.config.ibot_separate_head:
+                out['dino_logits'], out['ibot_logits'] = self.dino_head(cls), self.ibot_head(patches)
+            else:  # one head call on [cls; masked patches], as DINOv2 does with a shared head
+                logits = self.dino_head(torch.cat((cls, patches)))
+                out['dino_logits'], out['ibot_logits'] = logits[: len(cls)], logits[len(cls):]
+            out['global_cls'] = g[:, 0]  # for KoLeo
+        return out
+
+    def ssl_tokens(self, crops, masks=None):
+        """Normed tokens the SSL heads read: D-dim, or the bottleneck's d-dim if not bottleneck_ae_only."""
+        x = self.features(crops, masks)
+        return x if self.config.bottleneck_ae_only else self.trunk.feature_bottleneck(x)
+
+    @torch.no_grad()
+    def teacher_logits(self, global_crops, ibot_index):
+        """Teacher side of SSL (unmasked global crops): DINO logits of the cls tokens, iBOT logits of the
+        patches the student saw masked."""
+        g = self.ssl_tokens(global_crops)
+        patches = g[:, 1:].flatten(0, 1)[ibot_index]
+        if self.config.ibot_separate_head:
+            return self.dino_head(g[:, 0]), self.ibot_head(patches)
+        logits = self.dino_head(torch.cat((g[:, 0], patches)))
+        return logits[: len(g)], logits[len(g):]
+
+
+# -----------------------------------------------------------------------------
+# 3. official checkpoints
+
+# legacy training meta-arch (vtp.models.vtp.VTP) -> HF VTPModel names (vtp_architecture.md §7.3)
+OFFICIAL_RENAMES = (('proj.', 'visual_proj.'), ('transformer.resblocks.', 'text_transformer.resblocks.'))
+# official config.json field -> VTPConfig field
+OFFICIAL_CONFIG_FIELDS = {
+    'image_size': 'image_size', 'vision_patch_size': 'patch_size', 'vision_mlp_ratio': 'mlp_ratio',
+    'vision_ffn_layer': 'ffn_layer', 'vision_clip_feat': 'clip_feat', 'text_num_heads': 'text_num_heads',
+    'text_mlp_ratio': 'text_mlp_ratio', 'decoder_num_heads': 'decoder_num_heads',
+    'decoder_ffn_layer': 'decoder_ffn_layer', 'decoder_norm_layer': 'decoder_norm_layer',
+    'vision_norm_layer': 'norm_layer',
+}
+
+_SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+                       'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
+                       'U8': torch.uint8, 'BOOL': torch.bool}
+
+
+def load_safetensors(path):
+    """Read a .safetensors file into a dict of tensors. The format is an 8-byte little-endian header size,
+    a JSON header {name: {dtype, shape, data_offsets}} and raw bytes: data only, no code is executed."""
+    with open(path, 'rb') as f:
+        n = int.from_bytes(f.read(8), 'little')
+        header = json.loads(f.read(n))
+        data = bytearray(f.read())
+    out = {}
+    for name, info in header.items():
+        if name == '__metadata__':
+            continue
+        start, end = info['data_offsets']
+        dtype = _SAFETENSORS_DTYPES[info['dtype']]
+        t = torch.frombuffer(data, dtype=torch.uint8, count=end - start, offset=start) if end > start \
+            else torch.empty(0, dtype=torch.uint8)
+        out[name] = t.view(dtype).reshape(info['shape']).clone()
+    return out
+
+
+def read_official(path):
+    """An official checkpoint given as an HF folder (config.json + model.safetensors), a .safetensors file,
+    or a torch file with a state dict -> (state_dict, official config dict or None)."""
+    config = None
+    if os.path.isdir(path):
+        cfg_path = os.path.join(path, 'config.json')
+        if os.path.exists(cfg_path):
+            with open(cfg_path) as f:
+                config = json.load(f)
+        for name in ('model.safetensors', 'pytorch_model.bin'):
+            if os.path.exists(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+        else:
+            raise FileNotFoundError(f"{path}: no model.safetensors (or pytorch_model.bin) in this folder")
+    if path.endswith('.safetensors'):
+        return load_safetensors(path), config
+    sd = torch.load(path, map_location='cpu', weights_only=True)
+    for key in ('state_dict', 'model'):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            config = config or sd.get('config')
+            sd = sd[key]
+    return sd, config
+
+
+def config_from_official(sd, config=None):
+    """Derive a VTPConfig from an official state dict's tensor shapes (vtp_architecture.md §7.2). The text
+    head count cannot be read from shapes; it comes from `config` (an official config dict), default 12."""
+    config = dict(config or {})
+    count = lambda prefix: len({k[len(prefix):].split('.')[0] for k in sd if k.startswith(prefix)})
+    D = sd['trunk.cls_token'].shape[-1]
+    kw = {new: config[old] for old, new in OFFICIAL_CONFIG_FIELDS.items() if config.get(old) is not None}
+    kw.update(embed_dim=D, depth=count('trunk.blocks.'), patch_size=sd['trunk.patch_embed.proj.weight'].shape[-1],
+              num_heads=D // (4 * len(sd['trunk.rope_embed.periods'])),
+              bottleneck_dim=sd['trunk.feature_bottleneck.weight'].shape[0],
+              norm_layer=config.get('vision_norm_layer') or
+              ('layernorm' if 'trunk.norm.bias' in sd else 'rmsnorm'),
+              qk_norm='trunk.blocks.0.attn.q_norm.weight' in sd,
+              init_values=1.0 if 'trunk.blocks.0.ls1.gamma' in sd else 0.0,
+              train_ssl=False, train_clip='visual_proj.weight' in sd,
+              train_reconstruction='pixel_decoder.proj_in.weight' in sd)
+    if 'trunk.blocks.0.mlp.w1.weight' in sd:
+        kw['ffn_hidden'] = sd['trunk.blocks.0.mlp.w1.weight'].shape[0]
+    else:
+        kw['ffn_layer'], kw['ffn_hidden'] = 'mlp', sd['trunk.blocks.0.mlp.fc1.weight'].shape[0]
+    if kw['train_clip']:
+        kw['bottleneck_ae_only'] = sd['visual_proj.weight'].shape[1] == D
+        W = sd['ln_final.weight'].shape[0]
+        kw.update(text_embed_dim=W, text_depth=count('text_transformer.resblocks.'),
+                  text_context_length=sd['positional_embedding'].shape[0],
+                  text_vocab_size=sd['token_embedding.weight'].shape[0],
+                  text_ls_init_value=1.0 if 'text_transformer.resblocks.0.ls_1.gamma' in sd else 0.0,
+                  text_num_heads=config.get('text_num_heads') or 12)
+    if kw['train_reconstruction']:
+        Dd = sd['pixel_decoder.proj_in.weight'].shape[0]
+        kw.update(decoder_embed_dim=Dd, decoder_depth=count('pixel_decoder.blocks.'),
+                  decoder_num_heads=Dd // (4 * len(sd['pixel_decoder.rope_embed.periods'])),
+                  decoder_norm_layer=config.get('decoder_norm_layer') or
+                  ('layernorm' if 'pixel_decoder.norm.bias' in sd else 'rmsnorm'),
+                  decoder_qk_norm='pixel_decoder.blocks.0.attn.q_norm.weight' in sd,
+                  decoder_init_values=1.0 if 'pixel_decoder.blocks.0.ls1.gamma' in sd else 0.0)
+        if 'pixel_decoder.blocks.0.mlp.w1.weight' in sd:
+            kw['decoder_ffn_hidden'] = sd['pixel_decoder.blocks.0.mlp.w1.weight'].shape[0]
+        else:
+            kw['decoder_ffn_layer'] = 'mlp'
+            kw['decoder_ffn_hidden'] = sd['pixel_decoder.blocks.0.mlp.fc1.weight'].shape[0]
+    return VTPConfig(**kw)
+
+
+def load_tokenizer(path, map_location='cpu'):
+    """A VTP tokenizer from one of our checkpoints (stage 1 or stage 2 `ckpt.pt`: {'model', 'config', ...}),
+    or from an official checkpoint (HF folder, .safetensors or a state-dict file). Returns the model in
+    eval mode; what it was trained for (CLIP, SSL heads) is kept so features remain available."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
+    if os.path.isfile(path) and not path.endswith('.safetensors'):
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        if isinstance(ckpt, dict) and 'config' in ckpt and 'model' in ckpt and 'trunk.cls_token' in ckpt['model']:
+            known = {f.name for f in fields(VTPConfig)}
+            model = VTP(VTPConfig(**{k: v for k, v in ckpt['config'].items() if k in known}))
+            model.load_state_dict(ckpt['model'])
+            return model.eval()
+        if isinstance(ckpt, dict) and not any(k.startswith('trunk.') for k in ckpt) and \
+                not any(isinstance(v, dict) and 'trunk.cls_token' in v for v in ckpt.values()):
+            raise ValueError(f"{path} is not a VTP tokenizer checkpoint (no 'trunk.*' weights found)")
+    return VTP.from_official(path).eval()
