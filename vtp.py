@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
+import torch.distributed.nn  # all_gather with gradient (CLIP loss across ranks)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -239,7 +240,7 @@ VTP_CONFIGS = {
     'tiny': VTPConfig(image_size=64, embed_dim=128, depth=4, num_heads=2, bottleneck_dim=32,
                       decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=2,
                       text_embed_dim=128, text_depth=2, text_num_heads=2, text_context_length=48,
-                      text_vocab_size=258, dino_out_dim=1024, dino_hidden_dim=256, dino_bottleneck_dim=64),
+                      text_vocab_size=259, dino_out_dim=1024, dino_hidden_dim=256, dino_bottleneck_dim=64),
     'S': VTPConfig(embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=384, decoder_depth=12,
                    decoder_num_heads=6),
     'B': VTPConfig(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=768, decoder_depth=12,
@@ -689,3 +690,180 @@ def load_tokenizer(path, map_location='cpu'):
                 not any(isinstance(v, dict) and 'trunk.cls_token' in v for v in ckpt.values()):
             raise ValueError(f"{path} is not a VTP tokenizer checkpoint (no 'trunk.*' weights found)")
     return VTP.from_official(path).eval()
+
+
+# -----------------------------------------------------------------------------
+# 4. stage-1 losses. L_total = λ_rec L_rec + λ_ssl L_ssl + λ_clip L_clip (paper eq. 3)
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_gather_with_grad(x):
+    """Concatenate x over ranks; the backward pass sends each rank the gradient of its own slice."""
+    if not is_distributed():
+        return x
+    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+
+
+def clip_loss(image_features, text_features, logit_scale):
+    """Symmetric InfoNCE (OpenCLIP; paper §3.3) on L2-normalised features. Each rank scores its own rows
+    against the columns of all ranks (OpenCLIP's local loss + gather with grad): with DDP's gradient
+    averaging this equals the single-process loss on the concatenated batch."""
+    all_img, all_txt = all_gather_with_grad(image_features), all_gather_with_grad(text_features)
+    rank = dist.get_rank() if is_distributed() else 0
+    labels = torch.arange(len(image_features), device=image_features.device) + rank * len(image_features)
+    logits_i2t = logit_scale * image_features @ all_txt.t()  # (n_local, N)
+    logits_t2i = logit_scale * text_features @ all_img.t()
+    return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
+
+
+def _all_reduce(x, op=None):
+    if is_distributed():
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+    return x
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits, temp, n_iters=3, weight=None):
+    """Teacher targets by Sinkhorn-Knopp centering (DINOv2/SwAV), in fp32, normalised over the samples of
+    all ranks. teacher_logits (B, K); weight (B,) in {0, 1} drops padding columns. Returns (B, K) probs."""
+    logits = teacher_logits.float()
+    shift = _all_reduce(logits.max().reshape(1), dist.ReduceOp.MAX if is_distributed() else None)
+    Q = torch.exp((logits - shift) / temp).t()  # (K, B); a shift common to all ranks cancels out
+    if weight is not None:
+        Q = Q * weight[None]
+        B = _all_reduce(weight.sum().reshape(1).float())
+    else:
+        B = _all_reduce(torch.tensor([Q.shape[1]], dtype=torch.float32, device=Q.device))
+    K = Q.shape[0]
+    Q = Q / _all_reduce(Q.sum().reshape(1))
+    for _ in range(n_iters):
+        Q = Q / _all_reduce(Q.sum(dim=1, keepdim=True)) / K  # each prototype gets an equal share
+        Q = Q / Q.sum(dim=0, keepdim=True).clamp_min(1e-30) / B  # each sample is a distribution
+    return (Q * B).t()
+
+
+def dino_loss(student_logits, teacher_probs, student_temp=0.1):
+    """DINO cls-token loss (paper eq. 2, DINOv2): cross-entropy between the teacher's distribution for each
+    global crop and the student's for every other crop. student_logits: crop-major chunks of n rows,
+    [global 0, global 1, local 0, ...]; teacher_probs: [global 0, global 1]. A global crop is never paired
+    with itself; the mean is over the 2 + 2*n_local pairs."""
+    n = teacher_probs.shape[0] // 2
+    log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1).split(n)
+    t = teacher_probs.split(n)
+    losses = [-(tj * si).sum(-1).mean() for i, si in enumerate(log_p) for j, tj in enumerate(t) if i != j]
+    return sum(losses) / len(losses)
+
+
+def ibot_loss(student_logits, teacher_probs, weight, n_images, student_temp=0.1):
+    """iBOT masked-patch loss (paper eq. 2): cross-entropy on masked tokens, averaged per image over its
+    masked tokens (weight = 1 / n_masked of its image, 0 for padding), summed, divided by all images."""
+    ce = -(teacher_probs * F.log_softmax(student_logits.float() / student_temp, dim=-1)).sum(-1)
+    return (ce * weight).sum() / n_images
+
+
+def koleo_loss(x, eps=1e-8):
+    """KoLeo regulariser (DINOv2): -mean log distance to the nearest neighbour in the (local) batch, which
+    spreads the features uniformly. Computed per rank, as DINOv2 does."""
+    x = F.normalize(x.float(), dim=-1, eps=eps)
+    dots = (x @ x.t()).masked_fill(torch.eye(len(x), dtype=torch.bool, device=x.device), -2.0)
+    nn_idx = dots.argmax(dim=1)
+    return -torch.log(F.pairwise_distance(x, x[nn_idx], eps=eps) + eps).mean()
+
+
+def to_unit_range(x):
+    """ImageNet-normalised images -> [0, 1] (not clamped)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return x * std + mean
+
+
+def reconstruction_loss(recon, target, perceptual=None):
+    """L_rec = L1 + LPIPS (paper eq. 1). L1 in the model's (ImageNet-normalised) space, as the official
+    target is the normalised input; LPIPS on [-1, 1] images. Returns (l1, lpips or a zero tensor)."""
+    l1 = (recon.float() - target.float()).abs().mean()
+    if perceptual is None:
+        return l1, torch.zeros_like(l1)
+    p = perceptual(to_unit_range(recon.float()) * 2 - 1, to_unit_range(target.float()) * 2 - 1).mean()
+    return l1, p
+
+
+def make_lpips(mode='auto', device='cpu', verbose=True):
+    """LPIPS-VGG (the `lpips` package), frozen, outside DDP. It needs torchvision's VGG16 ImageNet weights,
+    downloaded once into the torch hub cache. mode 'lpips': fail clearly without them; 'auto': use them if
+    they can be had, else say so once and return None (L1 only); 'none': None."""
+    if mode == 'none':
+        return None
+    try:
+        import lpips
+        net = lpips.LPIPS(net='vgg', verbose=False)
+    except Exception as e:  # no cached weights and no network, most often
+        msg = (f"LPIPS unavailable: torchvision's VGG16 weights could not be loaded or downloaded "
+               f"({type(e).__name__}: {str(e)[:120]})")
+        if mode == 'lpips':
+            raise RuntimeError(msg + ". Put vgg16-397923af.pth in the torch hub cache "
+                               "(~/.cache/torch/hub/checkpoints) or use --perceptual none|auto") from e
+        if verbose:
+            print(msg + "; training with L1 alone (--perceptual auto)")
+        return None
+    return net.eval().requires_grad_(False).to(device)
+
+
+# -----------------------------------------------------------------------------
+# 5. EMA and FLOPs
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, for every parameter of `ema` (matched by name, so a teacher
+    holding only part of the student works too). decay = 0 copies."""
+    params = dict(model.named_parameters())
+    e, m = zip(*[(p, params[n].detach()) for n, p in ema.named_parameters()])
+    torch._foreach_lerp_(list(e), list(m), 1.0 - decay)
+
+
+def vit_flops(dim, depth, hidden, n_tokens, mlp_mats=3):
+    """Forward FLOPs (2 per multiply-add) of `depth` pre-norm blocks on one sequence: qkv + proj, the
+    attention matmuls (QK^T and AV), and the MLP (3 matrices for SwiGLU, 2 for a plain MLP)."""
+    per_token = 2 * (4 * dim * dim + mlp_mats * dim * hidden)
+    return depth * (n_tokens * per_token + 2 * 2 * n_tokens * n_tokens * dim)
+
+
+def train_flops_per_sample(cfg, image_size, global_size=0, local_size=0, n_local=0, ssl_frac=0.0,
+                           rec_frac=0.0, text_len=0):
+    """Training FLOPs per image-text pair of the stage-1 step (forward x 3 for forward + backward; the
+    teacher forward x 1), counted from the model's shapes: encoder on the main view, text tower, student and
+    teacher on the SSL crops (ssl_frac of the batch), pixel decoder (rec_frac). Heads, patch embedding and
+    LPIPS are left out (a few %). Used for MFU and the cumulative-FLOPs axis of the scaling plots (§4.3)."""
+    p, D = cfg.patch_size, cfg.embed_dim
+    hid = cfg.ffn_hidden or (lambda d: d + (-d % 8))(int(int(D * cfg.mlp_ratio) * 2 / 3))
+    mats = 2 if cfg.ffn_layer == 'mlp' else 3
+    enc = lambda size: vit_flops(D, cfg.depth, hid, (size // p) ** 2 + 1, mats)
+    flops = 3 * enc(image_size)
+    if cfg.train_clip and text_len:
+        W = cfg.text_embed_dim
+        flops += 3 * vit_flops(W, cfg.text_depth, int(W * cfg.text_mlp_ratio), text_len, 2)
+    if cfg.train_ssl and ssl_frac:
+        crops = 2 * enc(global_size) + n_local * enc(local_size)
+        flops += ssl_frac * (3 * crops + 2 * enc(global_size))  # student fwd+bwd, teacher fwd
+    if cfg.train_reconstruction and rec_frac:
+        Dd = cfg.decoder_embed_dim
+        hd = cfg.decoder_ffn_hidden or (lambda d: d + (-d % 8))(int(int(Dd * cfg.mlp_ratio) * 2 / 3))
+        dmats = 2 if cfg.decoder_ffn_layer == 'mlp' else 3
+        flops += rec_frac * 3 * vit_flops(Dd, cfg.decoder_depth, hd, (image_size // p) ** 2, dmats)
+    return flops
+
+
+# dense bf16 peak FLOP/s per GPU, for MFU; an unknown GPU gets no MFU rather than a wrong one
+PEAK_BF16_FLOPS = {'H100': 989e12, 'H200': 989e12, 'H800': 989e12, 'A100': 312e12, 'A800': 312e12,
+                   'L40S': 362e12, 'RTX 4090': 165e12, 'B200': 2250e12, 'GH200': 989e12}
+
+
+def gpu_peak_flops(device):
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return flops
+    return None

@@ -1,0 +1,286 @@
+"""Models and losses of vtp.py: attention, RoPE, official parity, checkpoint loading, each loss against a
+direct computation, and the distributed losses over 2 gloo ranks against one process."""
+import json
+import math
+import os
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import vtp
+
+SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
+GOLDEN = SHARED / 'golden' / 'vtp_tiny.pt'
+
+
+def small_config(**kw):
+    return replace(vtp.VTP_CONFIGS['tiny'], embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=64,
+                   decoder_depth=1, decoder_num_heads=2, text_embed_dim=32, text_depth=1, text_num_heads=2,
+                   text_context_length=8, dino_out_dim=32, dino_hidden_dim=32, dino_bottleneck_dim=16, **kw)
+
+
+def test_attention_equals_naive_softmax():
+    torch.manual_seed(0)
+    attn = vtp.Attention(32, 4, qk_norm=True)
+    x = torch.randn(2, 7, 32)
+    out = attn(x)
+    qkv = attn.qkv(x).view(2, 7, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    q, k, v = attn.q_norm(qkv[0]), attn.k_norm(qkv[1]), qkv[2]
+    ref = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1) @ v
+    ref = attn.proj(ref.transpose(1, 2).reshape(2, 7, 32))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_text_attention_is_causal_softmax():
+    torch.manual_seed(0)
+    attn = vtp.TextAttention(16, 2)
+    torch.nn.init.normal_(attn.in_proj_weight, std=0.3)
+    x = torch.randn(3, 5, 16)
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)  # the official module, same weights
+    mha.load_state_dict(attn.state_dict())
+    mask = torch.full((5, 5), float('-inf')).triu(1)
+    ref = mha(x, x, x, need_weights=False, attn_mask=mask)[0]
+    torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_preserves_norm_and_depends_on_offsets_only():
+    rope = vtp.RopeEmbed(16)
+    sin, cos = rope(4, 4)
+    torch.manual_seed(0)
+    q, k = torch.randn(16), torch.randn(16)
+    # the same q (k) at every position of a 4x4 grid, plus one unrotated cls token in front
+    qs = vtp.rope_rotate(q.expand(1, 1, 17, 16).float(), sin, cos)[0, 0]
+    ks = vtp.rope_rotate(k.expand(1, 1, 17, 16).float(), sin, cos)[0, 0]
+    q_bf = q.bfloat16().float()  # the rotation runs in bf16, as the official code does
+    assert torch.equal(qs[0], q_bf)  # cls is not rotated
+    torch.testing.assert_close(qs.norm(dim=-1), q_bf.norm().expand(17), rtol=2e-2, atol=0)
+    dots = qs[1:] @ ks[1:].t()  # (16, 16) over grid positions
+    # position (y, x) = divmod(i, 4): pairs with the same offset give the same score
+    pairs = {}
+    for i in range(16):
+        for j in range(16):
+            (yi, xi), (yj, xj) = divmod(i, 4), divmod(j, 4)
+            pairs.setdefault((yi - yj, xi - xj), []).append(dots[i, j])
+    spread = max((max(v) - min(v)).abs().item() for v in pairs.values())
+    values = torch.stack([torch.stack(v).mean() for v in pairs.values()])
+    assert spread < 0.05 * values.abs().max().item()
+    assert values.std() > 0.1  # and the score does depend on the offset
+
+
+def test_rope_periods_match_official_table():
+    periods = vtp.RopeEmbed(64).periods
+    ref = [1.0, 1.3359375, 1.78125, 2.375, 3.15625, 4.21875, 5.625, 7.5, 10.0, 13.3125, 17.75, 23.75,
+           31.625, 42.25, 56.25, 75.0]  # vtp_architecture.md §1.2
+    assert periods.dtype == torch.bfloat16 and periods.float().tolist() == ref
+
+
+@pytest.mark.skipif(not GOLDEN.exists(), reason="../shared/golden absent")
+def test_official_parity():
+    g = torch.load(GOLDEN, weights_only=True)
+    model = vtp.VTP.from_official(g['state_dict'], g['config']).eval()
+    img, txt, o = g['inputs']['image'], g['inputs']['text'], g['outputs']
+
+    def check(ours, ref):
+        assert (ours - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+    with torch.no_grad():
+        check(model.encode(img), o['latents'])
+        check(model.decode(o['latents']), o['decoded'])
+        feats = model.last_layer_features(img)
+        check(feats['cls_token'], o['cls_token'])
+        check(feats['patch_tokens'], o['patch_tokens'])
+        for i, (p, c) in enumerate(model.intermediate_layers(img, 2, return_class_token=True)):
+            check(p, o['intermediate_patch'][i])
+            check(c, o['intermediate_cls'][i])
+        check(model.image_features(img), o['clip_image'])
+        check(model.text_features(txt), o['clip_text'])
+
+
+def write_safetensors(path, tensors):
+    """A minimal safetensors writer (the format: header size, JSON header, raw little-endian bytes)."""
+    names = {torch.float32: 'F32', torch.bfloat16: 'BF16', torch.int64: 'I64'}
+    header, blobs, offset = {}, [], 0
+    for k, t in tensors.items():
+        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[k] = {'dtype': names[t.dtype], 'shape': list(t.shape), 'data_offsets': [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    h = json.dumps(header).encode()
+    with open(path, 'wb') as f:
+        f.write(len(h).to_bytes(8, 'little') + h + b''.join(blobs))
+
+
+@pytest.mark.skipif(not GOLDEN.exists(), reason="../shared/golden absent")
+def test_from_official_hf_folder_and_legacy_keys(tmp_path):
+    g = torch.load(GOLDEN, weights_only=True)
+    write_safetensors(tmp_path / 'model.safetensors', g['state_dict'])
+    (tmp_path / 'config.json').write_text(json.dumps(g['config']))
+    model = vtp.VTP.from_official(str(tmp_path)).eval()
+    assert model.config.text_num_heads == 4  # only config.json can tell the text head count
+    with torch.no_grad():
+        torch.testing.assert_close(model.text_features(g['inputs']['text']), g['outputs']['clip_text'])
+        torch.testing.assert_close(model.encode(g['inputs']['image']), g['outputs']['latents'])
+    # the legacy meta-arch names, with its training-only parts, load through the same mapping
+    legacy = {('proj.' + k[len('visual_proj.'):] if k.startswith('visual_proj.') else
+               'transformer.' + k[len('text_transformer.'):] if k.startswith('text_transformer.') else k): v
+              for k, v in g['state_dict'].items()}
+    legacy['teacher_proj.weight'] = torch.zeros(3)
+    legacy['dino_head.mlp.0.weight'] = torch.zeros(3)
+    m2 = vtp.VTP.from_official(legacy, g['config']).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m2.encode(g['inputs']['image']), g['outputs']['latents'])
+    # load_tokenizer takes the folder as well
+    assert isinstance(vtp.load_tokenizer(str(tmp_path)), vtp.VTP)
+
+
+def test_our_checkpoint_roundtrip_and_wrong_kind(tmp_path):
+    from dataclasses import asdict
+    torch.manual_seed(0)
+    m = vtp.VTP(small_config()).eval()
+    torch.save({'model': m.state_dict(), 'config': asdict(m.config), 'step': 3}, tmp_path / 'ckpt.pt')
+    m2 = vtp.load_tokenizer(str(tmp_path / 'ckpt.pt'))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m.encode(x), m2.encode(x))
+    torch.save({'model': {'pos_embed': torch.zeros(1)}, 'step': 1}, tmp_path / 'other.pt')
+    with pytest.raises(ValueError, match='not a VTP'):
+        vtp.load_tokenizer(str(tmp_path / 'other.pt'))
+
+
+def test_shapes_and_bottleneck_api():
+    torch.manual_seed(0)
+    m = vtp.VTP(small_config()).eval()
+    x = torch.randn(2, 3, 48, 32)
+    with torch.no_grad():
+        z = m.encode(x)
+        assert z.shape == (2, 32, 3, 2)
+        assert m.decode(z).shape == (2, 3, 48, 32)
+        f = m.last_layer_features(x, use_bottleneck=True)
+        # the bottleneck is one bias-free Linear on the final-normed tokens
+        torch.testing.assert_close(f['patch_tokens'].transpose(1, 2).reshape(2, 32, 3, 2), z)
+
+
+def test_clip_loss_equals_direct_computation():
+    torch.manual_seed(0)
+    img, txt = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
+    s = torch.tensor(10.0)
+    logits = s * img @ txt.t()
+    ref = 0
+    for i in range(6):  # -log softmax of the matching pair, both directions
+        ref += -torch.log_softmax(logits[i], 0)[i] - torch.log_softmax(logits[:, i], 0)[i]
+    torch.testing.assert_close(vtp.clip_loss(img, txt, s), ref / 12)
+
+
+def test_sinkhorn_knopp_balances_prototypes():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 8) * 3
+    q = vtp.sinkhorn_knopp(logits, 0.5, n_iters=50)
+    torch.testing.assert_close(q.sum(1), torch.ones(64))  # each sample a distribution
+    torch.testing.assert_close(q.sum(0), torch.full((8,), 8.0), rtol=1e-3, atol=1e-3)  # equal prototype mass
+    # padding columns (weight 0) are ignored: same result as dropping them
+    w = torch.tensor([1.0] * 40 + [0.0] * 24)
+    qw = vtp.sinkhorn_knopp(logits, 0.5, weight=w)
+    torch.testing.assert_close(qw[:40], vtp.sinkhorn_knopp(logits[:40], 0.5))
+    assert qw[40:].abs().max() == 0
+
+
+def test_dino_ibot_koleo_equal_direct_computation():
+    torch.manual_seed(0)
+    n, K, n_local = 3, 5, 2
+    s = torch.randn((2 + n_local) * n, K)
+    t = torch.softmax(torch.randn(2 * n, K), -1)
+    crops = s.split(n)
+    ref, pairs = 0.0, 0
+    for i in range(2 + n_local):
+        for j in range(2):
+            if i != j:
+                for r in range(n):
+                    ref += -(t[j * n + r] * torch.log_softmax(crops[i][r] / 0.1, -1)).sum() / n
+                pairs += 1
+    assert pairs == 2 + 2 * n_local
+    torch.testing.assert_close(vtp.dino_loss(s, t, 0.1), ref / pairs)
+
+    sp, tp = torch.randn(4, K), torch.softmax(torch.randn(4, K), -1)
+    w = torch.tensor([0.5, 0.5, 1.0, 0.0])  # image A: 2 masked, image B: 1 masked, then padding
+    ce = [-(tp[i] * torch.log_softmax(sp[i] / 0.1, -1)).sum() for i in range(3)]
+    torch.testing.assert_close(vtp.ibot_loss(sp, tp, w, n_images=4), ((ce[0] + ce[1]) / 2 + ce[2]) / 4)
+
+    x = torch.randn(6, 4)
+    xn = F.normalize(x, dim=-1)
+    d = torch.cdist(xn, xn) + torch.eye(6) * 10
+    torch.testing.assert_close(vtp.koleo_loss(x), -torch.log(d.min(1).values + 1e-8).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_update_ema_by_name():
+    torch.manual_seed(0)
+    student = vtp.VTP(small_config())
+    teacher = vtp.VTP(replace(small_config(), train_clip=False, train_reconstruction=False))
+    vtp.update_ema(teacher, student, 0.0)
+    assert torch.equal(teacher.trunk.blocks[0].attn.qkv.weight, student.trunk.blocks[0].attn.qkv.weight)
+    before = teacher.dino_head.mlp[0].weight.clone()
+    with torch.no_grad():
+        student.dino_head.mlp[0].weight.add_(1.0)
+    vtp.update_ema(teacher, student, 0.9)
+    torch.testing.assert_close(teacher.dino_head.mlp[0].weight, before + 0.1)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _distributed_losses(rank, world, port, inputs, results):
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
+    img, txt, t_logits, s_logits = [x.clone() for x in inputs]
+    n = len(img) // world
+    mine = lambda x: x[rank * n:(rank + 1) * n]
+    img_r, txt_r = mine(img).requires_grad_(), mine(txt).requires_grad_()
+    loss = vtp.clip_loss(img_r, txt_r, torch.tensor(10.0))
+    loss.backward()
+    # DINO: teacher/student rows are crop-major chunks; each rank holds its samples of every crop
+    m = t_logits.shape[0] // 2 // world
+    local = lambda x, crops: torch.cat([c[rank * m:(rank + 1) * m] for c in x.split(len(x) // crops)])
+    probs = vtp.sinkhorn_knopp(local(t_logits, 2), 0.07)
+    dino = vtp.dino_loss(local(s_logits, 4), probs)
+    results[rank] = (loss.detach(), img_r.grad, txt_r.grad, dino, probs)
+    dist.destroy_process_group()
+
+
+def test_distributed_clip_and_dino_equal_single_process():
+    torch.manual_seed(0)
+    N, K = 8, 16
+    img, txt = F.normalize(torch.randn(N, 8), dim=-1), F.normalize(torch.randn(N, 8), dim=-1)
+    t_logits, s_logits = torch.randn(2 * N, K), torch.randn(4 * N, K)
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_distributed_losses, args=(2, _free_port(), (img, txt, t_logits, s_logits), results), nprocs=2)
+    # single process on the concatenated batch
+    img1, txt1 = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    loss = vtp.clip_loss(img1, txt1, torch.tensor(10.0))
+    loss.backward()
+    probs = vtp.sinkhorn_knopp(t_logits, 0.07)
+    dino = vtp.dino_loss(s_logits, probs)
+    r0, r1 = results[0], results[1]
+    torch.testing.assert_close((r0[0] + r1[0]) / 2, loss.detach())
+    # DDP averages gradients over ranks: the per-rank feature gradients are world_size x the global ones
+    torch.testing.assert_close(torch.cat([r0[1], r1[1]]) / 2, img1.grad)
+    torch.testing.assert_close(torch.cat([r0[2], r1[2]]) / 2, txt1.grad)
+    torch.testing.assert_close((r0[3] + r1[3]) / 2, dino)
+    local_probs = torch.cat([r0[4][:4], r1[4][:4], r0[4][4:], r1[4][4:]])  # back to crop-major order
+    torch.testing.assert_close(local_probs, probs)
+
+
+def test_flops_count_matches_a_direct_count():
+    cfg = replace(vtp.VTP_CONFIGS['B'], train_clip=False, train_ssl=False, train_reconstruction=False)
+    n = 257
+    per_block = 2 * n * (3 * 768 * 768 + 768 * 768 + 3 * 768 * 2048) + 2 * 2 * n * n * 768
+    assert vtp.train_flops_per_sample(cfg, 256) == 3 * 12 * per_block
+    # the text tower and decoder add their own terms
+    assert vtp.train_flops_per_sample(replace(cfg, train_clip=True), 256, text_len=77) > 3 * 12 * per_block
