@@ -93,6 +93,8 @@ parser.add_argument('--resume', default=None, help="a ckpt.pt to resume, or 'aut
 parser.add_argument('--log-every', type=int, default=None, help="steps between log lines")
 parser.add_argument('--eval-every', type=int, default=None, help="steps between val PSNR / zero-shot / recon grid (0 = off)")
 parser.add_argument('--ckpt-every', type=int, default=None, help="steps between checkpoints (one is also written at the end)")
+parser.add_argument('--bench', type=int, default=0, help="benchmark: time this many train steps on one cached batch "
+                    "(no data loading, logs or checkpoints), print img/s, peak memory and MFU, and exit")
 args = parser.parse_args()
 recipe = RECIPES['tiny' if args.size == 'tiny' else 'paper']
 for k, v in recipe.items():
@@ -301,7 +303,7 @@ flops_per_sample = vtp.train_flops_per_sample(
     n_ssl_global / B, n_rec_global / B, tokenizer.context_length if use_clip else 0)
 peak_flops = vtp.gpu_peak_flops(device) if device_type == 'cuda' else None
 log_path = os.path.join(args.out_dir, 'log.jsonl')
-if master:
+if master and not args.bench:
     os.makedirs(args.out_dir, exist_ok=True)
     if start_step == 0 and os.path.exists(log_path):
         os.remove(log_path)
@@ -313,6 +315,31 @@ if master:
 print0(f"batch {B} (ssl {n_ssl_global}, rec {n_rec_global}) = {world_size} ranks x {args.grad_accum} micro x {b}; "
        f"{flops_per_sample / 1e9:.2f} GFLOPs/sample")
 model.train()
+if args.bench:  # the train step alone: one cached batch per micro-step, 3 warm-up steps (compile) untimed
+    cached = [to_device(next(batches)) for _ in range(args.grad_accum)]
+    for i in range(3 + args.bench):
+        if i == 3:
+            torch.cuda.synchronize() if device_type == 'cuda' else None
+            t0 = time.time()
+        for micro, batch in enumerate(cached):
+            sync = contextlib.nullcontext() if not ddp or micro == args.grad_accum - 1 else train_model.no_sync()
+            with sync:
+                loss, _ = compute_losses(batch, teacher_temp_at(0))
+                (loss / args.grad_accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float('inf'))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if teacher is not None:
+            vtp.update_ema(teacher, model, 0.999)
+    torch.cuda.synchronize() if device_type == 'cuda' else None
+    img_s = args.bench * B / (time.time() - t0)
+    mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device_type == 'cuda' else float('nan')
+    mfu = f"{flops_per_sample * img_s / (peak_flops * world_size):.1%}" if peak_flops else 'n/a (CPU or unknown GPU)'
+    print0(f"bench VTP-{args.size} {args.image_size}px batch {B} on {world_size} x {device_type}: "
+           f"{img_s:.1f} img/s ({img_s / world_size:.1f} img/s/device), peak memory {mem:.2f} GiB, MFU {mfu}")
+    if ddp:
+        dist.destroy_process_group()
+    raise SystemExit(0)
 sums, n_sums = {}, 0
 t0, samples_since = time.time(), 0
 pbar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, disable=not master,
@@ -333,7 +360,7 @@ for step in pbar:
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float()
         n_sums += 1
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float('inf'))
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float('inf'))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if use_clip:

@@ -7,7 +7,8 @@ Sections:
   2. the VTP tokenizer: ViT encoder + d-dim bottleneck, pixel decoder, text tower, DINO/iBOT heads
   3. loading official checkpoints (HF folders, safetensors read without executing code)
   4. stage-1 losses: CLIP, DINO (Sinkhorn-Knopp), iBOT, KoLeo, reconstruction (eq. 1-3)
-  5. EMA, schedules, FLOPs accounting
+  5. EMA, FLOPs accounting
+  6. generation: LightningDiT, flow-matching loss, Euler ODE sampler with classifier-free guidance
 
 The module and parameter names follow the official release (MiniMax-AI/VTP, `VTPModel`), so an official
 state dict loads with only the legacy renames of `OFFICIAL_RENAMES`.
@@ -867,3 +868,436 @@ def gpu_peak_flops(device):
         if key in name:
             return flops
     return None
+
+
+# -----------------------------------------------------------------------------
+# 6. generation: LightningDiT, flow-matching loss, ODE sampler
+#
+# The latent diffusion model VTP is evaluated with: LightningDiT (Yao et al., 2025),
+# a DiT with SwiGLU, RMSNorm and 2-D RoPE, trained by flow matching on the 16x16x64 tokenizer
+# latents and sampled with an Euler ODE solver. Module and parameter names follow
+# hustvl/LightningDiT, so its checkpoints load as they are (DiT.from_official).
+# Facts: ../shared/design/dit.md (short) and dit_full.md (long).
+
+
+@dataclass
+class DiTConfig:
+    input_size: int = 16         # latent side: 256 px / 16 (the tokenizer's stride)
+    patch_size: int = 1          # "/1": one token per latent position (256 tokens)
+    in_channels: int = 64        # the tokenizer's bottleneck width d
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000      # ImageNet; row num_classes of the label table is the null class
+    class_dropout_prob: float = 0.1
+    # the switches of every official VA-VAE / VTP config (dit_full.md §1.1)
+    use_qknorm: bool = False
+    use_swiglu: bool = True
+    use_rope: bool = True
+    use_rmsnorm: bool = True
+    wo_shift: bool = False
+    learn_sigma: bool = False
+
+
+# Presets (LightningDiT_models). Parameters at 16x16x64 latents, 1000 classes, pos_embed included.
+DIT_CONFIGS = {
+    'DiT-T/1': DiTConfig(hidden_size=128, depth=4, num_heads=4),      # 1.45M, CPU tests, toy runs
+    'DiT-B/1': DiTConfig(hidden_size=768, depth=12, num_heads=12),    # 130.61M, VTP's demo config
+    'DiT-XL/1': DiTConfig(hidden_size=1152, depth=28, num_heads=16),  # 675.33M, the paper's DiT
+    'DiT-1p0B/1': DiTConfig(hidden_size=1536, depth=24, num_heads=24),  # 1029.50M, the 1.0B DiT
+}
+
+
+def sincos_pos_embed(dim, grid):
+    """Fixed 2-D sin-cos table (MAE/DiT), (grid*grid, dim), row-major tokens, float64. Each axis
+    gets dim/2 channels of [sin | cos]; the column (w) coordinate comes first, as in the official
+    meshgrid(w, h)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (dim/4,)
+    pos = torch.arange(grid, dtype=torch.float64)[:, None] * omega  # (grid, dim/4)
+    emb1d = torch.cat([pos.sin(), pos.cos()], dim=1)  # (grid, dim/2)
+    rows = emb1d[:, None].expand(grid, grid, -1)  # [i, j] -> row i
+    cols = emb1d[None, :].expand(grid, grid, -1)  # [i, j] -> column j
+    return torch.cat([cols, rows], dim=-1).reshape(grid * grid, dim)
+
+
+def rope_tables(head_dim, grid, theta=10000.0):
+    """EVA-02 2-D RoPE tables (VisionRotaryEmbeddingFast), each (grid*grid, head_dim): the first
+    half of head_dim turns with the row index, the second with the column; each frequency fills an
+    adjacent pair of dims."""
+    d = head_dim // 2  # rotary dims per axis
+    freqs = 1.0 / theta ** (torch.arange(0, d, 2)[: d // 2].float() / d)  # (head_dim/4,)
+    ang = torch.arange(grid).float()[:, None] * freqs  # integer positions (ft_seq_len = pt_seq_len)
+    ang = ang.repeat_interleave(2, dim=-1)  # (grid, d): [f0, f0, f1, f1, ...]
+    rows, cols = ang[:, None].expand(grid, grid, d), ang[None, :].expand(grid, grid, d)
+    ang = torch.cat([rows, cols], dim=-1).reshape(grid * grid, head_dim)
+    return ang.cos(), ang.sin()
+
+
+def rotate_pairs(x):
+    # (x[2i], x[2i+1]) -> (-x[2i+1], x[2i]): GPT-J / EVA interleaved pairs, not the NeoX half split
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+class VisionRope(nn.Module):
+    """Applies the 2-D RoPE to q or k (B, h, N, Dh). The tables are persistent buffers because the
+    official checkpoints carry them (feat_rope.freqs_cos / freqs_sin). The rotation runs with the fp32
+    tables, then returns to x's dtype: under autocast that is the cast SDPA would make anyway, and a
+    model cast to bf16 then gets q, k and v of one dtype."""
+
+    def __init__(self, head_dim, grid):
+        super().__init__()
+        assert head_dim % 4 == 0, "2-D RoPE needs a head dim divisible by 4"
+        cos, sin = rope_tables(head_dim, grid)
+        self.register_buffer('freqs_cos', cos)
+        self.register_buffer('freqs_sin', sin)
+
+    def forward(self, x):
+        return (x * self.freqs_cos + rotate_pairs(x) * self.freqs_sin).type_as(x)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of the raw t in [0, 1] (no x1000), [cos | sin], then an MLP
+    (dit_full.md §1.2)."""
+
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    @staticmethod
+    def features(t, dim, max_period=10000):
+        half = dim // 2
+        k = torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(-math.log(max_period) * k / half)  # (half,)
+        args = t[:, None].float() * freqs[None]  # (B, half)
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+    def forward(self, t):
+        return self.mlp(self.features(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with one extra row, the null class used for classifier-free guidance. In
+    training each label becomes the null class with probability p, drawn from the torch RNG (so
+    resume is exact)."""
+
+    def __init__(self, num_classes, dim, dropout_prob):
+        super().__init__()
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + (dropout_prob > 0), dim)
+
+    def forward(self, y, train):
+        if train and self.dropout_prob > 0:
+            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
+            y = torch.where(drop, self.num_classes, y)
+        return self.embedding_table(y)
+
+
+class SwiGLUFFN(nn.Module):
+    """LightningDiT's SwiGLU: one fused Linear whose first half is the gate; hidden not rounded
+    (int(2/3 * 4D): 3072 for XL, 2730 for L), unlike vtp.SwiGLU which aligns it to 8."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        gate, up = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * up)
+
+
+class GeluMlp(nn.Module):
+    """timm Mlp with GELU-tanh, used when use_swiglu=False (vtp.Mlp uses the exact GELU)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate='tanh'))
+
+
+def dit_norm(cfg, dim):
+    # RMSNorm with a learnable weight (eps 1e-6), else LayerNorm without affine
+    if cfg.use_rmsnorm:
+        return RMSNorm(dim, eps=1e-6)
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+def modulate(x, shift, scale):
+    # x (B, N, D), shift/scale (B, D); shift None when wo_shift
+    x = x * (1 + scale[:, None])
+    return x if shift is None else x + shift[:, None]
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm block with adaLN-Zero (DiT §3.2): the condition c gives shift, scale and gate for
+    the attention and the MLP branch; the gates start at zero so every block starts as the identity."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.hidden_size
+        self.wo_shift = cfg.wo_shift
+        self.norm1 = dit_norm(cfg, D)
+        self.attn = Attention(D, cfg.num_heads, qk_norm=cfg.use_qknorm, qk_norm_eps=1e-6)
+        if cfg.use_qknorm and not cfg.use_rmsnorm:  # QK-norm's LayerNorm variant: affine, eps 1e-5
+            hd = D // cfg.num_heads
+            self.attn.q_norm, self.attn.k_norm = nn.LayerNorm(hd), nn.LayerNorm(hd)
+        self.norm2 = dit_norm(cfg, D)
+        if cfg.use_swiglu:
+            self.mlp = SwiGLUFFN(D, int(2 / 3 * int(D * cfg.mlp_ratio)))
+        else:
+            self.mlp = GeluMlp(D, int(D * cfg.mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, (4 if cfg.wo_shift else 6) * D))
+
+    def forward(self, x, c, rope=None):
+        if self.wo_shift:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+            shift_msa = shift_mlp = None
+        else:
+            mod = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (B, D)
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg, out_channels):
+        super().__init__()
+        D, p = cfg.hidden_size, cfg.patch_size
+        self.norm_final = dit_norm(cfg, D)
+        self.linear = nn.Linear(D, p * p * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C_out)
+
+
+class DiT(nn.Module):
+    """LightningDiT: velocity v(x_t, t, y) for latents x_t (B, C, H, W), t (B,) in [0, 1]
+    (0 = noise, 1 = data), labels y (B,) in [0, num_classes] (num_classes = the null class)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        D, p = cfg.hidden_size, cfg.patch_size
+        grid = cfg.input_size // p
+        self.out_channels = cfg.in_channels * (2 if cfg.learn_sigma else 1)
+        self.x_embedder = PatchEmbed(p, D, cfg.in_channels)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
+        # the fixed sin-cos table is added even with RoPE on (dit_full.md §1.2); a frozen Parameter
+        # as upstream, so parameter counts match the paper's (675M for XL/1)
+        self.pos_embed = nn.Parameter(sincos_pos_embed(D, grid).float()[None], requires_grad=False)
+        self.feat_rope = VisionRope(D // cfg.num_heads, grid) if cfg.use_rope else None
+        self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(cfg, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # dit_full.md §1.8: xavier Linears, N(0, 0.02) embeddings, adaLN-Zero, zero output layer
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear on the flattened patch
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for blk in self.blocks:
+            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def unpatchify(self, x):
+        # (B, N, p*p*C) -> (B, C, H, W); within a token the channel index runs fastest
+        p, C = self.config.patch_size, self.out_channels
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, C)
+        return torch.einsum('nhwpqc->nchpwq', x).reshape(x.shape[0], C, h * p, w * p)
+
+    def forward(self, x, t, y):
+        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (B, D)
+        for blk in self.blocks:
+            x = blk(x, c, self.feat_rope)
+        x = self.unpatchify(self.final_layer(x, c))  # (B, C_out, H, W)
+        return x[:, : self.config.in_channels] if self.config.learn_sigma else x
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_interval=False, cfg_interval_start=0.0,
+                         cfg_channels=None):
+        """The official CFG call: x, t, y are 2B rows, y[B:] the null class; the model runs on
+        [x[:B], x[:B]] and both halves return the guided velocity. cfg_channels=3 reproduces the
+        official behaviour exactly (guidance on channels 0..2 only, the rest passed through per
+        half); None guides every channel. With cfg_interval, no guidance while
+        t < cfg_interval_start (t = 0 is noise). Sampling uses guided_velocity (B rows) instead."""
+        half = x[: len(x) // 2]
+        out = self(torch.cat([half, half]), t, y)  # (2B, C, H, W)
+        k = out.shape[1] if cfg_channels is None else cfg_channels
+        cond, uncond = out[:, :k].chunk(2)
+        if cfg_interval and t[0] < cfg_interval_start:
+            guided = cond
+        else:
+            guided = uncond + cfg_scale * (cond - uncond)
+        return torch.cat([torch.cat([guided, guided]), out[:, k:]], dim=1)
+
+    @classmethod
+    def from_official(cls, state_dict, config=None):
+        """A DiT from a LightningDiT checkpoint: a training checkpoint {'model', 'ema', ...} (the
+        EMA is taken, as upstream inference.py does) or a bare state dict, 'module.' / '_orig_mod.'
+        prefixes stripped. `config`: a DiTConfig, the official constructor kwargs (a dict), or None
+        to read the sizes off the tensor shapes (mlp_ratio 4 assumed; without RoPE num_heads cannot
+        be read, so pass a config). The fixed pos_embed / RoPE tables are checked against ours."""
+        if isinstance(state_dict, dict) and isinstance(state_dict.get('ema'), dict):
+            state_dict = state_dict['ema']
+        elif isinstance(state_dict, dict) and isinstance(state_dict.get('model'), dict):
+            state_dict = state_dict['model']
+        sd = {}
+        for k, v in state_dict.items():
+            k = k[len('module.'):] if k.startswith('module.') else k  # DDP (accelerate) wrapping
+            sd[k.replace('_orig_mod.', '')] = v  # torch.compile wrapping
+        if isinstance(config, dict):
+            known = {f.name for f in fields(DiTConfig)}
+            config = DiTConfig(**{k: v for k, v in config.items() if k in known})
+        model = cls(config or dit_config_from_state_dict(sd))
+        own = model.state_dict()
+        for k in ('pos_embed', 'feat_rope.freqs_cos', 'feat_rope.freqs_sin'):
+            if k in sd and not (sd[k].shape == own[k].shape and
+                                torch.allclose(sd[k].float(), own[k], atol=1e-5)):
+                raise ValueError(f"checkpoint {k} differs from the fixed table of this config "
+                                 f"(shape {tuple(sd[k].shape)} vs {tuple(own[k].shape)})")
+        model.load_state_dict(sd, strict=True)
+        return model
+
+
+def dit_config_from_state_dict(sd):
+    """Read a DiTConfig off an official state dict's shapes (dit_full.md §1.10). The head count comes
+    from the RoPE tables (head_dim wide), so a checkpoint without RoPE needs an explicit config."""
+    if 'pos_embed' not in sd or 'x_embedder.proj.weight' not in sd:
+        raise ValueError("not a LightningDiT state dict (no pos_embed / x_embedder.proj.weight)")
+    if 'feat_rope.freqs_cos' not in sd:
+        raise ValueError("no RoPE tables in the checkpoint, so num_heads is unknown: pass a config")
+    D, C, p = sd['x_embedder.proj.weight'].shape[:3]
+    grid = int(round(sd['pos_embed'].shape[1] ** 0.5))
+    swiglu = 'blocks.0.mlp.w12.weight' in sd
+    if swiglu:  # hidden = int(2/3 * int(D * mlp_ratio)): find the int(D * mlp_ratio) that gives it
+        hidden = sd['blocks.0.mlp.w3.weight'].shape[1]
+        m = next(m for m in range(int(1.5 * hidden), int(1.5 * hidden) + 3) if int(2 / 3 * m) == hidden)
+        mlp_ratio = 4.0 if int(2 / 3 * 4 * D) == hidden else m / D  # prefer the official ratio
+    else:
+        mlp_ratio = sd['blocks.0.mlp.fc1.weight'].shape[0] / D
+    return DiTConfig(
+        input_size=grid * p, patch_size=p, in_channels=C, hidden_size=D,
+        depth=len({k.split('.')[1] for k in sd if k.startswith('blocks.')}),
+        num_heads=D // sd['feat_rope.freqs_cos'].shape[1], mlp_ratio=mlp_ratio,
+        num_classes=sd['y_embedder.embedding_table.weight'].shape[0] - 1,
+        use_qknorm='blocks.0.attn.q_norm.weight' in sd, use_swiglu=swiglu,
+        use_rope=True, use_rmsnorm='blocks.0.norm1.weight' in sd,
+        wo_shift=sd['blocks.0.adaLN_modulation.1.weight'].shape[0] == 4 * D,
+        learn_sigma=sd['final_layer.linear.weight'].shape[0] == 2 * p * p * C)
+
+
+# --- flow matching (SiT "Linear" path, velocity prediction; dit_full.md §2) ---------------------
+# t = 0 is noise x0 ~ N(0, I), t = 1 is data x1: x_t = t x1 + (1 - t) x0, target velocity u = x1 - x0.
+
+def sample_t(n, device=None, lognorm=(0.0, 1.0)):
+    """Training times (n,): logit-normal sigmoid(N(mu, sigma)) (as in SD3), or uniform if lognorm is
+    None. Deviation: upstream draws the logit-normal from numpy's global RNG (scipy.stats); we use
+    torch's, so one saved RNG state makes a resumed run exact."""
+    if lognorm is None:
+        return torch.rand(n, device=device)
+    mu, sigma = lognorm
+    return torch.sigmoid(torch.randn(n, device=device) * sigma + mu)
+
+
+def interpolate(x0, x1, t):
+    """-> (x_t, u): the point on the straight path at times t (B,), and the target velocity."""
+    tt = t.view(-1, *([1] * (x1.dim() - 1))).to(x1)  # (B, 1, 1, 1)
+    return tt * x1 + (1 - tt) * x0, x1 - x0
+
+
+def flow_loss_terms(pred, x0, x1):
+    """Per-sample loss terms (B,), in fp32 (upstream's loss sees fp32 outputs under autocast): the MSE
+    to u over (C, H, W), and the cosine term 1 - cos(v, u) along channels, averaged over positions
+    (LightningDiT's use_cosine_loss)."""
+    u, pred = (x1 - x0).float(), pred.float()
+    mse = (pred - u).pow(2).flatten(1).mean(1)
+    cos = (1 - F.cosine_similarity(pred, u, dim=1)).flatten(1).mean(1)
+    return mse, cos
+
+
+def flow_loss(model, x1, y, lognorm=(0.0, 1.0), use_cosine=True):
+    """One flow-matching loss evaluation on data latents x1 (B, C, H, W) with labels y (B,).
+    Returns (loss, {'loss_mse', 'loss_cos'}), the dict holding detached 0-dim tensors (no host sync).
+    lognorm: (mu, sigma) of the logit-normal t (VTP: (-0.75, 1.0) for L, (-0.5, 1.25) for S/B;
+    hustvl's code (0, 1)), or None for uniform t. Noise and t come from the torch RNG."""
+    x0 = torch.randn_like(x1)
+    t = sample_t(x1.shape[0], x1.device, lognorm).to(x1)
+    xt, _ = interpolate(x0, x1, t)
+    mse, cos = flow_loss_terms(model(xt, t, y), x0, x1)
+    loss = mse.mean() + (cos.mean() if use_cosine else 0)
+    return loss, {'loss_mse': mse.mean().detach(), 'loss_cos': cos.mean().detach()}
+
+
+# --- sampling ----------------------------------------------------------------------------------------
+
+def time_grid(num_steps, shift=0.0):
+    """num_steps points from 0 (noise) to 1 (data): num_steps - 1 solver steps. A shift s > 0 maps
+    t -> s t / (1 + (s - 1) t), which for s < 1 spends more steps near the noise (VTP: s = 0.075);
+    in noise level sigma = 1 - t it is SD3's shift with alpha = 1/s. s = 0: no shift. fp32, CPU."""
+    t = torch.linspace(0, 1, num_steps)
+    if shift > 0:
+        t = shift * t / (1 + (shift - 1) * t)
+    return t
+
+
+def guided_velocity(model_fn, x, t, y, cfg_scale=1.0, cfg_interval_start=0.0, null_class=1000,
+                    cfg_channels=None):
+    """Classifier-free guided velocity v_u + s (v_c - v_u) at time t (a float) for x (B, C, H, W).
+    The conditional and null-class passes run as one batch of 2B rows. No guidance (one conditional
+    pass) when s == 1 or t < cfg_interval_start, the guidance interval (Kynkaanniemi et al., 2024).
+    cfg_channels=3 guides channels 0..2 only, as the official LightningDiT (dit.md, CFG quirk)."""
+    tt = torch.full((x.shape[0],), t, device=x.device)
+    if cfg_scale == 1.0 or t < cfg_interval_start:
+        return model_fn(x, tt, y)
+    y_null = torch.full_like(y, null_class)
+    out = model_fn(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, y_null]))  # (2B, C, H, W)
+    cond, uncond = out.chunk(2)
+    k = cond.shape[1] if cfg_channels is None else cfg_channels
+    guided = uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k])
+    return torch.cat([guided, cond[:, k:]], dim=1)
+
+
+@torch.no_grad()
+def euler_sample(model_fn, noise, y, num_steps=250, shift=0.0, cfg_scale=1.0, cfg_interval_start=0.0,
+                 null_class=1000, cfg_channels=None, heun=False, return_trajectory=False):
+    """Integrate dx/dt = v(x, t, y) from noise (t = 0) to data (t = 1) on time_grid(num_steps, shift)
+    with Euler, x <- x + dt v (upstream: torchdiffeq 'euler'), or Heun's trapezoid (2 calls a step).
+    model_fn(x, t, y) -> v, e.g. the EMA DiT. Returns the final x, or with return_trajectory every grid
+    state (num_steps, B, C, H, W)."""
+    grid = time_grid(num_steps, shift)
+    dts = (grid[1:] - grid[:-1]).to(noise.device)  # fp32 steps, as upstream
+    ts = grid.tolist()
+    cfg = (cfg_scale, cfg_interval_start, null_class, cfg_channels)
+    v = lambda x, t: guided_velocity(model_fn, x, t, y, *cfg)
+    x, traj = noise, [noise]
+    for i in range(num_steps - 1):
+        d = v(x, ts[i])
+        if heun:
+            d = (d + v(x + dts[i] * d, ts[i + 1])) / 2
+        x = x + dts[i] * d
+        if return_trajectory:
+            traj.append(x)
+    return torch.stack(traj) if return_trajectory else x
