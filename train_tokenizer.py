@@ -351,8 +351,7 @@ for step in pbar:
     temp = teacher_temp_at(step)
     for micro in range(args.grad_accum):
         batch = to_device(next(batches))
-        for k, v in batch['skipped'].items():
-            skipped[k] = skipped.get(k, 0) + v
+        data.add_counts(skipped, batch['skipped'])
         sync = contextlib.nullcontext() if not ddp or micro == args.grad_accum - 1 else train_model.no_sync()
         with sync:
             loss, terms = compute_losses(batch, temp)
@@ -401,8 +400,7 @@ for step in pbar:
             dist.all_gather_object(counts, skipped)
         total = {}
         for c in counts:
-            for k, v in c.items():
-                total[k] = total.get(k, 0) + v
+            data.add_counts(total, c)
         if total:
             rec['skipped'] = total
         if use_clip:

@@ -35,23 +35,24 @@ def read_log(out_dir):
 
 
 @pytest.mark.slow
-def test_tiny_run_learns_every_objective(tmp_path):
-    """The quick start, shortened: every active loss falls, zero-shot top-1 clearly above chance (1/20),
-    val PSNR rises. Thresholds set from measured runs (README, 'Tests')."""
-    run(['--size', 'tiny', '--max-steps', '150', '--num-workers', '0', '--log-every', '10', '--eval-every', '75',
-         '--perceptual', 'none'], tmp_path)
-    log = read_log(tmp_path)
+def test_tiny_run_learns_every_objective(tiny_tokenizer):
+    """The quick start, shortened (tests/conftest.py trains it once for every stage's tests): every active
+    loss falls, zero-shot top-1 clearly above chance (5 % for 20 classes), val PSNR rises. Thresholds set
+    from measured runs (README, 'Tests')."""
+    out = tiny_tokenizer.parent
+    log = read_log(out)
     train = [r for r in log if 'loss' in r]
-    first, last = train[0], train[-1]
+    head, tail = train[:3], train[-3:]
     for k in ('loss_clip', 'loss_rec', 'loss_dino', 'loss_ibot'):
-        assert last[k] < first[k], (k, first[k], last[k])
+        before, after = sum(r[k] for r in head) / 3, sum(r[k] for r in tail) / 3
+        assert after < before, (k, before, after)
     evals = [r for r in log if 'val_psnr' in r]
     assert len(evals) == 2
     assert evals[-1]['val_psnr'] > evals[0]['val_psnr']
-    assert evals[-1]['val_zeroshot_top1'] > 0.15
-    assert (tmp_path / 'recon_000150.png').exists()
-    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
-    assert ckpt['step'] == 150 and ckpt['flops'] > 0
+    assert evals[-1]['val_zeroshot_top1'] > 15  # percent
+    assert (out / f'recon_{evals[-1]["step"]:06d}.png').exists()
+    ckpt = torch.load(tiny_tokenizer, weights_only=True)
+    assert ckpt['step'] == evals[-1]['step'] and ckpt['flops'] > 0
 
 
 def test_ddp_two_ranks_equal_one_process(tmp_path):
