@@ -9,6 +9,7 @@ Sections:
   4. stage-1 losses: CLIP, DINO (Sinkhorn-Knopp), iBOT, KoLeo, reconstruction (eq. 1-3)
   5. EMA, FLOPs accounting
   6. generation: LightningDiT, flow-matching loss, Euler ODE sampler with classifier-free guidance
+  7. stage 2: PatchGAN discriminator, hinge loss, adaptive weight
 
 The module and parameter names follow the official release (MiniMax-AI/VTP, `VTPModel`), so an official
 state dict loads with only the legacy renames of `OFFICIAL_RENAMES`.
@@ -1301,3 +1302,62 @@ def euler_sample(model_fn, noise, y, num_steps=250, shift=0.0, cfg_scale=1.0, cf
         if return_trajectory:
             traj.append(x)
     return torch.stack(traj) if return_trajectory else x
+
+
+# -----------------------------------------------------------------------------
+# 7. stage-2 GAN losses: PatchGAN discriminator, hinge loss, adaptive weight (paper §3.2; LDM/taming recipe)
+
+
+class NLayerDiscriminator(nn.Module):
+    """pix2pix PatchGAN (as in LDM / taming / VA-VAE): 4x4 convs, stride 2 n_layers times then stride 1,
+    LeakyReLU 0.2, one logit per overlapping patch (30x30 for 256 px input with n_layers 3, ~70 px receptive
+    field). norm 'batch' is the reference recipe (the training script converts it to SyncBatchNorm under DDP
+    on CUDA); 'group' makes D independent of the batch (micro-batch size, rank count, grad accumulation)."""
+
+    def __init__(self, in_ch=3, ndf=64, n_layers=3, norm='batch'):
+        super().__init__()
+        if norm not in ('batch', 'group'):
+            raise ValueError(f"unknown discriminator norm {norm!r} (batch | group)")
+        make_norm = (lambda c: nn.BatchNorm2d(c)) if norm == 'batch' else \
+            (lambda c: nn.GroupNorm(math.gcd(32, c), c))
+        layers = [nn.Conv2d(in_ch, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        ch = ndf
+        for i in range(1, n_layers + 1):  # the last of these keeps the resolution (stride 1)
+            out = ndf * min(2 ** i, 8)
+            layers += [nn.Conv2d(ch, out, 4, stride=2 if i < n_layers else 1, padding=1, bias=False),
+                       make_norm(out), nn.LeakyReLU(0.2, True)]
+            ch = out
+        layers.append(nn.Conv2d(ch, 1, 4, stride=1, padding=1))
+        self.main = nn.Sequential(*layers)
+        for m in self.modules():  # pix2pix / taming init
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.main(x)  # (B, 3, H, W) in [-1, 1] -> patch logits (B, 1, H/8 - 2, W/8 - 2)
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    """Discriminator hinge loss (LDM/taming): 0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(x_hat))]), in fp32."""
+    return 0.5 * (F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean())
+
+
+def generator_loss(logits_fake):
+    """Generator adversarial loss: -E[D(x_hat)] (LDM/taming, for both hinge and vanilla D losses)."""
+    return -logits_fake.float().mean()
+
+
+def adaptive_weight(rec_loss, g_loss, last_layer_weight, max=1e4):
+    """λ_adv = ||∇_W L_rec|| / (||∇_W L_G|| + 1e-4), W = the decoder's last layer, clamped to [0, max] and
+    detached (LDM's calculate_adaptive_weight): the adversarial gradient is scaled to the size of the
+    reconstruction gradient, whatever the loss scales. Under DDP the gradients are averaged over ranks first,
+    so λ is that of the global batch and N ranks match one process. Graphs are kept for the backward."""
+    g_rec = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True)[0]
+    if is_distributed():
+        world = torch.distributed.get_world_size()
+        g_rec, g_adv = _all_reduce(g_rec.float()) / world, _all_reduce(g_adv.float()) / world
+    return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, max).detach()
