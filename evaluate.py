@@ -1,0 +1,1059 @@
+"""
+Evaluation of VTP tokenizers and generators (paper §4.1; vtp_architecture.md §8; dit_full.md §5).
+
+    python evaluate.py recon    --tokenizer out/tokenizer/ckpt.pt --data synthetic   # rFID, PSNR, SSIM, LPIPS
+    python evaluate.py zeroshot --tokenizer ckpt.pt --data /data/imagenet/val \
+        --classnames names.txt --templates templates.txt
+    python evaluate.py linprobe --tokenizer ckpt.pt --train synthetic --val synthetic   # 64-d bottleneck probe
+    python evaluate.py linprobe --tokenizer ckpt.pt --train IN/train --val IN/val --features multilayer
+    python evaluate.py fid      --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz  # FID, IS, P, R
+
+Every subcommand prints a small table and writes a JSON file that records how the numbers were computed
+(backend, weights, reference, counts, resize, feature source): FID is computed three different ways in this
+field and linear-probe numbers depend on the feature source, so a number without its recipe is useless.
+
+FID here is the PyTorch port of the TF Inception (pytorch-fid's FID InceptionV3 with the 2015-12-05 TF
+weights). The paper's numbers come from ADM's TensorFlow evaluator; values differ slightly.
+"""
+import argparse
+import contextlib
+import functools
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from scipy import linalg
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torchvision.models.inception import (BasicConv2d, Inception3, InceptionA, InceptionAux, InceptionB,
+                                          InceptionC, InceptionD, InceptionE)
+from tqdm import tqdm
+
+import vtp
+
+FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
+                   'pt_inception-2015-12-05-6726825d.pth')
+FID_WEIGHTS_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'vtp', os.path.basename(FID_WEIGHTS_URL))
+ADM_NOTE = ("paper numbers use ADM's TensorFlow evaluator (guided-diffusion/evaluations/evaluator.py); this is "
+            "the PyTorch port of the same Inception (pytorch-fid weights), values differ slightly")
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
+# DINOv2's linear-probe lr grid (vtp_architecture.md §8), each scaled by batch / 256
+PROBE_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
+
+# -----------------------------------------------------------------------------
+# 1. image metrics: PSNR, SSIM, Fréchet distance, Inception Score, precision / recall
+
+
+def psnr(x, y):
+    """Per-image PSNR (B,) of images in [0, 1], computed on 0-255 floats as the official reconstruction
+    script: 20 log10(255 / sqrt(MSE)). Identical images give inf."""
+    mse = ((x.float() * 255 - y.float() * 255) ** 2).flatten(1).mean(1)  # (B,)
+    return 20 * torch.log10(255 / mse.sqrt())
+
+
+def gaussian_window(size=11, sigma=1.5, channels=3):
+    """(channels, 1, size, size) normalised 2-D Gaussian, the outer product of a 1-D one."""
+    d = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(d / sigma) ** 2 / 2)
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
+
+
+def ssim(x, y, data_range=1.0, size=11, sigma=1.5, k1=0.01, k2=0.03):
+    """Per-image SSIM (B,) as torchmetrics' StructuralSimilarityIndexMeasure(data_range=1.0): Gaussian
+    11x11 window (sigma 1.5), reflect padding, then the border of the SSIM map (5 px) is cropped away
+    before averaging over channels and pixels."""
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp32 as torchmetrics; fp64 if given
+    x, y = x.to(dt), y.to(dt)
+    B, C = x.shape[:2]
+    pad = (size - 1) // 2
+    x = F.pad(x, (pad, pad, pad, pad), mode='reflect')
+    y = F.pad(y, (pad, pad, pad, pad), mode='reflect')
+    w = gaussian_window(size, sigma, C).to(x)
+    # local means and second moments of x, y, x^2, y^2, xy in one grouped conv
+    m = F.conv2d(torch.cat((x, y, x * x, y * y, x * y)), w, groups=C).split(B)  # 5 x (B, C, H, W)
+    mx2, my2, mxy = m[0] ** 2, m[1] ** 2, m[0] * m[1]
+    vx, vy, cxy = (m[2] - mx2).clamp_min(0), (m[3] - my2).clamp_min(0), m[4] - mxy
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    s = ((2 * mxy + c1) * (2 * cxy + c2)) / ((mx2 + my2 + c1) * (vx + vy + c2))
+    return s[..., pad:-pad, pad:-pad].flatten(1).mean(1)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) with scipy's sqrtm (as pytorch-fid and ADM).
+    A singular product gets eps*I added to both covariances; a small imaginary part from numerical error
+    is dropped, a large one is an error."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
+    sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"feature statistics of different sizes: {mu1.shape} vs {mu2.shape}")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(sigma1)) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"FID: sqrtm has a large imaginary component ({np.abs(covmean.imag).max():.3g}); "
+                             "too few samples for the feature dimension?")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def fid_from_features(feats1, feats2):
+    """FID between two feature sets -> (fid, method). With more samples than dimensions: the sqrtm route of
+    frechet_distance. With fewer (quick checks, tests), both covariances are singular, where sqrtm is slow
+    and ill-conditioned (pytorch-fid's 'imaginary component' errors); the trace term is then computed
+    exactly: with centred features A, B, the non-zero eigenvalues of S1 S2 are the squared singular values
+    of A B^T / sqrt((n1-1)(n2-1)), so Tr (S1 S2)^(1/2) is that matrix's nuclear norm."""
+    f1, f2 = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
+    (n1, d), n2 = f1.shape, len(f2)
+    if min(n1, n2) < 2:
+        raise ValueError("FID needs at least 2 images in each set")
+    if min(n1, n2) > d:
+        return frechet_distance(*feature_stats(f1), *feature_stats(f2)), 'scipy sqrtm'
+    A, B = f1 - f1.mean(0), f2 - f2.mean(0)  # (n1, d), (n2, d)
+    tr_covmean = np.linalg.svd(A @ B.T, compute_uv=False).sum() / math.sqrt((n1 - 1) * (n2 - 1))
+    diff = f1.mean(0) - f2.mean(0)
+    fid = diff @ diff + (A * A).sum() / (n1 - 1) + (B * B).sum() / (n2 - 1) - 2 * tr_covmean
+    return float(fid), 'exact low-rank trace (SVD; fewer samples than feature dims)'
+
+
+def feature_stats(feats):
+    feats = np.asarray(feats, np.float64)
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def inception_score(probs, splits=10):
+    """IS = exp(E_x KL(p(y|x) || p(y))), per split, -> (mean, std) over splits (improved-GAN / ADM code).
+    probs (N, C): softmax rows. Splits are contiguous chunks, as in the original code."""
+    probs = np.asarray(probs, np.float64)
+    splits = max(1, min(splits, len(probs)))
+    scores = []
+    for i in range(splits):
+        p = probs[i * len(probs) // splits: (i + 1) * len(probs) // splits]
+        py = p.mean(0, keepdims=True)
+        kl = p * (np.log(np.maximum(p, 1e-30)) - np.log(np.maximum(py, 1e-30)))  # 0 log 0 = 0
+        scores.append(np.exp(kl.sum(1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def knn_radii(feats, k, chunk=4096):
+    """Distance of each row to its k-th nearest other row (the row itself is the 0-th neighbour)."""
+    out = []
+    for a in feats.split(chunk):
+        out.append(torch.cdist(a, feats).kthvalue(k + 1, dim=1).values)  # (chunk,)
+    return torch.cat(out)
+
+
+def in_manifold(query, feats, radii, chunk=4096):
+    """For each query row: inside at least one ball (feats_j, radii_j)? -> (Q,) bool."""
+    out = []
+    for q in query.split(chunk):
+        out.append((torch.cdist(q, feats) <= radii[None]).any(1))
+    return torch.cat(out)
+
+
+def precision_recall(real, fake, k=3, device='cpu'):
+    """Improved precision/recall (Kynkäänniemi et al. 2019), k=3 as ADM: precision = share of generated
+    samples inside the k-NN balls of the real ones, recall = share of real samples inside those of the
+    generated ones. Both sets need more than k rows."""
+    real = torch.as_tensor(np.asarray(real), dtype=torch.float32, device=device)
+    fake = torch.as_tensor(np.asarray(fake), dtype=torch.float32, device=device)
+    if len(real) <= k or len(fake) <= k:
+        raise ValueError(f"precision/recall need more than k={k} images in each set")
+    precision = in_manifold(fake, real, knn_radii(real, k)).float().mean().item()
+    recall = in_manifold(real, fake, knn_radii(fake, k)).float().mean().item()
+    return precision, recall
+
+
+# -----------------------------------------------------------------------------
+# 2. the FID Inception: torchvision's InceptionV3 with the TF graph's pooling quirks (as pytorch-fid)
+
+
+class FIDInceptionA(InceptionA):
+    """TF's average pool does not count the padding (count_include_pad=False)."""
+
+    def forward(self, x):
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        bp = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
+        return torch.cat([self.branch1x1(x), b5, b3, bp], 1)
+
+
+class FIDInceptionC(InceptionC):
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                     self.branch7x7dbl_5):
+            d = conv(d)
+        bp = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
+        return torch.cat([self.branch1x1(x), b7, d, bp], 1)
+
+
+class FIDInceptionE(InceptionE):
+    """Mixed_7b pools by average (without padding); the TF graph's Mixed_7c uses a max pool there."""
+    max_pool = False
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        d = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
+        if self.max_pool:
+            bp = F.max_pool2d(x, 3, stride=1, padding=1)
+        else:
+            bp = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+        return torch.cat([self.branch1x1(x), b3, d, self.branch_pool(bp)], 1)
+
+
+class FIDInceptionV3(Inception3):
+    """uint8 images (B, 3, H, W) -> (pool3 features (B, 2048), logits (B, 1008)).
+
+    Preprocessing as pytorch-fid: [0, 1], bilinear resize to 299 (align_corners=False), then 2x - 1.
+    The logits are pool3 @ fc.weight^T *without* the bias: the 1008-way softmax the original Inception
+    Score code and ADM's evaluator read from the TF graph (fc.bias is kept only so the weights load)."""
+
+    def __init__(self):
+        super().__init__(num_classes=1008, aux_logits=False, transform_input=False, init_weights=False,
+                         inception_blocks=[BasicConv2d, FIDInceptionA, InceptionB, FIDInceptionC, InceptionD,
+                                           FIDInceptionE, InceptionAux])
+        self.Mixed_7c.max_pool = True
+
+    def forward(self, images):
+        x = images.float() / 255
+        x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False) * 2 - 1  # (B, 3, 299, 299)
+        for name in ('Conv2d_1a_3x3', 'Conv2d_2a_3x3', 'Conv2d_2b_3x3', 'maxpool1', 'Conv2d_3b_1x1',
+                     'Conv2d_4a_3x3', 'maxpool2', 'Mixed_5b', 'Mixed_5c', 'Mixed_5d', 'Mixed_6a', 'Mixed_6b',
+                     'Mixed_6c', 'Mixed_6d', 'Mixed_6e', 'Mixed_7a', 'Mixed_7b', 'Mixed_7c'):
+            x = getattr(self, name)(x)
+        pool = self.avgpool(x).flatten(1)  # (B, 2048)
+        return pool, pool @ self.fc.weight.t()  # (B, 2048), (B, 1008)
+
+
+def fetch_fid_weights():
+    """pytorch-fid's released weights, downloaded once into ~/.cache/vtp."""
+    if os.path.isfile(FID_WEIGHTS_CACHE):
+        return FID_WEIGHTS_CACHE
+    os.makedirs(os.path.dirname(FID_WEIGHTS_CACHE), exist_ok=True)
+    tmp = FID_WEIGHTS_CACHE + f'.tmp{os.getpid()}'
+    try:
+        torch.hub.download_url_to_file(FID_WEIGHTS_URL, tmp, progress=True)
+    except Exception as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise RuntimeError(f"could not download the FID Inception weights from {FID_WEIGHTS_URL} "
+                           f"({type(e).__name__}); copy the file to {FID_WEIGHTS_CACHE} or pass "
+                           f"--inception-weights PATH") from None
+    os.replace(tmp, FID_WEIGHTS_CACHE)
+    return FID_WEIGHTS_CACHE
+
+
+def build_fid_inception(weights=None, random_init=False):
+    """The FID Inception in eval mode. weights: a state-dict file (default: the cached/downloaded
+    pt_inception-2015-12-05 weights); random_init=True: random weights, offline (tests only: the numbers
+    mean nothing). The model carries `.info`, a description for the result JSON."""
+    model = FIDInceptionV3()
+    if random_init:
+        # variance-preserving init so activations stay O(1) through the 90-odd layers with BN in eval mode
+        g = torch.Generator().manual_seed(0)
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                fan_in = m.weight[0].numel()
+                m.weight.data = torch.randn(m.weight.shape, generator=g) * math.sqrt(2 / fan_in)
+        info = {'weights': 'random init (test only: values are meaningless)'}
+    else:
+        path = weights or fetch_fid_weights()
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Inception weights not found: {path}")
+        try:
+            sd = torch.load(path, map_location='cpu', weights_only=True)
+            model.load_state_dict(sd, strict=True)
+        except Exception as e:
+            raise ValueError(f"{path} is not a FID Inception state dict ({type(e).__name__}: {str(e)[:150]})")
+        with open(path, 'rb') as f:
+            sha = hashlib.sha256(f.read()).hexdigest()
+        info = {'weights': os.path.abspath(path), 'weights_sha256': sha}
+    model.info = {'backend': 'PyTorch FID InceptionV3 (pytorch-fid port of the TF 2015-12-05 graph)', **info,
+                  'resize': 'uint8 -> [0,1] -> bilinear 299x299 (align_corners=False) -> 2x-1',
+                  'features': 'pool3, 2048-d', 'is_logits': '1008-way softmax of pool3 @ fc.weight (no bias)',
+                  'note': ADM_NOTE}
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def inception_features(images_uint8_iter, model, device='cpu', total=None, desc='inception'):
+    """Batches of uint8 images ((B, 3, H, W) tensors or (B, H, W, 3) arrays) -> (pool3 (N, 2048),
+    logits (N, 1008)) as float64 numpy arrays. Runs in fp32 (no autocast)."""
+    model = model.to(device)
+    feats, logits = [], []
+    for x in tqdm(images_uint8_iter, total=total, desc=desc, leave=False):
+        x = torch.as_tensor(x)
+        if x.shape[-1] == 3 and x.shape[1] != 3:
+            x = x.permute(0, 3, 1, 2)  # NHWC -> NCHW
+        if x.dtype != torch.uint8:
+            raise ValueError(f"Inception inputs must be uint8 images, got {x.dtype}")
+        f, l = model(x.to(device))
+        feats.append(f.double().cpu())
+        logits.append(l.double().cpu())
+    if not feats:
+        raise ValueError("no images to compute Inception features of")
+    return torch.cat(feats).numpy(), torch.cat(logits).numpy()
+
+
+def to_uint8(x01):
+    """[0, 1] floats -> uint8 by truncation (x*255 cast), as the official scripts save their PNGs."""
+    return (x01.clamp(0, 1) * 255).to(torch.uint8)
+
+
+# --- image sources for `fid`: a folder of images or an npz (arr_0 uint8 NHWC, or mu/sigma statistics)
+
+
+class ImageFiles(Dataset):
+    def __init__(self, files):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.files[i]) as img:
+                return np.asarray(img.convert('RGB'))
+        except Exception:  # corrupt / truncated / not an image: skipped and counted by the caller
+            return None
+
+
+def list_image_files(folder):
+    files = [os.path.join(d, n) for d, _, names in os.walk(folder, followlinks=True)
+             for n in names if n.lower().endswith(IMAGE_EXTS)]
+    return sorted(files)
+
+
+class ImageSource:
+    """A set of images (or only their statistics) given as a folder, an npz of images (arr_0) or a stats
+    npz (mu, sigma; ADM's reference batches hold both). Yields uint8 NHWC batches; counts skipped files."""
+
+    def __init__(self, path, limit=0):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"not found: {path}")
+        self.path, self.files, self.array, self.mu, self.sigma, self.skipped = path, None, None, None, None, 0
+        if os.path.isdir(path):
+            self.files = list_image_files(path)
+            if not self.files:
+                raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) found in {path}")
+            self.files = self.files[:limit] if limit else self.files  # the first N sorted files
+            self.kind = 'folder'
+            return
+        try:
+            npz = np.load(path)
+            keys = set(npz.files)
+        except Exception as e:
+            raise ValueError(f"{path} is neither an image folder nor a readable .npz ({type(e).__name__})")
+        if 'mu' in keys and 'sigma' in keys:
+            self.mu, self.sigma = npz['mu'], npz['sigma']
+        if 'arr_0' in keys:
+            arr = npz['arr_0']
+            if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+                raise ValueError(f"{path}: arr_0 must be uint8 images (N, H, W, 3), not {arr.dtype} {arr.shape}")
+            self.array = arr[:limit] if limit else arr
+        if self.array is None and self.mu is None:
+            raise ValueError(f"{path}: an npz needs 'arr_0' (uint8 NHWC images) or 'mu' and 'sigma'; "
+                             f"found {sorted(keys)}")
+        self.kind = 'npz images' if self.array is not None else 'npz statistics'
+
+    @property
+    def has_images(self):
+        return self.files is not None or self.array is not None
+
+    def __len__(self):
+        return len(self.files) if self.files is not None else len(self.array) if self.array is not None else 0
+
+    @property
+    def resolution(self):
+        if self.array is not None:
+            return tuple(self.array.shape[1:3])
+        for f in self.files:  # the first readable image
+            try:
+                with Image.open(f) as img:
+                    return img.size[1], img.size[0]
+            except Exception:
+                continue
+        raise ValueError(f"no readable image in {self.path}")
+
+    def batches(self, batch_size, num_workers=0):
+        if self.array is not None:
+            for i in range(0, len(self.array), batch_size):
+                yield self.array[i: i + batch_size]
+            return
+        loader = DataLoader(ImageFiles(self.files), batch_size=batch_size, num_workers=num_workers,
+                            collate_fn=list)
+        size = None
+        for batch in loader:
+            good = [a for a in batch if a is not None]
+            self.skipped += len(batch) - len(good)
+            for a in good:
+                size = size or a.shape
+                if a.shape != size:
+                    raise ValueError(f"images in {self.path} have different sizes ({size[1]}x{size[0]} and "
+                                     f"{a.shape[1]}x{a.shape[0]}); FID expects one resolution")
+            if good:
+                yield np.stack(good)
+
+
+# -----------------------------------------------------------------------------
+# 3. tokenizer checkpoints, text tokenizers, image batches
+
+
+def pick_device(name):
+    return torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+
+
+def autocast_for(device):
+    """bf16 autocast on CUDA only (the official eval scripts encode under bf16)."""
+    if device.type == 'cuda':
+        return torch.autocast('cuda', dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def load_vtp(path, device='cpu'):
+    """A VTP tokenizer (our ckpt.pt or an official checkpoint) in eval mode, or a clear ValueError."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
+    try:
+        model = vtp.load_tokenizer(path)
+    except ValueError as e:
+        raise ValueError(str(e)) from None
+    except Exception as e:  # garbage file, a DiT checkpoint, truncated download...
+        unreadable = 'pickl' in type(e).__name__.lower() or 'load' in str(e)[:40]
+        why = 'unreadable file' if unreadable else str(e)[:150]
+        raise ValueError(f"{path} is not a VTP tokenizer checkpoint ({type(e).__name__}: {why})") from None
+    return model.to(device).eval().requires_grad_(False)
+
+
+def checkpoint_args(path):
+    """The 'args' dict saved with our checkpoints ({} for official ones or unreadable files)."""
+    if os.path.isdir(path) or path.endswith('.safetensors'):
+        return {}
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:
+        return {}
+    return ckpt.get('args') or {} if isinstance(ckpt, dict) else {}
+
+
+def text_tokenizer_for(model, ckpt_path, kind=None, bpe_path=None):
+    """The text tokenizer a checkpoint was trained with: its args, else from the vocabulary size
+    (259 = our byte-level tokenizer, 49408 = OpenAI CLIP BPE as the official checkpoints)."""
+    import data
+    args = checkpoint_args(ckpt_path)
+    vocab = model.config.text_vocab_size
+    kind = kind or args.get('tokenizer') or {259: 'byte', 49408: 'bpe'}.get(vocab)
+    if kind is None:
+        raise ValueError(f"cannot tell the text tokenizer of a vocabulary of {vocab}; pass --text-tokenizer")
+    tok = data.get_tokenizer(kind, model.config.text_context_length, bpe_path or args.get('bpe_path'))
+    if tok.vocab_size != vocab:
+        raise ValueError(f"the {kind} tokenizer has {tok.vocab_size} ids but the model's text tower {vocab}")
+    return tok
+
+
+class TransformedBatches(Dataset):
+    """Item k = batch k of `dataset` through `transform` (PIL -> PIL; picklable: no lambdas, so workers
+    also start under spawn/forkserver), built in a worker.
+    Bad samples are dropped and counted (data.load_sample)."""
+
+    def __init__(self, dataset, transform, batch_size, n):
+        self.dataset, self.transform, self.bs, self.n = dataset, transform, batch_size, n
+
+    def __len__(self):
+        return math.ceil(self.n / self.bs)
+
+    def __getitem__(self, k):
+        import data
+        counts = {}
+        idx = range(k * self.bs, min((k + 1) * self.bs, self.n))
+        samples = [s for s in (data.load_sample(self.dataset, i, counts) for i in idx) if s is not None]
+        return make_batch(samples, self.transform, counts)
+
+
+def make_batch(samples, transform, counts):
+    import data
+    images = data.normalize([np.asarray(transform(s[0])) for s in samples]) if samples else None  # (n,3,S,S)
+    return dict(images=images, labels=torch.tensor([s[2] for s in samples], dtype=torch.long),
+                skipped=dict(counts))
+
+
+def image_batches(dataset, transform, batch_size, num_workers=0, limit=0, desc='data'):
+    """ImageNet-normalised batches {'images', 'labels', 'skipped'} of the first `limit` samples (0 = all),
+    in order. A batch whose samples were all bad has images=None (its skips still count)."""
+    if isinstance(dataset, IterableDataset):  # tar shards: one ordered pass in this process
+        counts, samples, seen = {}, [], 0
+        for s in tqdm(dataset.samples(dataset.shards, counts), desc=desc, unit='img', leave=False):
+            samples.append(s)
+            seen += 1
+            if len(samples) == batch_size or seen == limit:
+                yield make_batch(samples, transform, counts)  # copies the counts
+                samples = []
+                counts.clear()  # the stream keeps counting into this same dict
+            if seen == limit:
+                return
+        if samples or counts:
+            yield make_batch(samples, transform, counts)
+        return
+    n = min(len(dataset), limit) if limit else len(dataset)
+    loader = DataLoader(TransformedBatches(dataset, transform, batch_size, n), batch_size=None,
+                        num_workers=num_workers, generator=torch.Generator().manual_seed(0))
+    yield from tqdm(loader, desc=desc, unit='batch', leave=False)
+
+
+def unpack(batch):
+    """(images, labels or None, skipped dict) from a dict batch, an (images, labels) pair or a tensor."""
+    if isinstance(batch, dict):
+        return batch['images'], batch.get('labels'), batch.get('skipped') or {}
+    if isinstance(batch, (tuple, list)):
+        return batch[0], batch[1] if len(batch) > 1 else None, {}
+    return batch, None, {}
+
+
+def add_counts(total, counts):
+    for k, v in counts.items():
+        total[k] = total.get(k, 0) + v
+    return total
+
+
+def open_data(spec, split, image_size):
+    import data
+    if spec != 'synthetic' and not os.path.exists(spec) and '*' not in spec and '{' not in spec:
+        raise FileNotFoundError(f"data not found: {spec}")
+    return data.open_dataset(spec, split=split, image_size=image_size)
+
+
+# -----------------------------------------------------------------------------
+# 4. reconstruction: rFID, PSNR, SSIM, LPIPS (vtp_architecture.md §8)
+
+
+@torch.no_grad()
+def reconstruct(model, x, device):
+    """Encode under bf16 autocast (CUDA), decode in fp32; both returned in [0, 1] (de-normalised, clamped)."""
+    with autocast_for(device):
+        z = model.encode(x)  # (B, d, h, w)
+    rec = model.decode(z.float())  # (B, 3, H, W), ImageNet-normalised
+    return vtp.to_unit_range(x.float()).clamp(0, 1), vtp.to_unit_range(rec.float()).clamp(0, 1)
+
+
+@torch.no_grad()
+def reconstruction_metrics(model, batches, device='cpu', inception=None, lpips_net=None, max_images=0):
+    """Mean PSNR / SSIM / LPIPS and rFID of a tokenizer's reconstructions. batches: ImageNet-normalised
+    images (dicts with 'images' as data.eval_batches yields, (images, labels) pairs, or tensors). rFID
+    (needs `inception`) compares uint8-truncated originals with uint8-truncated reconstructions; LPIPS
+    (needs `lpips_net`, e.g. vtp.make_lpips) runs on [-1, 1]. Returns a dict; missing parts are None."""
+    device = torch.device(device)
+    if not getattr(model.config, 'train_reconstruction', True) or not hasattr(model, 'pixel_decoder'):
+        raise ValueError("this tokenizer has no pixel decoder (trained without reconstruction)")
+    sums, n, skipped = {'psnr': 0.0, 'ssim': 0.0, 'lpips': 0.0}, 0, {}
+    real_f, fake_f = [], []
+    for batch in batches:
+        x, _, skip = unpack(batch)
+        add_counts(skipped, skip)
+        if x is None or len(x) == 0:
+            continue
+        if max_images and n + len(x) > max_images:
+            x = x[: max_images - n]
+        x, rec = reconstruct(model, x.to(device), device)
+        sums['psnr'] += psnr(rec, x).sum().item()
+        sums['ssim'] += ssim(rec, x).sum().item()
+        if lpips_net is not None:
+            sums['lpips'] += lpips_net(rec * 2 - 1, x * 2 - 1).sum().item()
+        if inception is not None:
+            real_f.append(inception(to_uint8(x))[0].double().cpu())
+            fake_f.append(inception(to_uint8(rec))[0].double().cpu())
+        n += len(x)
+        if max_images and n >= max_images:
+            break
+    if n == 0:
+        raise ValueError("no images to reconstruct")
+    res = {'num_images': n, 'skipped': skipped, 'psnr': sums['psnr'] / n, 'ssim': sums['ssim'] / n,
+           'lpips': sums['lpips'] / n if lpips_net is not None else None, 'rfid': None}
+    if inception is not None:
+        real_f, fake_f = torch.cat(real_f).numpy(), torch.cat(fake_f).numpy()  # (n, 2048) each
+        res['rfid'], res['rfid_method'] = fid_from_features(real_f, fake_f)
+    return res
+
+
+# -----------------------------------------------------------------------------
+# 5. zero-shot classification (CLIP protocol, vtp_architecture.md §8)
+
+
+@torch.no_grad()
+def zeroshot_classifier(model, tokenizer, class_names, templates, device='cpu'):
+    """(W, C) classifier: per class, embed every template filled with its name, L2-normalise, average,
+    re-normalise (OpenAI CLIP / OpenCLIP). templates: strings with '{}' or callables name -> prompt."""
+    if not hasattr(model, 'text_transformer'):
+        raise ValueError("this tokenizer has no text tower (trained without CLIP)")
+    device = torch.device(device)
+    fill = lambda t, c: t(c) if callable(t) else t.format(c)
+    weights = []
+    for c in tqdm(class_names, desc='classifier', leave=False):
+        tokens = tokenizer([fill(t, c) for t in templates]).to(device)  # (T, L)
+        with autocast_for(device):
+            e = model.text_features(tokens, normalize=True).float()  # (T, W), L2-normalised in fp32
+        weights.append(F.normalize(e.mean(0), dim=0))
+    return torch.stack(weights, dim=1)  # (W, C)
+
+
+@torch.no_grad()
+def zeroshot_accuracy(model, classifier, batches, device=None):
+    """Top-1 / top-5 accuracy (%) of logits = 100 * image_features @ classifier over labelled batches of
+    ImageNet-normalised images (dicts with 'images', 'labels', or (images, labels) pairs)."""
+    device = torch.device(device) if device is not None else classifier.device
+    correct1 = correct5 = n = 0
+    k = min(5, classifier.shape[1])
+    skipped = {}
+    for batch in batches:
+        x, y, skip = unpack(batch)
+        add_counts(skipped, skip)
+        if x is None or len(x) == 0:
+            continue
+        if y is None or (y < 0).any():
+            raise ValueError("zero-shot accuracy needs class labels (a class-folder dataset or 'synthetic')")
+        with autocast_for(device):
+            f = model.image_features(x.to(device), normalize=True).float()  # (B, W)
+        logits = 100 * f @ classifier.float()  # (B, C)
+        topk = logits.topk(k, dim=1).indices.cpu()  # (B, k)
+        hit = topk == y[:, None]
+        correct1 += hit[:, 0].sum().item()
+        correct5 += hit.any(1).sum().item()
+        n += len(x)
+    if n == 0:
+        raise ValueError("no images to classify")
+    return {'top1': 100 * correct1 / n, 'top5': 100 * correct5 / n, 'num_images': n, 'skipped': skipped}
+
+
+def squash_resize(size):
+    """Resize((S, S)) bilinear, no crop: the official zero-shot preprocessing."""
+    import torchvision.transforms as T
+    return T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR)
+
+
+def read_lines(path, what):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        with open(path, encoding='utf-8') as f:
+            lines = [l.strip() for l in f if l.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} file {path} is not UTF-8 text") from None
+    if not lines:
+        raise ValueError(f"{what} file {path} is empty")
+    return lines
+
+
+# -----------------------------------------------------------------------------
+# 6. linear probing on frozen features
+
+
+@torch.no_grad()
+def probe_features(model, x, source='bottleneck', n_last_blocks=4):
+    """Frozen features for a linear probe, (B, F) fp32.
+    bottleneck: [mean of the d-dim bottleneck patch tokens, bottleneck cls token] (2d; the paper's figures
+      probe the 64-d latent; the mean of the patches is the latent itself, the cls adds a global token).
+    multilayer: DINOv2's protocol (Table 2): the cls tokens of the last n blocks and the mean patch token
+      of the last block, final-normed, D-dim, no bottleneck ((n + 1) D)."""
+    if source == 'bottleneck':
+        out = model.last_layer_features(x, use_bottleneck=True)
+        return torch.cat((out['patch_tokens'].mean(1), out['cls_token']), dim=1).float()  # (B, 2d)
+    layers = model.intermediate_layers(x, n=n_last_blocks, return_class_token=True)
+    return torch.cat([cls for _, cls in layers] + [layers[-1][0].mean(1)], dim=1).float()  # (B, (n+1)D)
+
+
+def extract_probe_features(model, batches, device, source, n_last_blocks=4):
+    feats, labels, skipped = [], [], {}
+    for batch in batches:
+        x, y, skip = unpack(batch)
+        add_counts(skipped, skip)
+        if x is None or len(x) == 0:
+            continue
+        with autocast_for(device):
+            f = probe_features(model, x.to(device), source, n_last_blocks)
+        feats.append(f.half().cpu())  # fp16 cache: ImageNet multilayer features of ViT-L are ~13 GB
+        labels.append(y)
+    if not feats:
+        raise ValueError("no images to extract features from")
+    return torch.cat(feats), torch.cat(labels), skipped
+
+
+def train_linear_probes(train_x, train_y, val_x, val_y, num_classes, lrs=PROBE_LRS, epochs=10,
+                        batch_size=256, device='cpu', seed=0):
+    """One Linear head per lr (weights N(0, 0.01), bias 0), trained together on cached features with SGD
+    (momentum 0.9, no weight decay) and a cosine schedule to 0; lr scaled by batch / 256 (DINOv2).
+    Returns the best val top-1 over heads and epochs, as DINOv2 reports."""
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(seed)
+    N, Fdim, H = len(train_x), train_x.shape[1], len(lrs)
+    train_x, val_x = train_x.to(device), val_x.to(device)
+    train_y, val_y = train_y.to(device), val_y.to(device)
+    W = (torch.randn(H, Fdim, num_classes, generator=g) * 0.01).to(device).requires_grad_()
+    b = torch.zeros(H, 1, num_classes, device=device, requires_grad=True)
+    bufs = [torch.zeros_like(W), torch.zeros_like(b)]
+    lr = torch.tensor(lrs, device=device).view(H, 1, 1) * batch_size / 256
+    steps = epochs * math.ceil(N / batch_size)
+    best, step = {'top1': -1.0}, 0
+    for epoch in tqdm(range(epochs), desc='probe epochs', leave=False):
+        perm = torch.randperm(N, generator=g).to(device)
+        for i in range(0, N, batch_size):
+            idx = perm[i: i + batch_size]
+            logits = torch.einsum('bf,hfc->hbc', train_x[idx].float(), W) + b  # (H, B, C)
+            # summed over heads: each head gets its own mean cross-entropy gradient
+            loss = F.cross_entropy(logits.flatten(0, 1), train_y[idx].repeat(H), reduction='sum') / len(idx)
+            gW, gb = torch.autograd.grad(loss, (W, b))
+            with torch.no_grad():
+                scale = 0.5 * (1 + math.cos(math.pi * step / steps))  # cosine to 0 (CosineAnnealingLR)
+                for p, grad, buf in ((W, gW, bufs[0]), (b, gb, bufs[1])):
+                    buf.mul_(0.9).add_(grad)  # torch SGD momentum, dampening 0
+                    p.sub_(lr * scale * buf)
+            step += 1
+        with torch.no_grad():
+            correct = torch.zeros(H, device=device)
+            for i in range(0, len(val_x), 1024):
+                logits = torch.einsum('bf,hfc->hbc', val_x[i: i + 1024].float(), W) + b
+                correct += (logits.argmax(-1) == val_y[i: i + 1024][None]).sum(1)
+            acc = 100 * correct / len(val_x)  # (H,)
+            h = int(acc.argmax())
+            if acc[h].item() > best['top1']:
+                best = {'top1': acc[h].item(), 'lr': lrs[h], 'epoch': epoch + 1}
+    return best
+
+
+def probe_transforms(crop, resize):
+    """DINOv2 probe views: train RandomResizedCrop(crop, bicubic) + flip; val Resize(resize, bicubic) +
+    CenterCrop(crop). Features are extracted once, so each train image is seen in one random view."""
+    import torchvision.transforms as T
+    bicubic = T.InterpolationMode.BICUBIC
+    train = T.Compose([T.RandomResizedCrop(crop, interpolation=bicubic), T.RandomHorizontalFlip()])
+    val = T.Compose([T.Resize(resize, interpolation=bicubic), T.CenterCrop(crop)])
+    return train, val
+
+
+# -----------------------------------------------------------------------------
+# 7. command line
+
+
+def print_table(title, rows):
+    print(f"\n{title}")
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        v = f"{v:.4f}" if isinstance(v, float) else str(v)
+        print(f"  {k:<{width}}  {v}")
+
+
+def write_json(result, out):
+    d = os.path.dirname(os.path.abspath(out))
+    os.makedirs(d, exist_ok=True)
+    with open(out, 'w') as f:
+        json.dump(result, f, indent=2, default=str)
+    print(f"wrote {out}")
+
+
+def default_out(args, name):
+    if args.out:
+        return args.out
+    ckpt = getattr(args, 'tokenizer', None)
+    if ckpt:
+        return os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt)),
+                            f'eval_{name}.json')
+    return os.path.join(os.getcwd(), f'eval_{name}.json')
+
+
+def header(args, name, device):
+    return {'command': name, 'argv': sys.argv[1:], 'device': str(device),
+            'date': time.strftime('%Y-%m-%d %H:%M:%S'), 'torch': torch.__version__}
+
+
+def image_size_of(model, args):
+    S = args.image_size or model.config.image_size
+    if S % model.config.patch_size:
+        raise ValueError(f"--image-size {S} is not a multiple of the patch size {model.config.patch_size}")
+    return S
+
+
+def cmd_recon(args):
+    import data
+    device = pick_device(args.device)
+    model = load_vtp(args.tokenizer, device)
+    S = image_size_of(model, args)
+    dataset = open_data(args.data, args.split, S)
+    inception = None
+    if not args.no_fid:
+        inception = build_fid_inception(args.inception_weights, args.random_inception).to(device)
+    lpips_net = vtp.make_lpips(args.lpips, device=device)
+    batches = image_batches(dataset, functools.partial(data.center_crop_arr, size=S), args.batch_size,
+                            args.num_workers, args.num_images, desc='recon')
+    res = reconstruction_metrics(model, batches, device, inception, lpips_net, args.num_images)
+    if lpips_net is None:
+        res['lpips'] = 'unavailable' if args.lpips != 'none' else 'off'
+    result = {**header(args, 'recon', device), 'tokenizer': os.path.abspath(args.tokenizer), 'data': args.data,
+              'split': args.split, **res,
+              'preprocess': f'ADM center_crop_arr to {S}, ImageNet mean/std',
+              'precision': 'encode bf16 autocast (CUDA; fp32 on CPU), decode fp32; de-normalise, clamp [0,1]',
+              'psnr_def': 'per image on 0-255 floats, averaged',
+              'ssim_def': 'gaussian 11x11 sigma 1.5, data_range 1 (torchmetrics), per image, averaged',
+              'lpips_def': 'LPIPS-VGG (lpips package) on [-1,1]',
+              'rfid_def': (None if inception is None else
+                           {'images': 'originals vs reconstructions, uint8 by truncation of x*255',
+                            'count': res['num_images'], **inception.info})}
+    print_table(f"reconstruction ({res['num_images']} images, {S}px, skipped {res['skipped'] or 0})",
+                [('rFID', res['rfid'] if res['rfid'] is not None else 'off'), ('PSNR', res['psnr']),
+                 ('SSIM', res['ssim']), ('LPIPS', res['lpips'])])
+    if inception is not None:
+        print(f"note: {ADM_NOTE}")
+    write_json(result, default_out(args, 'recon'))
+    return result
+
+
+def cmd_zeroshot(args):
+    device = pick_device(args.device)
+    model = load_vtp(args.tokenizer, device)
+    S = image_size_of(model, args)
+    dataset = open_data(args.data, args.split, S)
+    names = read_lines(args.classnames, 'class names') if args.classnames else list(dataset.class_names or [])
+    templates = read_lines(args.templates, 'templates') if args.templates else list(dataset.templates or [])
+    if not names:
+        raise ValueError(f"{args.data} has no class names; pass --classnames FILE (one per line, label order)")
+    if all(len(c) == 9 and c[0] == 'n' and c[1:].isdigit() for c in names):
+        raise ValueError("the class names are WordNet ids (n01440364, ...): pass --classnames FILE with "
+                         "readable names in label order")
+    if dataset.class_names and len(names) != len(dataset.class_names):
+        raise ValueError(f"{len(names)} class names for {len(dataset.class_names)} classes in {args.data}")
+    bad = [t for t in templates if '{}' not in t]
+    if not templates or bad:
+        raise ValueError(f"templates must each contain '{{}}' (bad: {bad[:2]})" if bad else "no templates")
+    tokenizer = text_tokenizer_for(model, args.tokenizer, args.text_tokenizer, args.bpe_path)
+    classifier = zeroshot_classifier(model, tokenizer, names, templates, device)
+    batches = image_batches(dataset, squash_resize(S), args.batch_size, args.num_workers, args.num_images,
+                            desc='zeroshot')
+    res = zeroshot_accuracy(model, classifier, batches, device)
+    result = {**header(args, 'zeroshot', device), 'tokenizer': os.path.abspath(args.tokenizer),
+              'data': args.data, 'split': args.split, **res, 'num_classes': len(names),
+              'num_templates': len(templates), 'class_names_source': args.classnames or 'dataset',
+              'templates_source': args.templates or 'dataset',
+              'preprocess': f'Resize(({S},{S})) bilinear (squash, no crop), ImageNet mean/std',
+              'classifier': 'per class: mean of L2-normalised template embeddings, re-normalised; '
+                            'logits = 100 * img @ W',
+              'precision': 'bf16 autocast on CUDA, fp32 on CPU'}
+    print_table(f"zero-shot ({res['num_images']} images, {len(names)} classes x {len(templates)} templates)",
+                [('top-1 (%)', res['top1']), ('top-5 (%)', res['top5'])])
+    write_json(result, default_out(args, 'zeroshot'))
+    return result
+
+
+def cmd_linprobe(args):
+    device = pick_device(args.device)
+    model = load_vtp(args.tokenizer, device)
+    if args.features == 'multilayer' and args.n_last_blocks > len(model.trunk.blocks):
+        raise ValueError(f"--n-last-blocks {args.n_last_blocks} > encoder depth {len(model.trunk.blocks)}")
+    S = model.config.image_size
+    crop = args.crop_size or (224 if S >= 224 else S)
+    resize = args.resize_size or round(crop * 256 / 224)
+    if crop % model.config.patch_size:
+        raise ValueError(f"--crop-size {crop} is not a multiple of the patch size {model.config.patch_size}")
+    if args.train == 'synthetic' and not args.num_train:
+        args.num_train = 2048  # the synthetic train split is endless (1M items)
+    train_set = open_data(args.train, 'train', crop)
+    val_set = open_data(args.val, 'val', crop)
+    torch.manual_seed(args.seed)  # the train crops (one random view per image, features cached once)
+    t_train, t_val = probe_transforms(crop, resize)
+    feats = {}
+    for split, ds, tf, limit in (('train', train_set, t_train, args.num_train),
+                                 ('val', val_set, t_val, args.num_val)):
+        batches = image_batches(ds, tf, args.batch_size, args.num_workers, limit, desc=f'{split} features')
+        feats[split] = extract_probe_features(model, batches, device, args.features, args.n_last_blocks)
+    (tx, ty, tskip), (vx, vy, vskip) = feats['train'], feats['val']
+    num_classes = max(len(getattr(train_set, 'class_names', None) or []), int(ty.max()) + 1, int(vy.max()) + 1)
+    if ty.min() < 0 or vy.min() < 0:
+        raise ValueError("linear probing needs class labels (a class-folder dataset or 'synthetic')")
+    lrs = [float(v) for v in args.lrs.split(',')] if args.lrs else list(PROBE_LRS)
+    best = train_linear_probes(tx, ty, vx, vy, num_classes, lrs, args.epochs, args.probe_batch_size, device,
+                               args.seed)
+    source = ('bottleneck: [mean of the d-dim bottleneck patch tokens, bottleneck cls token]'
+              if args.features == 'bottleneck' else
+              f'multilayer (DINOv2): cls of the last {args.n_last_blocks} blocks + mean patch token of the '
+              f'last block, final-normed, no bottleneck')
+    result = {**header(args, 'linprobe', device), 'tokenizer': os.path.abspath(args.tokenizer),
+              'train': args.train, 'val': args.val, 'feature_source': source, 'feature_dim': tx.shape[1],
+              'top1': best['top1'], 'best_lr': best['lr'], 'best_epoch': best['epoch'],
+              'num_train': len(tx), 'num_val': len(vx), 'num_classes': num_classes,
+              'skipped': {'train': tskip, 'val': vskip},
+              'preprocess': f'train RandomResizedCrop({crop}, bicubic)+flip (one view, cached); '
+                            f'val Resize({resize}, bicubic)+CenterCrop({crop})',
+              'probe': f'{len(lrs)} Linear heads, SGD momentum 0.9 wd 0, lr x batch/256, cosine, '
+                       f'{args.epochs} epochs, batch {args.probe_batch_size}; best head at best epoch',
+              'lrs': lrs}
+    print_table(f"linear probe [{args.features}] ({len(tx)} train / {len(vx)} val, {tx.shape[1]}-d)",
+                [('top-1 (%)', best['top1']), ('best lr', best['lr']), ('best epoch', best['epoch']),
+                 ('features', args.features)])
+    write_json(result, default_out(args, 'linprobe'))
+    return result
+
+
+def cmd_fid(args):
+    device = pick_device(args.device)
+    samples = ImageSource(args.samples, args.num_samples)
+    if not samples.has_images:
+        raise ValueError(f"--samples {args.samples} holds statistics only; IS/precision/recall need images")
+    ref = ImageSource(args.ref)
+    if ref.has_images and samples.resolution != ref.resolution and not args.allow_resolution_mismatch:
+        raise ValueError(f"samples are {samples.resolution[1]}x{samples.resolution[0]} but the reference is "
+                         f"{ref.resolution[1]}x{ref.resolution[0]} (--allow-resolution-mismatch to go on)")
+    inception = build_fid_inception(args.inception_weights, args.random_inception)
+    bs = args.batch_size
+    f_fake, l_fake = inception_features(samples.batches(bs, args.num_workers), inception, device,
+                                        math.ceil(len(samples) / bs), 'samples')
+    if len(f_fake) < 2:
+        raise ValueError("FID needs at least 2 sample images")
+    f_real = None
+    if ref.has_images and (ref.mu is None or args.ref_stats == 'images' or args.precision_recall):
+        f_real, _ = inception_features(ref.batches(bs, args.num_workers), inception, device,
+                                       math.ceil(len(ref) / bs), 'reference')
+    if ref.mu is not None and args.ref_stats == 'npz':
+        ref_stats = 'mu/sigma stored in the npz (precomputed)'
+        fid, fid_method = frechet_distance(*feature_stats(f_fake), ref.mu, ref.sigma), 'scipy sqrtm'
+    else:
+        if f_real is None:
+            raise ValueError(f"--ref {args.ref} has no images to compute statistics from")
+        ref_stats = f'computed here from {len(f_real)} images'
+        fid, fid_method = fid_from_features(f_fake, f_real)
+    if args.save_ref_stats:
+        mu_real, s_real = (ref.mu, ref.sigma) if f_real is None else feature_stats(f_real)
+        np.savez(args.save_ref_stats, mu=mu_real, sigma=s_real)
+    probs = torch.softmax(torch.from_numpy(l_fake), dim=1).numpy()
+    is_mean, is_std = inception_score(probs, args.is_splits)
+    precision = recall = 'unavailable (the reference has no images)'
+    if f_real is not None and args.precision_recall:
+        precision, recall = precision_recall(f_real, f_fake, k=3, device=device)
+    result = {**header(args, 'fid', device), 'samples': os.path.abspath(args.samples),
+              'samples_kind': samples.kind,
+              'num_samples': len(f_fake), 'samples_skipped': samples.skipped,
+              'samples_resolution': list(samples.resolution),
+              'reference': os.path.abspath(args.ref), 'reference_kind': ref.kind, 'reference_stats': ref_stats,
+              'reference_images': len(f_real) if f_real is not None else 0, 'reference_skipped': ref.skipped,
+              'fid': fid, 'fid_method': fid_method, 'inception_score': is_mean, 'inception_score_std': is_std,
+              'is_splits': max(1, min(args.is_splits, len(f_fake))), 'precision': precision, 'recall': recall,
+              'precision_recall_def': 'Kynkaanniemi et al. improved P/R, k=3, pool3 features; reference images '
+                                      'vs samples',
+              'uint8': 'samples and reference read as uint8 images', **inception.info}
+    print_table(f"FID ({len(f_fake)} samples vs {args.ref}; reference stats: {ref_stats})",
+                [('FID', fid), ('IS', is_mean), ('precision', precision), ('recall', recall)])
+    print(f"note: {ADM_NOTE}")
+    write_json(result, default_out(args, 'fid'))
+    return result
+
+
+def add_common(p, checkpoint=True):
+    if checkpoint:
+        p.add_argument('--tokenizer', required=True, help="VTP checkpoint: our ckpt.pt or an official one")
+    p.add_argument('--device', default=None, help="cuda | cpu (default: cuda if available)")
+    p.add_argument('--batch-size', type=int, default=50, help="images per batch (the official scripts use 50)")
+    p.add_argument('--num-workers', type=int, default=4, help="DataLoader worker processes")
+    p.add_argument('--out', default=None, help="result JSON (default: eval_<command>.json next to the "
+                                               "checkpoint, or in the working directory)")
+
+
+def add_inception(p):
+    p.add_argument('--inception-weights', default=None,
+                   help=f"FID Inception state dict (default: downloaded once to {FID_WEIGHTS_CACHE})")
+    p.add_argument('--random-inception', action='store_true', help="random Inception weights (tests only)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="VTP evaluation: reconstruction, zero-shot, linear probe, FID")
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    p = sub.add_parser('recon', help="rFID, PSNR, SSIM, LPIPS of reconstructions (ADM centre crop)")
+    add_common(p)
+    p.add_argument('--data', default='synthetic', help="'synthetic', an image folder or .tar shards")
+    p.add_argument('--split', default='val', help="dataset split (synthetic; a folder's sub-folder if present)")
+    p.add_argument('--num-images', type=int, default=0, help="evaluate the first N images (0 = all)")
+    p.add_argument('--image-size', type=int, default=0, help="centre-crop size (default: the tokenizer's)")
+    p.add_argument('--lpips', default='auto', choices=['auto', 'lpips', 'none'],
+                   help="LPIPS-VGG: auto = if its weights can be had, lpips = required, none = skip")
+    p.add_argument('--no-fid', action='store_true', help="skip rFID (no Inception)")
+    add_inception(p)
+    p.set_defaults(func=cmd_recon)
+
+    p = sub.add_parser('zeroshot', help="zero-shot top-1/top-5 with class-name prompts")
+    add_common(p)
+    p.add_argument('--data', default='synthetic', help="'synthetic' or a folder of class sub-folders")
+    p.add_argument('--split', default='val', help="dataset split (synthetic; a folder's sub-folder if present)")
+    p.add_argument('--num-images', type=int, default=0, help="evaluate the first N images (0 = all)")
+    p.add_argument('--image-size', type=int, default=0, help="squash-resize size (default: the tokenizer's)")
+    p.add_argument('--classnames', default=None, help="file, one class name per line in label order "
+                                                      "(default: the dataset's; folder names otherwise)")
+    p.add_argument('--templates', default=None, help="file, one prompt template with '{}' per line "
+                                                     "(default: the dataset's)")
+    p.add_argument('--text-tokenizer', default=None, choices=['byte', 'bpe'],
+                   help="override the text tokenizer (default: from the checkpoint's args / vocab size)")
+    p.add_argument('--bpe-path', default=None, help="CLIP BPE vocabulary file (bpe_simple_vocab_16e6.txt.gz)")
+    p.set_defaults(func=cmd_zeroshot)
+
+    p = sub.add_parser('linprobe', help="linear probe on frozen features (bottleneck or DINOv2 multilayer)")
+    add_common(p)
+    p.add_argument('--train', default='synthetic', help="'synthetic' or a folder of class sub-folders")
+    p.add_argument('--val', default='synthetic', help="'synthetic' or a folder of class sub-folders")
+    p.add_argument('--features', default='bottleneck', choices=['bottleneck', 'multilayer'],
+                   help="bottleneck: the d-dim latent (paper figures); multilayer: DINOv2 protocol (Table 2)")
+    p.add_argument('--n-last-blocks', type=int, default=4, help="multilayer: cls tokens of the last n blocks")
+    p.add_argument('--crop-size', type=int, default=0, help="probe crop (default 224, or the tokenizer's size "
+                                                            "if smaller)")
+    p.add_argument('--resize-size', type=int, default=0, help="val short-side resize (default crop * 256/224)")
+    p.add_argument('--num-train', type=int, default=0, help="first N train images (0 = all; synthetic: 2048)")
+    p.add_argument('--num-val', type=int, default=0, help="first N val images (0 = all)")
+    p.add_argument('--epochs', type=int, default=10, help="probe epochs on the cached features")
+    p.add_argument('--probe-batch-size', type=int, default=256, help="probe SGD batch (lrs scale by batch/256)")
+    p.add_argument('--lrs', default='', help="comma-separated lr grid (default: DINOv2's 13 values 1e-5..0.1)")
+    p.add_argument('--seed', type=int, default=0, help="seed of the train crops and of the heads")
+    p.set_defaults(func=cmd_linprobe)
+
+    p = sub.add_parser('fid', help="FID, Inception Score, precision, recall of generated samples")
+    add_common(p, checkpoint=False)
+    p.add_argument('--samples', required=True, help="folder of images or .npz with arr_0 (uint8 NHWC)")
+    p.add_argument('--ref', required=True, help="reference: folder, .npz of images, or stats .npz (mu, sigma); "
+                                                "ADM's VIRTUAL_imagenet256_labeled.npz holds both")
+    p.add_argument('--num-samples', type=int, default=0, help="use the first N samples (0 = all)")
+    p.add_argument('--ref-stats', default='npz', choices=['npz', 'images'],
+                   help="npz: the reference's stored mu/sigma when present (as LightningDiT); images: compute "
+                        "them here from its images")
+    p.add_argument('--no-precision-recall', dest='precision_recall', action='store_false',
+                   help="skip precision/recall (saves the reference's Inception pass)")
+    p.add_argument('--is-splits', type=int, default=10, help="Inception Score splits")
+    p.add_argument('--allow-resolution-mismatch', action='store_true',
+                   help="go on when samples and reference images differ in size")
+    p.add_argument('--save-ref-stats', default=None, help="write the reference mu/sigma to this .npz")
+    add_inception(p)
+    p.set_defaults(func=cmd_fid)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SystemExit:
+        raise  # data.DataError already says 'error: ...'
+    except KeyboardInterrupt:
+        raise SystemExit("error: interrupted")
+    except Exception as e:  # bad input of any kind: one line, no traceback
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SystemExit(f"error: {msg}")
+
+
+if __name__ == '__main__':
+    main()
