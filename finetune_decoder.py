@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import data
 import vtp
+from evaluate import psnr
 
 # -----------------------------------------------------------------------------
 # config. The paper gives no stage-2 hyper-parameters: the loss recipe is LDM's (PatchGAN, hinge, adaptive
@@ -171,10 +172,6 @@ def reconstruct(images):
     return torch.cat(out)
 
 
-def psnr(a, b):  # per image, images in [0, 1]
-    return 10 * torch.log10(1.0 / ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10))
-
-
 val_before = reconstruct(val_images) if val_images is not None else None  # the stage-1 decoder, for the grids
 
 start_step, skipped = 0, {}
@@ -276,8 +273,7 @@ for step in pbar:
     disc.requires_grad_(False)  # the generator step only needs gradients through D, not for it
     for micro in range(args.grad_accum):
         batch = next(batches)
-        for k, v in batch['skipped'].items():
-            skipped[k] = skipped.get(k, 0) + v
+        data.add_counts(skipped, batch['skipped'])
         x = batch['images'].to(device, non_blocking=True)  # (b, 3, S, S)
         with torch.no_grad(), autocast:
             z = encode(x)  # (b, d, S/16, S/16), frozen
@@ -350,8 +346,7 @@ for step in pbar:
             dist.all_gather_object(counts, skipped)
         total = {}
         for c in counts:
-            for k, v in c.items():
-                total[k] = total.get(k, 0) + v
+            data.add_counts(total, c)
         if total:
             rec_log['skipped'] = total
         sums, t0, samples_since = {}, time.time(), 0

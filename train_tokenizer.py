@@ -38,11 +38,11 @@ RECIPES = {
     'tiny': dict(image_size=64, global_crop_size=48, local_crop_size=32, n_local_crops=2, batch_size=64,
                  ssl_batch_size=32, rec_batch_size=32, lr=2e-3, weight_decay=0.05, warmup_steps=50,
                  max_steps=600, teacher_temp_warmup_steps=100, tokenizer='byte', perceptual='auto',
-                 log_every=10, eval_every=100, ckpt_every=200),
+                 log_every=10, eval_every=100, ckpt_every=200, num_workers=1),
     'paper': dict(image_size=256, global_crop_size=224, local_crop_size=96, n_local_crops=8, batch_size=16384,
                   ssl_batch_size=4096, rec_batch_size=2048, lr=5e-4, weight_decay=0.2, warmup_steps=10000,
                   max_steps=67000, teacher_temp_warmup_steps=37500, tokenizer='bpe', perceptual='lpips',
-                  log_every=50, eval_every=2000, ckpt_every=1000),
+                  log_every=50, eval_every=2000, ckpt_every=1000, num_workers=8),
 }
 
 parser = argparse.ArgumentParser(description=__doc__.split('\n')[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -60,7 +60,7 @@ parser.add_argument('--local-crop-size', type=int, default=None, help="DINO loca
 parser.add_argument('--n-local-crops', type=int, default=None, help="DINO local crops per image (DINOv2: 8)")
 parser.add_argument('--tokenizer', default=None, choices=['byte', 'bpe'], help="text tokenizer (tiny: byte, else OpenAI CLIP BPE)")
 parser.add_argument('--bpe-path', default=None, help="CLIP BPE vocabulary file (downloaded and cached if unset)")
-parser.add_argument('--num-workers', type=int, default=4, help="data loader worker processes per rank")
+parser.add_argument('--num-workers', type=int, default=None, help="data loader worker processes per rank (tiny 1, else 8)")
 # objective (eq. 3) and batch sampling (§3.6)
 parser.add_argument('--batch-size', type=int, default=None, help="global batch B_clip (paper 16k)")
 parser.add_argument('--ssl-batch-size', type=int, default=None, help="global B_ssl, a subset of the batch (paper 4k)")

@@ -242,7 +242,7 @@ VTP_CONFIGS = {
     'tiny': VTPConfig(image_size=64, embed_dim=128, depth=4, num_heads=2, bottleneck_dim=32,
                       decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=2,
                       text_embed_dim=128, text_depth=2, text_num_heads=2, text_context_length=96,
-                      text_vocab_size=259, dino_out_dim=1024, dino_hidden_dim=256, dino_bottleneck_dim=64),
+                      text_vocab_size=259, dino_out_dim=128, dino_hidden_dim=256, dino_bottleneck_dim=64),
     'S': VTPConfig(embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=384, decoder_depth=12,
                    decoder_num_heads=6),
     'B': VTPConfig(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=768, decoder_depth=12,

@@ -42,9 +42,10 @@ def test_tiny_run_learns_every_objective(tiny_tokenizer):
     out = tiny_tokenizer.parent
     log = read_log(out)
     train = [r for r in log if 'loss' in r]
-    head, tail = train[:3], train[-3:]
-    for k in ('loss_clip', 'loss_rec', 'loss_dino', 'loss_ibot'):
-        before, after = sum(r[k] for r in head) / 3, sum(r[k] for r in tail) / 3
+    # the first log line (mean of steps 1-10) against the mean of the last five: CLIP and reconstruction fall
+    # fast; DINO and iBOT start slowly on the tiny setting (they sit near ln K for hundreds of steps)
+    for k in ('loss_clip', 'loss_rec', 'loss_dino', 'loss_ibot', 'loss_koleo'):
+        before, after = train[0][k], sum(r[k] for r in train[-5:]) / 5
         assert after < before, (k, before, after)
     evals = [r for r in log if 'val_psnr' in r]
     assert len(evals) == 2
