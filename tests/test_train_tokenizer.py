@@ -57,20 +57,28 @@ def test_tiny_run_learns_every_objective(tiny_tokenizer):
 
 
 def test_ddp_two_ranks_equal_one_process(tmp_path):
-    """Same global batch on 1 and 2 gloo ranks: the same parameters after a few steps. KoLeo is per rank
-    (as in DINOv2), so it is off here: that is the documented exception."""
-    args = SMALL + ['--max-steps', '3', '--lambda-koleo', '0']
-    run(args, tmp_path / 'one')
-    run(args, tmp_path / 'two', nproc=2)
-    a = torch.load(tmp_path / 'one' / 'ckpt.pt', weights_only=True)
-    b = torch.load(tmp_path / 'two' / 'ckpt.pt', weights_only=True)
+    """Same global batch on 1 and 2 gloo ranks. KoLeo is per rank (as in DINOv2), so it is off here: that is
+    the documented exception. After one step the parameters are equal but for the few entries whose gradient
+    is ~0, where Adam's normalised step turns summation-order noise into a step of either sign (measured: 75
+    of 2M entries); a rank that skipped the gradient average would differ in a large fraction. Over three
+    steps that noise grows (Adam normalises it up), so there the loss curves are compared."""
+    for steps in (1, 3):
+        args = SMALL + ['--max-steps', str(steps), '--lambda-koleo', '0']
+        run(args, tmp_path / f'one{steps}')
+        run(args, tmp_path / f'two{steps}', nproc=2)
+    a = torch.load(tmp_path / 'one1' / 'ckpt.pt', weights_only=True)
+    b = torch.load(tmp_path / 'two1' / 'ckpt.pt', weights_only=True)
     for part in ('model', 'teacher'):
+        n = off = 0
         for k, v in a[part].items():
-            torch.testing.assert_close(b[part][k], v, atol=2e-5, rtol=1e-4, msg=f"{part}.{k}")
-    la, lb = read_log(tmp_path / 'one'), read_log(tmp_path / 'two')
-    for ra, rb in zip(la, lb):
+            if v.is_floating_point():
+                d = (b[part][k].float() - v.float()).abs()
+                n, off = n + d.numel(), off + (d > 1e-5).sum().item()
+                assert d.max() < 5e-4, (part, k, d.max())  # below the step size (lr 1e-3)
+        assert off / n < 1e-3, (part, off, n)
+    for ra, rb in zip(read_log(tmp_path / 'one3'), read_log(tmp_path / 'two3')):
         for k in ('loss_clip', 'loss_dino', 'loss_ibot', 'loss_rec'):
-            assert abs(ra[k] - rb[k]) < 1e-4 * max(1, abs(ra[k])), (k, ra[k], rb[k])
+            assert abs(ra[k] - rb[k]) < 2e-3 * max(1, abs(ra[k])), (ra['step'], k, ra[k], rb[k])
 
 
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
