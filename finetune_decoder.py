@@ -335,6 +335,7 @@ for step in pbar:
             print0(f"error: non-finite loss at step {done}: {dict(zip(names, vals))}. Stopping; the last good "
                    f"checkpoint ({ckpt_path}) is kept. Try --dtype float32 or a later/lower --disc-weight.")
             if ddp:
+                dist.barrier()  # no rank tears gloo/nccl down while another still works
                 dist.destroy_process_group()
             raise SystemExit(1)
         dt = time.time() - t0
@@ -366,4 +367,5 @@ for step in pbar:
 if master:
     print(f"done: {args.max_steps} steps; tokenizer checkpoint {ckpt_path}, log {log_path}")
 if ddp:
+    dist.barrier()  # no rank tears gloo/nccl down while another still works
     dist.destroy_process_group()

@@ -183,4 +183,5 @@ if master:  # the ADM-style npz from the PNGs (as upstream save_npz), and a grid
         evaluate.main(['fid', '--samples', npz, '--ref', args.fid_ref, '--device', device_type,
                        '--out', os.path.join(out_dir, 'fid.json')])
 if ddp:
+    dist.barrier()  # no rank tears gloo/nccl down while another still works
     dist.destroy_process_group()

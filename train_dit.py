@@ -282,6 +282,7 @@ if args.bench:  # the train step alone on one cached random batch; 3 untimed war
            f"{device_type}: {img_s:.1f} img/s ({img_s / world_size:.1f} img/s/device), peak memory {mem:.2f} GiB, "
            f"MFU {mfu}")
     if ddp:
+        dist.barrier()  # no rank tears gloo/nccl down while another still works
         dist.destroy_process_group()
     raise SystemExit(0)
 
@@ -330,6 +331,7 @@ for step in pbar:
             print0(f"error: non-finite loss at step {done}: {dict(zip(names, vals))}. "
                    f"Stopping; the last good checkpoint ({ckpt_path}) is kept.")
             if ddp:
+                dist.barrier()  # no rank tears gloo/nccl down while another still works
                 dist.destroy_process_group()
             raise SystemExit(1)
         dt = time.time() - t0
@@ -350,4 +352,5 @@ for step in pbar:
 
 print0(f"done: {args.max_steps} steps; checkpoint {ckpt_path}, log {log_path}")
 if ddp:
+    dist.barrier()  # no rank tears gloo/nccl down while another still works
     dist.destroy_process_group()

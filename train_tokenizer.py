@@ -338,6 +338,7 @@ if args.bench:  # the train step alone: one cached batch per micro-step, 3 warm-
     print0(f"bench VTP-{args.size} {args.image_size}px batch {B} on {world_size} x {device_type}: "
            f"{img_s:.1f} img/s ({img_s / world_size:.1f} img/s/device), peak memory {mem:.2f} GiB, MFU {mfu}")
     if ddp:
+        dist.barrier()  # no rank tears gloo/nccl down while another still works
         dist.destroy_process_group()
     raise SystemExit(0)
 sums, n_sums = {}, 0
@@ -386,6 +387,7 @@ for step in pbar:
             print0(f"error: non-finite loss at step {done}: {dict(zip(names, vals))}. "
                    f"Stopping; the last good checkpoint ({ckpt_path}) is kept.")
             if ddp:
+                dist.barrier()  # no rank tears gloo/nccl down while another still works
                 dist.destroy_process_group()
             raise SystemExit(1)
         dt = time.time() - t0
@@ -419,4 +421,5 @@ for step in pbar:
 if master:
     print(f"done: {args.max_steps} steps, {flops_done:.3e} FLOPs; checkpoint {ckpt_path}, log {log_path}")
 if ddp:
+    dist.barrier()  # no rank tears gloo/nccl down while another still works
     dist.destroy_process_group()
