@@ -108,19 +108,9 @@ parser.add_argument('--bench', type=int, default=0,
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------
-# distributed setup: torchrun sets RANK; nccl on CUDA, gloo on CPU
-ddp = 'RANK' in os.environ
-device_type = 'cuda' if args.device == 'cuda' or (args.device == 'auto' and torch.cuda.is_available()) else 'cpu'
-if ddp:
-    dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
-    rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ['LOCAL_RANK'])
-else:
-    rank, world_size, local_rank = 0, 1, 0
-device = torch.device(f'cuda:{local_rank}' if device_type == 'cuda' else 'cpu')
-if device_type == 'cuda':
-    torch.cuda.set_device(device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+# distributed setup: torchrun's environment decides (nccl on CUDA, gloo on CPU, one process without it)
+ddp, rank, world_size, local_rank, device = vtp.init_distributed(args.device)
+device_type = device.type
 master = rank == 0
 print0 = lambda *a: print(*a, flush=True) if master else None
 autocast = torch.autocast('cuda', dtype=getattr(torch, args.dtype)) if device_type == 'cuda' and args.dtype != 'float32' \

@@ -102,19 +102,9 @@ for k, v in recipe.items():
         setattr(args, k, v)
 
 # -----------------------------------------------------------------------------
-# distributed setup: torchrun sets RANK; nccl on CUDA, gloo on CPU
-ddp = 'RANK' in os.environ
-device_type = 'cuda' if args.device == 'cuda' or (args.device == 'auto' and torch.cuda.is_available()) else 'cpu'
-if ddp:
-    dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
-    rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ['LOCAL_RANK'])
-else:
-    rank, world_size, local_rank = 0, 1, 0
-device = torch.device(f'cuda:{local_rank}' if device_type == 'cuda' else 'cpu')
-if device_type == 'cuda':
-    torch.cuda.set_device(device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+# distributed setup: torchrun's environment decides (nccl on CUDA, gloo on CPU, one process without it)
+ddp, rank, world_size, local_rank, device = vtp.init_distributed(args.device)
+device_type = device.type
 master = rank == 0
 print0 = lambda *a: print(*a) if master else None
 torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts it)
@@ -183,10 +173,13 @@ if resume:
     if not os.path.isfile(resume):
         raise SystemExit(f"error: --resume {resume}: no such checkpoint")
     ckpt = torch.load(resume, map_location=device, weights_only=True)
-    model.load_state_dict(ckpt['model'])
-    if teacher is not None:
-        teacher.load_state_dict(ckpt['teacher'])
-    optimizer.load_state_dict(ckpt['optimizer'])
+    try:
+        model.load_state_dict(ckpt['model'])
+        if teacher is not None:
+            teacher.load_state_dict(ckpt['teacher'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+    except (KeyError, RuntimeError, ValueError) as e:  # another size, objectives or a foreign file
+        raise SystemExit(f"error: --resume {resume} does not fit this run's flags: {str(e).splitlines()[0]}")
     start_step, flops_done, skipped = ckpt['step'], ckpt['flops'], ckpt['data']['skipped']
     torch.set_rng_state(ckpt['rng']['cpu'].cpu())
     print0(f"resumed from {resume} at step {start_step}")

@@ -702,6 +702,24 @@ def is_distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def init_distributed(device='auto'):
+    """What every stage script does first. torchrun's environment decides: with RANK set, one process per
+    device and a process group (nccl on CUDA, gloo on CPU); without it, one process. TF32 on for CUDA.
+    Returns (ddp, rank, world_size, local_rank, device)."""
+    ddp = 'RANK' in os.environ
+    cuda = device == 'cuda' or (device == 'auto' and torch.cuda.is_available())
+    if ddp:
+        dist.init_process_group('nccl' if cuda else 'gloo')
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    device = torch.device(f'cuda:{local_rank}' if cuda else 'cpu')
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return ddp, rank, world_size, local_rank, device
+
+
 def all_gather_with_grad(x):
     """Concatenate x over ranks; the backward pass sends each rank the gradient of its own slice."""
     if not is_distributed():

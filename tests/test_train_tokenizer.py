@@ -110,6 +110,9 @@ def test_objective_off_builds_nothing_and_trains(tmp_path):
     assert ckpt['teacher'] is None
     assert not any(k.startswith(('text_transformer', 'dino_head', 'visual_proj')) for k in ckpt['model'])
     assert {'loss_rec', 'loss'} <= set(read_log(tmp_path)[-1]) and 'loss_clip' not in read_log(tmp_path)[-1]
+    # resuming it with every objective on is refused in one line
+    p = run(SMALL + ['--max-steps', '3', '--resume', str(tmp_path / 'ckpt.pt')], tmp_path / 'all', check=False)
+    assert p.returncode != 0 and 'does not fit' in p.stdout + p.stderr and 'Traceback' not in p.stderr
 
 
 def make_bad_folder(root):
