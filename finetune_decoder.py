@@ -239,14 +239,7 @@ def accumulate(sums, terms):
 # same images with fresh reconstructions from the updated decoder (LDM alternates the two optimizers so)
 log_path = os.path.join(args.out_dir, 'log.jsonl')
 if master:
-    os.makedirs(args.out_dir, exist_ok=True)
-    if start_step == 0 and os.path.exists(log_path):
-        os.remove(log_path)
-    elif os.path.exists(log_path):  # drop lines a killed run wrote after its last checkpoint
-        with open(log_path) as f:
-            kept = [l for l in f if json.loads(l)['step'] <= start_step]
-        with open(log_path, 'w') as f:
-            f.writelines(kept)
+    vtp.start_log(log_path, start_step)  # on resume: drops what a killed run logged after its checkpoint
     if start_step == 0 and val_images is not None:  # the stage-1 decoder's PSNR, the baseline to beat
         with open(log_path, 'a') as f:
             f.write(json.dumps({'step': 0, **evaluate(0)}) + '\n')
@@ -331,13 +324,7 @@ for step in pbar:
         dt = time.time() - t0
         rec_log = {'step': done, **{k: round(v, 6) for k, v in zip(names, vals)}, 'lr': args.lr,
                    'disc_lr': args.disc_lr, 'img_per_s': round(samples_since / dt, 2)}
-        counts = [skipped]
-        if ddp:  # bad-sample counts live on each rank
-            counts = [None] * world_size
-            dist.all_gather_object(counts, skipped)
-        total = {}
-        for c in counts:
-            data.add_counts(total, c)
+        total = vtp.counts_over_ranks(skipped)  # bad-sample counts live on each rank
         if total:
             rec_log['skipped'] = total
         sums, t0, samples_since = {}, time.time(), 0

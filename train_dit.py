@@ -282,14 +282,7 @@ loader = DataLoader(train_set, batch_size=b, sampler=positions, num_workers=args
 batches = iter(loader)
 log_path = os.path.join(args.out_dir, 'log.jsonl')
 if master:
-    os.makedirs(args.out_dir, exist_ok=True)
-    if start_step == 0 and os.path.exists(log_path):
-        os.remove(log_path)
-    elif os.path.exists(log_path):  # drop lines a killed run wrote after its last checkpoint
-        with open(log_path) as f:
-            kept = [l for l in f if json.loads(l)['step'] <= start_step]
-        with open(log_path, 'w') as f:
-            f.writelines(kept)
+    vtp.start_log(log_path, start_step)  # on resume: drops what a killed run logged after its checkpoint
 sums, n_sums = {}, 0
 t0, samples_since = time.time(), 0
 pbar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, disable=not master,

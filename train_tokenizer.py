@@ -297,14 +297,7 @@ flops_per_sample = vtp.train_flops_per_sample(
 peak_flops = vtp.gpu_peak_flops(device) if device_type == 'cuda' else None
 log_path = os.path.join(args.out_dir, 'log.jsonl')
 if master and not args.bench:
-    os.makedirs(args.out_dir, exist_ok=True)
-    if start_step == 0 and os.path.exists(log_path):
-        os.remove(log_path)
-    elif os.path.exists(log_path):  # drop lines a killed run wrote after its last checkpoint
-        with open(log_path) as f:
-            kept = [l for l in f if json.loads(l)['step'] <= start_step]
-        with open(log_path, 'w') as f:
-            f.writelines(kept)
+    vtp.start_log(log_path, start_step)  # on resume: drops what a killed run logged after its checkpoint
 print0(f"batch {B} (ssl {n_ssl_global}, rec {n_rec_global}) = {world_size} ranks x {args.grad_accum} micro x {b}; "
        f"{flops_per_sample / 1e9:.2f} GFLOPs/sample")
 model.train()
@@ -389,13 +382,7 @@ for step in pbar:
                'flops': flops_done, 'teacher_temp': temp}
         if peak_flops:
             rec['mfu'] = round(flops_per_sample * samples_since / dt / (peak_flops * world_size), 4)
-        counts = [skipped]
-        if ddp:  # bad-sample counts live on each rank
-            counts = [None] * world_size
-            dist.all_gather_object(counts, skipped)
-        total = {}
-        for c in counts:
-            data.add_counts(total, c)
+        total = vtp.counts_over_ranks(skipped)  # bad-sample counts live on each rank
         if total:
             rec['skipped'] = total
         if use_clip:

@@ -720,6 +720,31 @@ def init_distributed(device='auto'):
     return ddp, rank, world_size, local_rank, device
 
 
+def start_log(log_path, start_step):
+    """A fresh log.jsonl for a new run; on resume, drop the lines a killed run wrote after its checkpoint,
+    so the log reads as one uninterrupted run. Rank 0 only."""
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    kept = []
+    if start_step > 0 and os.path.exists(log_path):
+        with open(log_path) as f:
+            kept = [line for line in f if json.loads(line)['step'] <= start_step]
+    with open(log_path, 'w') as f:
+        f.writelines(kept)
+
+
+def counts_over_ranks(counts):
+    """Sum {reason: count} dicts (bad samples skipped by the data loader) over all ranks."""
+    parts = [counts]
+    if is_distributed():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, counts)
+    total = {}
+    for c in parts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
 def all_gather_with_grad(x):
     """Concatenate x over ranks; the backward pass sends each rank the gradient of its own slice."""
     if not is_distributed():
