@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
-import torch.distributed.nn  # all_gather with gradient (CLIP loss across ranks)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -745,11 +744,27 @@ def counts_over_ranks(counts):
     return total
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradient over ranks (every rank's loss reads every slice) and
+    returns each rank its own slice. Plain all_gather / all_reduce: works on nccl and gloo alike."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
 def all_gather_with_grad(x):
-    """Concatenate x over ranks; the backward pass sends each rank the gradient of its own slice."""
-    if not is_distributed():
-        return x
-    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+    """Concatenate x (same shape on every rank) over ranks, differentiably."""
+    return _GatherWithGrad.apply(x) if is_distributed() else x
 
 
 def clip_loss(image_features, text_features, logit_scale):
