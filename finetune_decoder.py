@@ -345,4 +345,5 @@ if master:
     print(f"done: {args.max_steps} steps; tokenizer checkpoint {ckpt_path}, log {log_path}")
 if ddp:
     dist.barrier()  # no rank tears gloo/nccl down while another still works
+    del train_decoder, train_disc  # DDP holds the process group: release it first, or gloo may abort at interpreter exit
     dist.destroy_process_group()

@@ -336,4 +336,5 @@ for step in pbar:
 print0(f"done: {args.max_steps} steps; checkpoint {ckpt_path}, log {log_path}")
 if ddp:
     dist.barrier()  # no rank tears gloo/nccl down while another still works
+    del train_model  # DDP holds the process group: release it first, or gloo may abort at interpreter exit
     dist.destroy_process_group()

@@ -402,4 +402,5 @@ if master:
     print(f"done: {args.max_steps} steps, {flops_done:.3e} FLOPs; checkpoint {ckpt_path}, log {log_path}")
 if ddp:
     dist.barrier()  # no rank tears gloo/nccl down while another still works
+    del train_model  # DDP holds the process group: release it first, or gloo may abort at interpreter exit
     dist.destroy_process_group()
