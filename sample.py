@@ -1,136 +1,172 @@
 """
-Class-conditional samples from the EMA weights of a train_dit.py checkpoint (or an official LightningDiT
-checkpoint), decoded by the VTP tokenizer: a PNG grid, one PNG per sample ({index:06d}.png) and an ADM-style
-samples.npz (arr_0, uint8 NHWC) for FID (dit_full.md §3, §5).
+Samples from the EMA weights of a train_dit.py checkpoint (or an official LightningDiT checkpoint), decoded
+by the VTP tokenizer: a PNG grid, one PNG per sample ({index:06d}.png) and an ADM-style samples.npz
+(arr_0, uint8 NHWC) for FID (dit_full.md §3, §5).
 
-Laptop CPU, the quick start's DiT (64 samples, with guidance):
+Laptop CPU, the quick start's DiT (64 samples, with guidance); a text-to-image DiT takes prompts:
     python sample.py --ckpt out/dit/ckpt.pt --num-samples 64 --cfg-scale 4
+    python sample.py --ckpt out/dit_text/ckpt.pt --prompt "a red star." --prompt "a blue circle." --cfg-scale 4
 One node, FID-50k as in the paper (250 Euler points, shift 0.075, no guidance):
-    torchrun --standalone --nproc_per_node 8 sample.py --ckpt out/dit/ckpt.pt --num-samples 50000 \
+    torchrun --standalone --nproc_per_node 8 sample.py --ckpt out/dit/ckpt.pt --num-samples 50000 \\
         --fid-ref VIRTUAL_imagenet256_labeled.npz
 An official LightningDiT checkpoint (its latent stats file and tokenizer given explicitly):
     python sample.py --ckpt lightningdit.pt --dit-config DiT-XL/1 --latent-stats latents_stats.pt --tokenizer vtp-l
-The noise of sample i comes from a generator seeded by (seed, i) and batch k = samples [k*B, (k+1)*B) runs on
-rank k % world, so the images do not depend on the number of ranks.
+The noise of sample i comes from a generator seeded by (seed, i) and the samples of batch k are split over
+the ranks, so the images do not depend on the number of ranks. --resume auto keeps the PNGs already there.
 """
 import argparse
 import json
 import math
 import os
+import subprocess
+import sys
+import time
+import zipfile
 from dataclasses import asdict, fields
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torchvision.utils import save_image
 
 import data
 import vtp
 
-parser = argparse.ArgumentParser(description=__doc__.split('\n')[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-parser.add_argument('--ckpt', required=True,
-                    help="train_dit.py ckpt.pt, or an official LightningDiT checkpoint")
+parser = argparse.ArgumentParser(description=__doc__.split('\n')[1],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+vtp.add_run_flags(parser, None, "decodes the samples (default: the one recorded in the DiT checkpoint; a "
+                  "stage-2 decoder of the same encoder also fits)",
+                  batch_help="samples per batch over all ranks (each rank runs batch-size / world of them)",
+                  resume_help="'auto': continue an interrupted sampling, keeping the PNGs already written")
+parser.set_defaults(batch_size=32)
+parser.add_argument('--ckpt', required=True, help="train_dit.py ckpt.pt, or an official LightningDiT checkpoint")
 parser.add_argument('--dit-config', default=None, choices=list(vtp.DIT_CONFIGS),
                     help="official checkpoints: the preset (default: read from the weights' shapes)")
-parser.add_argument('--latent-stats', default=None,
-                    help="latents_stats.pt {'mean','std'} (default: the ones in our "
-                                                         "checkpoint; required for official ones)")
-parser.add_argument('--tokenizer', default=None,
-                    help="decoder (default: the tokenizer recorded in the DiT checkpoint; "
-                                                      "a stage-2 fine-tuned decoder of the same encoder also fits)")
+parser.add_argument('--latent-stats', default=None, help="latents_stats.pt {'mean','std'} (default: the "
+                    "ones in our checkpoint; required for official ones)")
 parser.add_argument('--num-samples', type=int, default=64, help="samples to generate (FID: 50000)")
-parser.add_argument('--labels', default=None, help="comma-separated labels, cycled (default: class-balanced, "
-                                                   "label of sample i = i %% num_classes)")
-parser.add_argument('--cfg-scale', type=float, default=1.0,
-                    help="classifier-free guidance scale (1 = none; VTP FID: 1)")
-parser.add_argument('--cfg-interval-start', type=float, default=0.0,
-                    help="no guidance while t < this (t = 0 is noise)")
-parser.add_argument('--cfg-channels', type=int, default=0,
-                    help="guide only the first N latent channels (0 = all; "
-                                                                "3 = the official LightningDiT quirk)")
-parser.add_argument('--num-steps', type=int, default=250,
-                    help="Euler time points (num_steps - 1 model calls)")
-parser.add_argument('--timestep-shift', type=float, default=0.075,
-                    help="time-grid shift s (VTP 0.075; 0 = none)")
-parser.add_argument('--heun', action='store_true', help="Heun steps instead of Euler (2 model calls a step)")
-parser.add_argument('--seed', type=int, default=0, help="noise seed")
-parser.add_argument('--batch-size', type=int, default=32, help="samples per model batch (per rank)")
-parser.add_argument('--out-dir', default=None,
-                    help="output folder (default: samples/ next to the checkpoint)")
+parser.add_argument('--labels', default=None, help="comma-separated labels, cycled (default: class-"
+                    "balanced, label of sample i = i %% num_classes)")
+parser.add_argument('--prompt', action='append', default=None, help="text DiTs: a prompt (repeatable); "
+                    "prompts are cycled over the samples, in order")
+parser.add_argument('--prompts', default=None, help="text DiTs: a file of prompts, one per line")
+parser.add_argument('--cfg-scale', type=float, default=1.0, help="classifier-free guidance (1 = none)")
+parser.add_argument('--cfg-interval-start', type=float, default=0.0, help="no guidance while t < this")
+parser.add_argument('--cfg-channels', type=int, default=0, help="guide only the first N latent channels "
+                    "(0 = all; 3 = the official LightningDiT quirk)")
+parser.add_argument('--num-steps', type=int, default=250, help="Euler time points (num_steps - 1 calls)")
+parser.add_argument('--timestep-shift', type=float, default=0.075, help="time-grid shift (VTP 0.075)")
+parser.add_argument('--heun', action='store_true', help="Heun steps instead of Euler (2 calls a step)")
 parser.add_argument('--fid-ref', default=None, help="run `evaluate.py fid` against this reference at the end")
-parser.add_argument('--device', default='auto', help="auto | cpu | cuda")
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------
-# distributed setup: torchrun's environment decides (nccl on CUDA, gloo on CPU, one process without it)
+# distributed setup: torchrun's environment decides (nccl on CUDA, gloo on CPU, one process without)
 ddp, rank, world_size, local_rank, device = vtp.init_distributed(args.device)
-device_type = device.type
 master = rank == 0
 print0 = lambda *a: print(*a, flush=True) if master else None
+per_rank = vtp.split_batch(args.batch_size, world_size, 1)
 
 # -----------------------------------------------------------------------------
-# DiT (EMA weights), latent statistics, tokenizer
-if not os.path.isfile(args.ckpt):
-    raise SystemExit(f"error: --ckpt {args.ckpt}: no such file")
-try:  # memory-mapped: the optimizer state in the file is never read into RAM
-    ckpt = torch.load(args.ckpt, map_location='cpu', weights_only=True, mmap=True)
-except RuntimeError:  # a legacy (non-zip) file cannot be mapped
-    try:
-        ckpt = torch.load(args.ckpt, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: --ckpt {args.ckpt} cannot be read: {str(e)[:200]}")
-ours = isinstance(ckpt, dict) and 'latent_stats' in ckpt and 'ema' in ckpt and 'config' in ckpt
+# DiT (EMA weights), latent statistics, tokenizer (and text tower)
+ckpt = vtp.load_checkpoint(args.ckpt, '--ckpt')
+ours = isinstance(ckpt, dict) and ckpt.get('stage') == 3
 try:
     if ours:
         known = {f.name for f in fields(vtp.DiTConfig)}
         model = vtp.DiT(vtp.DiTConfig(**{k: v for k, v in ckpt['config'].items() if k in known}))
         model.load_state_dict(ckpt['ema'])
     else:
-        config = vtp.DIT_CONFIGS[args.dit_config] if args.dit_config else None
-        model = vtp.DiT.from_official(ckpt, config)
-except (ValueError, RuntimeError, KeyError, TypeError) as e:
-    raise SystemExit(f"error: --ckpt {args.ckpt} is not a DiT checkpoint this config can load: {str(e)[:300]}")
-model = model.to(device).eval()
-cfg = model.config
+        model = vtp.DiT.from_official(ckpt, vtp.DIT_CONFIGS[args.dit_config] if args.dit_config else None)
+except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
+    raise SystemExit(f"error: --ckpt {args.ckpt} is not a DiT checkpoint this config can load: "
+                     f"{vtp._first_line(e)[:200]}")
+dit = model.to(device).eval()
+cfg = dit.config
+model = torch.compile(dit, dynamic=False) if args.compile else dit
 if args.latent_stats:
-    stats = torch.load(args.latent_stats, map_location='cpu', weights_only=True)
+    stats = vtp.load_checkpoint(args.latent_stats, '--latent-stats')
 elif ours:
     stats = ckpt['latent_stats']
 else:
     raise SystemExit("error: an official checkpoint needs --latent-stats (the latents_stats.pt of its latents)")
 if tuple(stats['mean'].shape) != (1, cfg.in_channels, 1, 1):
-    raise SystemExit(f"error: latent stats of shape {tuple(stats['mean'].shape)} do not fit {cfg.in_channels} channels")
+    raise SystemExit(f"error: latent stats of shape {tuple(stats['mean'].shape)} do not fit {cfg.in_channels} "
+                     f"channels")
 mean, std = stats['mean'].to(device).float(), stats['std'].to(device).float()  # (1, C, 1, 1)
-tok_path = args.tokenizer or (ckpt['tokenizer']['path'] if ours else None)
+
+
+def recorded(entry, flag):
+    """A tokenizer path recorded in our DiT checkpoint, refused if the file there changed since it was
+    recorded (a later run wrote over it): its weights would not be those the DiT was trained with."""
+    path = entry['path']
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path}, recorded in {args.ckpt}, is gone; pass {flag}")
+    if vtp.file_sha256(path) != entry['file_sha256']:
+        raise SystemExit(f"error: {path} changed since the DiT was trained (its sha256 differs from the one "
+                         f"recorded in {args.ckpt}); pass {flag} explicitly to use it anyway")
+    return path
+
+
+tok_path = args.tokenizer or (recorded(ckpt['tokenizer'], '--tokenizer') if ours else None)
 if tok_path is None:
     raise SystemExit("error: an official checkpoint needs --tokenizer")
 try:
     tokenizer = vtp.load_tokenizer(tok_path).to(device)
-except (FileNotFoundError, ValueError, RuntimeError, KeyError) as e:
+except (OSError, ValueError, RuntimeError, KeyError) as e:
     raise SystemExit(f"error: tokenizer {tok_path}: {e} (pass --tokenizer)")
 if not hasattr(tokenizer, 'pixel_decoder') or tokenizer.config.bottleneck_dim != cfg.in_channels:
     raise SystemExit(f"error: tokenizer {tok_path} has no pixel decoder for {cfg.in_channels}-channel latents")
-if ours and args.tokenizer:
-    if data.encoder_fingerprint(tokenizer) != ckpt['tokenizer']['encoder_sha256']:
-        print0(f"warning: {tok_path}'s encoder is not the one whose latents the DiT learned; "
-               f"decodes may be off unless its decoder was trained for those latents")
+if ours and args.tokenizer and data.encoder_fingerprint(tokenizer) != ckpt['tokenizer']['encoder_sha256']:
+    print0(f"warning: {tok_path}'s encoder is not the one whose latents the DiT learned; decodes may be off "
+           f"unless its decoder was trained for those latents")
+prompts = None
+if cfg.text_dim:
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        try:
+            with open(args.prompts, encoding='utf-8') as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"error: --prompts {args.prompts}: {e}")
+    if not prompts:
+        raise SystemExit("error: a text-to-image DiT needs --prompt TEXT (repeatable) or --prompts FILE")
+    text_encoder = vtp.load_tokenizer(recorded(ckpt['text_encoder'], '--tokenizer')).to(device)
+    text_tokenizer = data.text_tokenizer(text_encoder.config)
+elif args.prompt or args.prompts:
+    raise SystemExit(f"error: {args.ckpt} is class-conditional: use --labels, not prompts")
 del ckpt
 
-num_classes = cfg.num_classes
 label_list = [int(v) for v in args.labels.split(',')] if args.labels else None
-if label_list and not all(0 <= v < num_classes for v in label_list):
-    raise SystemExit(f"error: --labels must lie in [0, {num_classes})")
+if label_list and not all(0 <= v < cfg.num_classes for v in label_list):
+    raise SystemExit(f"error: --labels must lie in [0, {cfg.num_classes})")
 out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), 'samples')
 image_dir = os.path.join(out_dir, 'images')
-os.makedirs(image_dir, exist_ok=True)  # on every rank: each writes its own PNGs
-if master:
+if master and not args.bench:
+    vtp.open_run(out_dir, None, master)  # the folder, writable and locked
+    if args.resume is None and os.path.isdir(image_dir) and os.listdir(image_dir):
+        raise SystemExit(f"error: {image_dir} holds samples already; --resume auto keeps them, or choose "
+                         f"another --out-dir")
+    os.makedirs(image_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'sample_args.json'), 'w') as f:
-        json.dump({**vars(args), 'tokenizer': tok_path, 'dit_config': asdict(cfg), 'world_size': world_size}, f, indent=1)
+        json.dump({**vars(args), 'tokenizer': tok_path, 'dit_config': asdict(cfg), 'world_size': world_size}, f,
+                  indent=1)
+    if prompts:
+        with open(os.path.join(out_dir, 'prompts.txt'), 'w') as f:
+            f.writelines(f"{prompts[i % len(prompts)]}\n" for i in range(args.num_samples))
+if ddp:
+    torch.distributed.barrier()  # the folder exists before any rank writes into it
 
 
-def label_of(i):
-    return label_list[i % len(label_list)] if label_list else i % num_classes
+def condition(idx):
+    """Labels (B,), or for a text DiT the text tower's features of the prompts (B, 1 + L, W)."""
+    if prompts is None:
+        return torch.tensor([label_list[i % len(label_list)] if label_list else i % cfg.num_classes
+                             for i in idx], device=device)
+    tokens = text_tokenizer([prompts[i % len(prompts)] for i in idx]).to(device)
+    with torch.no_grad():
+        pooled, feats = text_encoder.text_features(tokens, normalize=True, return_tokens=True)
+    return torch.cat((pooled[:, None].float(), feats.float()), dim=1)
 
 
 def noise_of(i):
@@ -139,40 +175,60 @@ def noise_of(i):
     return torch.randn(cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
 
 
+@torch.no_grad()
+def sample(idx):
+    """Samples idx -> uint8 images (n, H, W, 3), decoded by the tokenizer (fp32, as upstream)."""
+    noise = torch.stack([noise_of(i) for i in idx]).to(device)  # (n, C, H, W)
+    z = vtp.euler_sample(model, noise, condition(idx), args.num_steps, args.timestep_shift, args.cfg_scale,
+                         args.cfg_interval_start, null_class=dit.null_condition(),
+                         cfg_channels=args.cfg_channels or None, heun=args.heun)
+    z = z * std + mean  # un-normalise: a forgotten step costs FID ~130 (LightningDiT#34)
+    x = vtp.to_unit_range(tokenizer.decode(z).float()).clamp(0, 1)  # (n, 3, H, W)
+    return (x * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # truncation, as upstream
+
+
+if args.bench:  # sampling throughput on the first batch's samples, nothing written
+    vtp.bench(lambda: sample(range(rank * per_rank, (rank + 1) * per_rank)), args.bench, args.batch_size,
+              0.0, device, world_size, f"sampling {args.num_steps} points, cfg {args.cfg_scale}",
+              measure_flops=False)
+    vtp.teardown()
+    raise SystemExit(0)
+
 # -----------------------------------------------------------------------------
-# sample, decode, write PNGs: batch k holds samples [k*B, (k+1)*B) and runs on rank k % world
+# sample, decode, write PNGs: batch k holds samples [k*B, (k+1)*B), rank r its r-th share
 n_batches = math.ceil(args.num_samples / args.batch_size)
-for k in range(rank, n_batches, world_size):
-    idx = range(k * args.batch_size, min((k + 1) * args.batch_size, args.num_samples))
-    noise = torch.stack([noise_of(i) for i in idx]).to(device)  # (B, C, H, W)
-    y = torch.tensor([label_of(i) for i in idx], device=device)
-    with torch.no_grad():
-        z = vtp.euler_sample(model, noise, y, args.num_steps, args.timestep_shift, args.cfg_scale,
-                             args.cfg_interval_start, null_class=num_classes,
-                             cfg_channels=args.cfg_channels or None, heun=args.heun)
-        z = z * std + mean  # un-normalise: a forgotten step costs FID ~130 (LightningDiT#34)
-        x = vtp.to_unit_range(tokenizer.decode(z).float()).clamp(0, 1)  # (B, 3, H, W)
-    images = (x * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # truncation, as upstream
-    for i, img in zip(idx, images):
+t0 = time.time()
+for k in range(n_batches):
+    start = k * args.batch_size + rank * per_rank
+    idx = [i for i in range(start, min(start + per_rank, args.num_samples))
+           if not os.path.exists(os.path.join(image_dir, f'{i:06d}.png'))]  # --resume: kept
+    for i, img in zip(idx, sample(idx) if idx else []):
         Image.fromarray(img).save(os.path.join(image_dir, f'{i:06d}.png'))
-    print(f"rank {rank}: batch {k + 1}/{n_batches}", flush=True) if k % (10 * world_size) == rank or \
-        k + world_size >= n_batches else None
+    if master and (k % 10 == 0 or k == n_batches - 1):
+        print(f"batch {k + 1}/{n_batches} ({(time.time() - t0) / (k + 1):.1f} s/batch)", flush=True)
 
 if ddp:
-    dist.barrier()
-if master:  # the ADM-style npz from the PNGs (as upstream save_npz), and a grid of the first 64
-    arr = np.stack([np.asarray(Image.open(os.path.join(image_dir, f'{i:06d}.png')))
-                    for i in range(args.num_samples)])  # (N, H, W, 3) uint8
+    torch.distributed.barrier()
+if master:
+    # the ADM-style npz, streamed: the PNGs go one by one into a memory-mapped .npy, stored in the zip
+    first = np.asarray(Image.open(os.path.join(image_dir, '000000.png')))
+    npy = os.path.join(out_dir, 'arr_0.npy')
+    arr = np.lib.format.open_memmap(npy, mode='w+', dtype=np.uint8, shape=(args.num_samples, *first.shape))
+    for i in range(args.num_samples):
+        arr[i] = np.asarray(Image.open(os.path.join(image_dir, f'{i:06d}.png')))
+    arr.flush()
     npz = os.path.join(out_dir, 'samples.npz')
-    np.savez(npz, arr_0=arr)
-    grid = torch.from_numpy(arr[:64]).permute(0, 3, 1, 2).float() / 255
+    with zipfile.ZipFile(npz + '.tmp', 'w', zipfile.ZIP_STORED, allowZip64=True) as z:
+        z.write(npy, 'arr_0.npy')
+    os.replace(npz + '.tmp', npz)
+    grid = torch.from_numpy(np.array(arr[:64])).permute(0, 3, 1, 2).float() / 255
     save_image(grid, os.path.join(out_dir, 'grid.png'), nrow=8)
-    print0(f"wrote {args.num_samples} samples to {image_dir}, {npz} {arr.shape} and grid.png "
-           f"(cfg {args.cfg_scale}, {args.num_steps} points, shift {args.timestep_shift})")
-    if args.fid_ref:
-        import evaluate
-        evaluate.main(['fid', '--samples', npz, '--ref', args.fid_ref, '--device', device_type,
-                       '--out', os.path.join(out_dir, 'fid.json')])
-if ddp:
-    dist.barrier()  # no rank tears gloo/nccl down while another still works
-    dist.destroy_process_group()
+    del arr
+    os.remove(npy)
+    print0(f"wrote {args.num_samples} samples to {image_dir}, {npz} ({args.num_samples}, {first.shape}) and "
+           f"grid.png (cfg {args.cfg_scale}, {args.num_steps} points, shift {args.timestep_shift})")
+    if args.fid_ref:  # evaluate.py in its own process: sampling never imports the FID machinery
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'evaluate.py'),
+                        'fid', '--samples', npz, '--ref', args.fid_ref, '--device', device.type,
+                        '--out', os.path.join(out_dir, 'fid.json')], check=False)
+vtp.teardown()

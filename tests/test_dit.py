@@ -57,8 +57,13 @@ def test_official_forward_cfg_and_ode(golden):
     g, model = golden
     i, o = g['inputs'], g['outputs']
     close(model(i['x'], i['t'], i['y']), o['forward'])
-    close(model.forward_with_cfg(i['cfg_x'], i['cfg_t'], i['cfg_y'], 4.0, cfg_channels=3),
-          o['forward_with_cfg_scale4'])
+    # the official CFG call takes 2B rows [x; x] with labels [y; null]; the sampler keeps the first half,
+    # which our guided velocity (B rows) must equal, the official 3-channel quirk included
+    B, want = len(i['cfg_x']) // 2, o['forward_with_cfg_scale4']
+    assert torch.equal(i['cfg_x'][:B], i['cfg_x'][B:])
+    v = guided_velocity(model, i['cfg_x'][:B], i['cfg_t'][0].item(), i['cfg_y'][:B], 4.0,
+                        null_class=model.config.num_classes, cfg_channels=3)
+    close(v, want[:B])
     close(euler_sample(model, i['ode_noise'], i['ode_y'], num_steps=10, shift=0.3), o['ode_euler10_shift0.3'])
 
 
@@ -117,12 +122,13 @@ def test_official_guidance_interval(detailed):
     d, m = detailed
     o, cfg = d['outputs'], d['config']['cfg']
     x, y, s, start = o['cfg_in_x'], o['cfg_in_y'], cfg['cfg_scale'], cfg['cfg_interval_start']
-    close(m.forward_with_cfg(x, o['cfg_t_hi'], y, s, cfg_channels=3), o['cfg_nointerval_t_hi'])
+    null = cfg['null_class']
+    close(guided_velocity(m, x[:2], o['cfg_t_hi'][0].item(), y[:2], s, 0.0, null, 3),
+          o['cfg_nointerval_t_hi'][:2])
     for name in ('hi', 'lo'):  # t = 0.6 is guided, t = 0.05 < 0.125 is not
         t, want = o[f'cfg_t_{name}'], o[f'cfg_interval_t_{name}']
-        close(m.forward_with_cfg(x, t, y, s, True, start, cfg_channels=3), want)
-        # our sampler's guided velocity is the first half of the official output
-        close(guided_velocity(m, x[:2], t[0].item(), y[:2], s, start, cfg['null_class'], 3), want[:2])
+        # our sampler's guided velocity is the first half of the official (2B-row) output
+        close(guided_velocity(m, x[:2], t[0].item(), y[:2], s, start, null, 3), want[:2])
 
 
 @needs_golden
@@ -295,10 +301,6 @@ def test_guidance():
         assert torch.equal(v3[:, :3], v[:, :3]) and near(v3[:, 3:], cond[:, 3:])
         # guidance interval: conditional only while t < start
         assert torch.equal(guided_velocity(fn, x, 0.5, y, 4.0, 0.6, 10), cond) and calls[-1] == 2
-        # forward_with_cfg (the official 2B-row call) agrees; at scale 1 it is the conditional path
-        xx, yy = torch.cat([x, x]), torch.cat([y, torch.full_like(y, 10)])
-        assert torch.equal(m.forward_with_cfg(xx, torch.cat([tt, tt]), yy, 4.0)[:2], v)
-        assert near(m.forward_with_cfg(xx, torch.cat([tt, tt]), yy, 1.0)[:2], cond)
         noise = torch.randn(2, 8, 8, 8)
         assert torch.equal(euler_sample(m, noise, y, 6, 0.3, cfg_scale=1.0, null_class=10),
                            euler_sample(m, noise, y, 6, 0.3))

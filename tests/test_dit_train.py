@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import data
+import evaluate
 import vtp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,8 +25,10 @@ N_IMAGES = 2000       # cached synthetic images (x2 with flips)
 TRAIN_STEPS = 400     # DiT-T/1 at batch 32 (~20 s on one core): class-conditional colours, rough shapes
 BATCH = 32
 N_SAMPLES = 400       # 20 per class for the end-to-end check
-TRAIN_FLAGS = ['--model', 'DiT-T/1', '--global-batch-size', str(BATCH), '--lr', '2e-3', '--ema-decay', '0.99',
-               '--num-images', str(N_IMAGES), '--log-every', '10', '--sample-every', '0', '--num-workers', '0']
+CLASS_ACC_CFG1, CLASS_ACC_CFG4, TEXT_ACC_CFG4 = 5.0, 10.0, 10.0  # percent, set from measurement (README)
+# the toy recipe's defaults (DiT-T/1, lr 2e-3, EMA 0.99: what a tiny tokenizer gets) but the run length
+TRAIN_FLAGS = ['--batch-size', str(BATCH), '--num-images', str(N_IMAGES), '--log-every', '10', '--sample-every', '0',
+               '--num-workers', '0']
 
 
 def run(script, *args, nproc=1):
@@ -91,7 +92,7 @@ def trained_dit(tiny_tokenizer, latent_dir, tmp_path_factory):
 
 def test_latent_cache_matches_direct_encoding_and_normalises(tiny_tokenizer, latent_dir):
     meta, built = build_cache(tiny_tokenizer, latent_dir, N_IMAGES)
-    assert not built and meta['num_latents'] == N_IMAGES and meta['latent_shape'] == [32, 4, 4]
+    assert not built and meta['num_latents'] == N_IMAGES and meta['latent_shape'] == [64, 4, 4]
     # shard rows against the tokenizer on the ADM centre crop, plain and flipped
     tok = vtp.load_tokenizer(str(tiny_tokenizer))
     shard = torch.load(latent_dir / meta['shards'][0], weights_only=True)
@@ -102,6 +103,7 @@ def test_latent_cache_matches_direct_encoding_and_normalises(tiny_tokenizer, lat
         torch.testing.assert_close(shard['latents'][rows], tok.encode(x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(shard['latents_flip'][rows], tok.encode(x.flip(3)), atol=1e-5, rtol=1e-5)
     assert shard['labels'][rows].tolist() == [ds[i][2] for i in rows]
+    assert [shard['captions'][i] for i in rows] == [ds[i][1] for i in rows]
     # stats: all 2000 (< 10k) plain latents, per channel, unbiased std
     stats = data.load_latent_stats(latent_dir)
     z = shard['latents'].double()
@@ -112,6 +114,7 @@ def test_latent_cache_matches_direct_encoding_and_normalises(tiny_tokenizer, lat
     where = [lds.locate(p) for p in range(len(lds))]
     assert sorted(lds.starts[k] + j for k, j, _ in where) == list(range(N_IMAGES))
     assert 0.45 < np.mean([f for _, _, f in where]) < 0.55
+    assert not any(f for _, _, f in (data.LatentDataset(latent_dir, flip=False).locate(p) for p in range(100)))
     zn = torch.stack([lds[p][0] for p in range(len(lds))])  # (N, C, h, w)
     assert zn.mean((0, 2, 3)).abs().max() < 0.05
     assert (zn.std((0, 2, 3)) - 1).abs().max() < 0.05
@@ -169,9 +172,8 @@ def test_resume_gives_the_same_loss_curve(tiny_tokenizer, latent_dir, trained_di
 
 
 def test_bench_and_bad_input(tiny_tokenizer, tmp_path):
-    out = run('train_dit.py', '--tokenizer', tiny_tokenizer, '--model', 'DiT-T/1', '--global-batch-size', 16,
-              '--bench', 2, '--out-dir', tmp_path)
-    assert 'img/s/device' in out and not (tmp_path / 'latents').exists()  # no data touched
+    out = run('train_dit.py', '--tokenizer', tiny_tokenizer, '--batch-size', 16, '--bench', 2, '--out-dir', tmp_path)
+    assert 'per device' in out and not (tmp_path / 'latents').exists()  # no data touched
     bad = [('train_dit.py', '--tokenizer', tmp_path / 'missing.pt', '--out-dir', tmp_path),
            ('sample.py', '--ckpt', tiny_tokenizer)]  # a tokenizer is not a DiT checkpoint
     for script, *args in bad:  # one clear line, no traceback
@@ -182,7 +184,7 @@ def test_bench_and_bad_input(tiny_tokenizer, tmp_path):
 # --- sampling ----------------------------------------------------------------------------------------------
 
 def test_sampling_is_the_same_on_one_and_two_ranks(trained_dit, tmp_path):
-    flags = ['--ckpt', trained_dit / 'ckpt.pt', '--num-samples', 10, '--batch-size', 3, '--num-steps', 10,
+    flags = ['--ckpt', trained_dit / 'ckpt.pt', '--num-samples', 10, '--batch-size', 4, '--num-steps', 10,
              '--cfg-scale', 2]
     run('sample.py', *flags, '--out-dir', tmp_path / 'one')
     run('sample.py', *flags, '--out-dir', tmp_path / 'two', nproc=2)
@@ -193,58 +195,90 @@ def test_sampling_is_the_same_on_one_and_two_ranks(trained_dit, tmp_path):
     assert (tmp_path / 'two' / 'grid.png').exists()
 
 
-def small_cnn():
-    # 32 px input, max-pooled features: the object may sit anywhere in the image
-    block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
-    return nn.Sequential(nn.AvgPool2d(2), *block(3, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2),
-                         *block(64, 64), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(64, 20))
+@pytest.mark.slow
+def test_samples_are_recognised_as_their_class(trained_dit, tmp_path):
+    """The judge of evaluate.py synthetic (a CNN trained on real synthetic images) recognises the class
+    each decoded sample was asked for, above chance, and more often with guidance than without."""
+    acc = {}
+    for cfg in (1, 4):
+        run('sample.py', '--ckpt', trained_dit / 'ckpt.pt', '--num-samples', N_SAMPLES, '--batch-size', 200,
+            '--num-steps', 25, '--cfg-scale', cfg, '--out-dir', tmp_path / f'cfg{cfg}')
+        r = evaluate.main(['synthetic', '--samples', str(tmp_path / f'cfg{cfg}' / 'samples.npz'),
+                           '--num-real', '400'])
+        acc[cfg] = r['class_accuracy']
+    print(f"class accuracy of decoded samples: {acc} (chance 5 %)")
+    assert acc[4] > CLASS_ACC_CFG4 and acc[1] > CLASS_ACC_CFG1 and acc[4] > acc[1] + 5, acc
 
 
-def real_images(split, n):
-    ds = data.SyntheticDataset(split, image_size=64, seed=0)
-    xs, ys = zip(*[(np.asarray(ds[i][0]), ds[i][2]) for i in range(n)])
-    return torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float() / 255, torch.tensor(ys)
+# --- text-to-image (paper §5) -------------------------------------------------------------------------------
+
+TEXT_STEPS = 400
 
 
-def train_classifier(seed=0, n=2500, epochs=5):
-    torch.manual_seed(seed)
-    x, y = real_images('train', n)
-    net = small_cnn()
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        for j in torch.randperm(n).split(64):
-            loss = F.cross_entropy(net(x[j]), y[j])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return net.eval()
+@pytest.fixture(scope='module')
+def text_dit(tiny_tokenizer, latent_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp('dit_text')
+    run('train_dit.py', '--tokenizer', tiny_tokenizer, '--latent-dir', latent_dir, '--out-dir', out,
+        '--condition', 'text', '--max-steps', TEXT_STEPS, '--ckpt-every', TEXT_STEPS, *TRAIN_FLAGS)
+    return out
 
 
 @torch.no_grad()
-def accuracy(net, images, labels):
-    return (net(images).argmax(1) == labels).float().mean().item()
+def test_text_guidance_paths(text_dit):
+    """Scale 1 is the conditional path; the empty caption's features are the unconditional input."""
+    ckpt = torch.load(text_dit / 'ckpt.pt', weights_only=True)
+    cfg = vtp.DiTConfig(**ckpt['config'])
+    dit = vtp.DiT(cfg).eval()
+    dit.load_state_dict(ckpt['ema'])
+    tok = vtp.load_tokenizer(ckpt['text_encoder']['path'])
+
+    def enc(prompts):  # as train_dit.py encodes captions: the pooled embedding, then the token features
+        pooled, feats = tok.text_features(data.text_tokenizer(tok.config)(prompts), True, True)
+        return torch.cat((pooled[:, None].float(), feats.float()), 1)
+
+    torch.testing.assert_close(dit.null_condition(), enc(['']))  # saved with the model
+    y = enc(['a red star.', 'a blue circle.'])
+    x, t = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size), 0.5
+    cond = dit(x, torch.full((2,), t), y)
+    uncond = dit(x, torch.full((2,), t), dit.null_condition().expand_as(y))
+    assert torch.equal(vtp.guided_velocity(dit, x, t, y, 1.0, null_class=dit.null_condition()), cond)
+    guided = vtp.guided_velocity(dit, x, t, y, 3.0, null_class=dit.null_condition())
+    torch.testing.assert_close(guided, uncond + 3 * (cond - uncond), atol=1e-4, rtol=1e-4)
+    assert (cond - uncond).abs().max() > 1e-3  # the caption matters
+
+
+def test_text_resume_and_ranks(tiny_tokenizer, latent_dir, text_dit, tmp_path):
+    common = ['--tokenizer', tiny_tokenizer, '--latent-dir', latent_dir, '--out-dir', tmp_path / 'r',
+              '--condition', 'text', *TRAIN_FLAGS]
+    run('train_dit.py', *common, '--max-steps', 20, '--ckpt-every', 20)
+    run('train_dit.py', *common, '--max-steps', 40, '--ckpt-every', 40, '--resume', 'auto')
+    keys = ('step', 'loss', 'grad_norm')
+    assert [{k: r[k] for k in keys} for r in read_log(tmp_path / 'r')] == \
+        [{k: r[k] for k in keys} for r in read_log(text_dit)[:4]]
+    flags = ['--ckpt', text_dit / 'ckpt.pt', '--num-samples', 6, '--batch-size', 4, '--num-steps', 8,
+             '--cfg-scale', 3, '--prompt', 'a red star.', '--prompt', 'a green cross on the left']
+    run('sample.py', *flags, '--out-dir', tmp_path / 'one')
+    run('sample.py', *flags, '--out-dir', tmp_path / 'two', nproc=2)
+    one, two = (np.load(tmp_path / d / 'samples.npz')['arr_0'] for d in ('one', 'two'))
+    assert np.array_equal(one, two) and one.shape[0] == 6
+    assert (tmp_path / 'one' / 'prompts.txt').read_text().splitlines() == ['a red star.',
+                                                                           'a green cross on the left'] * 3
 
 
 @pytest.mark.slow
-def test_samples_are_recognised_as_their_class(trained_dit, tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        net = train_classifier()
-        xv, yv = real_images('val', 400)
-        assert accuracy(net, xv, yv) > 0.85  # the judge itself works on real images
-        acc = {}
-        for cfg in (1, 4):
-            run('sample.py', '--ckpt', trained_dit / 'ckpt.pt', '--num-samples', N_SAMPLES, '--batch-size', 200,
-                '--num-steps', 25, '--cfg-scale', cfg, '--out-dir', tmp_path / f'cfg{cfg}')
-            arr = np.load(tmp_path / f'cfg{cfg}' / 'samples.npz')['arr_0']  # (N, 64, 64, 3), label of i: i % 20
-            x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255
-            acc[cfg] = accuracy(net, x, torch.arange(N_SAMPLES) % 20)
-    finally:
-        torch.set_num_threads(threads)
-    print(f"class accuracy of decoded samples: {acc} (chance 0.05)")
-    # measured (3 DiT seeds x 2 noise seeds x 2 judges, N_SAMPLES each, the fixture's 300-step tokenizer), with
-    # 25 Euler points: cfg 1 0.075-0.097, cfg 4 0.15-0.21; with 50: 0.078-0.11 and 0.17-0.23; cfg 4 always beat
-    # cfg 1 by >= 0.06. The tokenizer's reconstructions of real val images score only 0.16 (0.18 after 1200
-    # stage-1 steps): it keeps colours but blurs shapes, so with guidance the DiT is near that ceiling.
-    assert acc[4] > 0.13 and acc[1] > 0.05 and acc[4] > acc[1] + 0.04, acc
+def test_text_to_image_follows_the_prompt(text_dit, tiny_tokenizer, tmp_path):
+    """Prompts "a {colour} {shape}." for the 20 classes: the judge recognises the prompted class above
+    chance, more often with guidance than without."""
+    prompts = tmp_path / 'prompts.txt'
+    prompts.write_text(''.join(f"a {c}.\n" for c in data.SyntheticDataset.class_names))
+    acc = {}
+    for cfg in (1, 4):
+        out = tmp_path / f'cfg{cfg}'
+        run('sample.py', '--ckpt', text_dit / 'ckpt.pt', '--prompts', prompts, '--num-samples', N_SAMPLES,
+            '--batch-size', 200, '--num-steps', 25, '--cfg-scale', cfg, '--out-dir', out)
+        r = evaluate.main(['synthetic', '--samples', str(out / 'samples.npz'), '--num-real', '400',
+                           '--tokenizer', str(tiny_tokenizer)])
+        acc[cfg] = r['class_accuracy']
+        assert r['clip_similarity'] > r['clip_similarity_other']  # samples match their own prompts best
+    print(f"prompt-following class accuracy: {acc} (chance 5 %)")
+    assert acc[4] > TEXT_ACC_CFG4 and acc[4] > acc[1] + 5, acc

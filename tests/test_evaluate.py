@@ -233,9 +233,9 @@ def test_reconstruction_metrics_known_values():
 
 def test_zeroshot_on_tiny_checkpoint(tmp_path, tiny_ckpt):
     model = E.load_vtp(tiny_ckpt)
-    tok = E.text_tokenizer_for(model, tiny_ckpt)
+    tok = E.text_tokenizer_for(model)
     names, templates = ['red circle', 'blue square', 'green star'], ['a {}.', 'a photo of a {}.']
-    clf = E.zeroshot_classifier(model, tok, names, templates)
+    clf = vtp.zeroshot_classifier(model, tok, names, templates)
     assert clf.shape == (model.config.text_embed_dim, 3)
     assert torch.allclose(clf.norm(dim=0), torch.ones(3), atol=1e-5)
     # a classifier made of the images' own features classifies every image as itself
@@ -293,16 +293,19 @@ def test_cli_errors(tmp_path, tiny_ckpt):
     garbage.write_bytes(bytes(range(256)) * 4)
     dit = tmp_path / 'dit.pt'
     torch.save({'model': {'x_embedder.proj.weight': torch.zeros(2)}, 'ema': {}, 'config': {}, 'args': {}}, dit)
-    assert 'not found' in run_error(['recon', '--tokenizer', str(tmp_path / 'missing.pt')])
-    assert 'not a VTP tokenizer' in run_error(['recon', '--tokenizer', str(garbage)])
+    assert 'no such file' in run_error(['recon', '--tokenizer', str(tmp_path / 'missing.pt')])
+    assert 'not a readable PyTorch checkpoint' in run_error(['recon', '--tokenizer', str(garbage)])
     assert 'not a VTP tokenizer' in run_error(['zeroshot', '--tokenizer', str(dit)])
     assert 'not found' in run_error(['recon', '--tokenizer', tiny_ckpt, '--data', str(tmp_path / 'nowhere')])
+    empty_file = tmp_path / 'empty.pt'
+    empty_file.write_bytes(b'')
+    assert 'is empty' in run_error(['linprobe', '--tokenizer', str(empty_file)])
     assert 'no images' in run_error(['recon', '--tokenizer', tiny_ckpt, '--data', str(tmp_path / 'empty')])
     empty = str(tmp_path / 'empty')
     assert 'no images' in run_error(['fid', '--samples', empty, '--ref', empty])
     assert 'not found' in run_error(['fid', '--samples', str(tmp_path / 'nope'), '--ref', empty])
     assert 'npz' in run_error(['fid', '--samples', str(garbage), '--ref', str(tmp_path / 'empty')])
-    assert 'multiple of the patch size' in run_error(['recon', '--tokenizer', tiny_ckpt, '--image-size', '40'])
+    assert 'multiple of the patch size' in run_error(['recon', '--tokenizer', tiny_ckpt, '--image-size', '36'])
 
 
 def test_fid_rejects_mismatched_sizes(tmp_path):

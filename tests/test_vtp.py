@@ -20,7 +20,8 @@ GOLDEN = SHARED / 'golden' / 'vtp_tiny.pt'
 
 
 def small_config(**kw):
-    return replace(vtp.VTP_CONFIGS['tiny'], embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=64,
+    return replace(vtp.VTP_CONFIGS['tiny'], patch_size=16, bottleneck_dim=32, embed_dim=64, depth=2,
+                   num_heads=2, decoder_embed_dim=64,
                    decoder_depth=1, decoder_num_heads=2, text_embed_dim=32, text_depth=1, text_num_heads=2,
                    text_context_length=8, dino_out_dim=32, dino_hidden_dim=32, dino_bottleneck_dim=16, **kw)
 
@@ -50,7 +51,7 @@ def test_text_attention_is_causal_softmax():
 
 
 def test_rope_preserves_norm_and_depends_on_offsets_only():
-    rope = vtp.RopeEmbed(16)
+    rope = vtp.DinoRope(16)
     sin, cos = rope(4, 4)
     torch.manual_seed(0)
     q, k = torch.randn(16), torch.randn(16)
@@ -74,7 +75,7 @@ def test_rope_preserves_norm_and_depends_on_offsets_only():
 
 
 def test_rope_periods_match_official_table():
-    periods = vtp.RopeEmbed(64).periods
+    periods = vtp.DinoRope(64).periods
     ref = [1.0, 1.3359375, 1.78125, 2.375, 3.15625, 4.21875, 5.625, 7.5, 10.0, 13.3125, 17.75, 23.75,
            31.625, 42.25, 56.25, 75.0]  # vtp_architecture.md §1.2
     assert periods.dtype == torch.bfloat16 and periods.float().tolist() == ref
@@ -92,9 +93,9 @@ def test_official_parity():
     with torch.no_grad():
         check(model.encode(img), o['latents'])
         check(model.decode(o['latents']), o['decoded'])
-        feats = model.last_layer_features(img)
-        check(feats['cls_token'], o['cls_token'])
-        check(feats['patch_tokens'], o['patch_tokens'])
+        feats = model.features(img)  # official get_last_layer_feature
+        check(feats[:, 0], o['cls_token'])
+        check(feats[:, 1:], o['patch_tokens'])
         for i, (p, c) in enumerate(model.intermediate_layers(img, 2, return_class_token=True)):
             check(p, o['intermediate_patch'][i])
             check(c, o['intermediate_cls'][i])
@@ -161,9 +162,10 @@ def test_shapes_and_bottleneck_api():
         z = m.encode(x)
         assert z.shape == (2, 32, 3, 2)
         assert m.decode(z).shape == (2, 3, 48, 32)
-        f = m.last_layer_features(x, use_bottleneck=True)
+        f = m.features(x, bottleneck=True)
         # the bottleneck is one bias-free Linear on the final-normed tokens
-        torch.testing.assert_close(f['patch_tokens'].transpose(1, 2).reshape(2, 32, 3, 2), z)
+        torch.testing.assert_close(f[:, 1:].transpose(1, 2).reshape(2, 32, 3, 2), z)
+        torch.testing.assert_close(f, m.trunk.feature_bottleneck(m.features(x)))
 
 
 def test_clip_loss_equals_direct_computation():
@@ -183,11 +185,10 @@ def test_sinkhorn_knopp_balances_prototypes():
     q = vtp.sinkhorn_knopp(logits, 0.5, n_iters=50)
     torch.testing.assert_close(q.sum(1), torch.ones(64))  # each sample a distribution
     torch.testing.assert_close(q.sum(0), torch.full((8,), 8.0), rtol=1e-3, atol=1e-3)  # equal prototype mass
-    # padding columns (weight 0) are ignored: same result as dropping them
-    w = torch.tensor([1.0] * 40 + [0.0] * 24)
-    qw = vtp.sinkhorn_knopp(logits, 0.5, weight=w)
-    torch.testing.assert_close(qw[:40], vtp.sinkhorn_knopp(logits[:40], 0.5))
-    assert qw[40:].abs().max() == 0
+    # a step without any masked patch (iBOT): no rows, no 0/0, and the loss of nothing is 0, not NaN
+    empty = vtp.sinkhorn_knopp(torch.zeros(0, 8), 0.07)
+    assert empty.shape == (0, 8)
+    assert vtp.ibot_loss(torch.zeros(0, 8), empty, torch.zeros(0), n_images=4).item() == 0.0
 
 
 def test_dino_ibot_koleo_equal_direct_computation():
@@ -205,6 +206,10 @@ def test_dino_ibot_koleo_equal_direct_computation():
                 pairs += 1
     assert pairs == 2 + 2 * n_local
     torch.testing.assert_close(vtp.dino_loss(s, t, 0.1), ref / pairs)
+    # without local crops DINOv2 divides the 2 global pairs by 2 + max(0, 1) = 3 (ssl_meta_arch.py)
+    glob = sum(-(t[(1 - i) * n + r] * torch.log_softmax(crops[i][r] / 0.1, -1)).sum() / n
+               for i in range(2) for r in range(n))
+    torch.testing.assert_close(vtp.dino_loss(s[:2 * n], t, 0.1), glob / 3)
 
     sp, tp = torch.randn(4, K), torch.softmax(torch.randn(4, K), -1)
     w = torch.tensor([0.5, 0.5, 1.0, 0.0])  # image A: 2 masked, image B: 1 masked, then padding
@@ -249,7 +254,9 @@ def _distributed_losses(rank, world, port, inputs, results):
     local = lambda x, crops: torch.cat([c[rank * m:(rank + 1) * m] for c in x.split(len(x) // crops)])
     probs = vtp.sinkhorn_knopp(local(t_logits, 2), 0.07)
     dino = vtp.dino_loss(local(s_logits, 4), probs)
-    results[rank] = (loss.detach(), img_r.grad, txt_r.grad, dino, probs)
+    # iBOT's masked patches: rank 1 may hold none at all; Sinkhorn-Knopp still agrees with one process
+    ibot = vtp.sinkhorn_knopp(t_logits[:5] if rank == 0 else t_logits[:0], 0.07)
+    results[rank] = (loss.detach(), img_r.grad, txt_r.grad, dino, probs, ibot)
     dist.destroy_process_group()
 
 
@@ -275,12 +282,90 @@ def test_distributed_clip_and_dino_equal_single_process():
     torch.testing.assert_close((r0[3] + r1[3]) / 2, dino)
     local_probs = torch.cat([r0[4][:4], r1[4][:4], r0[4][4:], r1[4][4:]])  # back to crop-major order
     torch.testing.assert_close(local_probs, probs)
+    assert r1[5].shape == (0, K)
+    torch.testing.assert_close(r0[5], vtp.sinkhorn_knopp(t_logits[:5], 0.07))
 
 
 def test_flops_count_matches_a_direct_count():
-    cfg = replace(vtp.VTP_CONFIGS['B'], train_clip=False, train_ssl=False, train_reconstruction=False)
+    cfg = vtp.VTP_CONFIGS['B']
     n = 257
     per_block = 2 * n * (3 * 768 * 768 + 768 * 768 + 3 * 768 * 2048) + 2 * 2 * n * n * 768
-    assert vtp.train_flops_per_sample(cfg, 256) == 3 * 12 * per_block
-    # the text tower and decoder add their own terms
-    assert vtp.train_flops_per_sample(replace(cfg, train_clip=True), 256, text_len=77) > 3 * 12 * per_block
+    blocks, embed = vtp.encoder_flops(cfg, 256)
+    assert blocks == 12 * per_block and embed == 2 * 256 * 3 * 16 * 16 * 768
+    # LPIPS-VGG16 at 224 px: 15.3 GMACs, the known figure for VGG16's convolutions, + the 1x1 lin layers
+    assert abs(vtp.vgg16_lpips_flops(224) / 2 - 15.35e9) < 0.05e9
+    # the objectives add up: CLIP adds the text tower, reconstruction the decoder and LPIPS
+    ae = vtp.train_flops_per_sample(cfg, 256, clip=False, rec_frac=1.0)
+    assert ae == 3 * blocks + 2 * embed + 3 * vtp.decoder_flops(cfg, 256)
+    assert vtp.train_flops_per_sample(cfg, 256, clip=False, rec_frac=1.0, lpips=True) > ae
+    both = vtp.train_flops_per_sample(cfg, 256, text_len=77, rec_frac=0.125)
+    assert both == pytest.approx(vtp.train_flops_per_sample(cfg, 256, text_len=77) +
+                                 0.125 * 3 * vtp.decoder_flops(cfg, 256))
+
+
+# --- DINOv2's optimisation pieces and the memory lever --------------------------------------------------
+
+
+def test_param_groups_layer_decay_patch_embed_and_prototypes():
+    m = vtp.VTP(small_config())  # 2 blocks
+    groups = vtp.param_groups(m, 0.05, layer_decay=0.5, patch_embed_lr_mult=0.2)
+    where = {id(p): g for g in groups for p in g['params']}
+    mult = lambda p: where[id(p)]['lr_mult']
+    L = 2
+    assert mult(m.trunk.patch_embed.proj.weight) == 0.5 ** (L + 1) * 0.2
+    assert mult(m.trunk.cls_token) == 0.5 ** (L + 1)
+    assert mult(m.trunk.blocks[0].attn.qkv.weight) == 0.5 ** L and mult(m.trunk.blocks[1].mlp.w1.weight) == 0.5
+    assert mult(m.trunk.norm.weight) == mult(m.dino_head.mlp[0].weight) == mult(m.pixel_decoder.proj_out.weight) == 1
+    assert where[id(m.dino_head.last_layer.weight_v)]['last_layer']
+    assert not where[id(m.dino_head.mlp[0].weight)]['last_layer']
+    # no weight decay on norms, biases, tokens, the logit scale, the prototypes' gains
+    for p in (m.trunk.norm.weight, m.trunk.blocks[0].attn.qkv.bias, m.trunk.cls_token, m.logit_scale,
+              m.dino_head.last_layer.weight_g, m.positional_embedding):
+        assert where[id(p)]['weight_decay'] == 0.0
+    assert where[id(m.trunk.blocks[0].attn.qkv.weight)]['weight_decay'] == 0.05
+    assert sum(len(g['params']) for g in groups) == len(list(m.parameters()))
+
+
+def test_clip_grad_norms_per_module():
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))
+    a.grad, b.grad = torch.tensor([30.0, 40.0, 0.0]), torch.tensor([0.3, 0.4, 0.0, 0.0])  # norms 50, 0.5
+    total = vtp.clip_grad_norms([[a], [b]], 1.0)
+    assert total.item() == pytest.approx((50 ** 2 + 0.5 ** 2) ** 0.5)  # logged: the whole norm, unclipped
+    assert a.grad.norm().item() == pytest.approx(1.0)  # the large part clipped to 1 ...
+    assert torch.equal(b.grad, torch.tensor([0.3, 0.4, 0.0, 0.0]))  # ... the small one untouched
+    # a global clip would have scaled the small part down 50x: that is what per-module clipping avoids
+
+
+def test_drop_path_runs_the_branch_on_a_subset():
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 4)
+    calls = []
+    branch = lambda t: calls.append(len(t)) or torch.ones_like(t)
+    out = vtp.drop_add_residual(x, branch, 0.25)
+    assert calls == [6]  # int(8 * 0.75) samples computed, the other two cost nothing
+    kept = ~(out == x).all(-1).all(-1)
+    assert kept.sum() == 6
+    torch.testing.assert_close(out[kept], x[kept] + 8 / 6)  # scaled by B / subset
+    blk = vtp.Block(4, 1, ffn='mlp', norm='layernorm')
+    blk.drop_path = 0.5
+    assert torch.equal(blk.eval()(x), vtp.Block.forward(blk.eval(), x))  # eval: no drop
+    assert not torch.equal(blk.train()(x), blk.eval()(x))
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    m = vtp.VTP(small_config())
+    for blk in m.trunk.blocks:
+        blk.drop_path = 0.5  # the recomputation replays the RNG: the same samples are dropped
+    x, tokens = torch.randn(4, 3, 32, 32), torch.randint(1, 100, (4, 8))
+    grads = []
+    for on in (False, True):
+        m.set_grad_checkpointing(on)
+        m.zero_grad()
+        torch.manual_seed(1)
+        out = m(images=x, tokens=tokens, n_rec=2)
+        (out['image_features'].sum() + out['text_features'].sum() + out['reconstruction'].square().mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)

@@ -1,0 +1,185 @@
+"""
+The ablation of paper §4.3 (fig. 2, 4, 5) at toy scale, as one command: does understanding drive generation?
+
+For each objective set (AE, CLIP+AE, SSL+AE, CLIP+SSL+AE) one tokenizer is pre-trained (train_tokenizer.py;
+its checkpoints at each of --budgets steps are kept), and on each checkpoint:
+  understanding   zero-shot top-1 and the bottleneck linear probe (evaluate.py zeroshot / linprobe)
+  reconstruction  PSNR (evaluate.py recon) and rFD: the judge's Fréchet distance of reconstructions
+  generation      the same DiT at equal compute (train_dit.py, --dit-steps), samples (sample.py), judged
+                  by a CNN trained on real synthetic images (evaluate.py synthetic: FD, class accuracy)
+  compute         the pre-training FLOPs of the checkpoint
+The last budget's DiTs are trained with --dit-seeds seeds, to compare differences with the spread between
+seeds. Results: OUT_DIR/results.jsonl (one line per checkpoint and DiT seed), fig. 2 (generation vs
+understanding) and fig. 5 (generation vs pre-training FLOPs, a line per objective set) in ablation.png. A killed run
+continues where it stopped (finished stages are skipped).
+
+    python scripts/ablation.py                     # tiny on the synthetic data, CPU (README: the figures)
+    python scripts/ablation.py --size S --data /data/datacomp/{00000..00999}.tar \\
+        --dit-data /data/imagenet/train --budgets 5000,10000,20000 --tokenizer-args "--batch-size 4096" \\
+        --dit-args "--model DiT-B/1 --batch-size 256" --dit-steps 20000 --launch "torchrun --nproc_per_node 8"
+(S/B/L on real data: the `synthetic` judge only knows the toy world; use evaluate.py fid on the samples.)
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+OBJECTIVES = {  # name: the λ flags of train_tokenizer.py (eq. 3); an objective with weight 0 is off
+    'AE': ['--lambda-clip', '0', '--lambda-ssl', '0'],
+    'CLIP+AE': ['--lambda-ssl', '0'],
+    'SSL+AE': ['--lambda-clip', '0'],
+    'CLIP+SSL+AE': [],
+}
+
+parser = argparse.ArgumentParser(description=__doc__.split('\n')[1],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument('--out-dir', default='out/ablation', help="where every run and the results go")
+parser.add_argument('--size', default='tiny', help="tokenizer preset (train_tokenizer.py --size)")
+parser.add_argument('--data', default='synthetic', help="tokenizer pre-training data")
+parser.add_argument('--dit-data', default='synthetic', help="generation data (class-labelled)")
+parser.add_argument('--objectives', default=','.join(OBJECTIVES), help="objective sets to compare")
+parser.add_argument('--budgets', default='300,600,900', help="pre-training steps at which checkpoints are "
+                    "compared, comma-separated, multiples of the first (the last is the run's length)")
+parser.add_argument('--dit-steps', type=int, default=0, help="DiT steps, equal for every tokenizer "
+                    "(default: train_dit.py's recipe)")
+parser.add_argument('--dit-seeds', type=int, default=2, help="DiT seeds at the last budget")
+parser.add_argument('--num-samples', type=int, default=400, help="samples per DiT (20 per class on tiny)")
+parser.add_argument('--cfg-scale', type=float, default=1.0, help="sampling guidance (1 = none, as the "
+                    "paper's gFID)")
+parser.add_argument('--sample-steps', type=int, default=50, help="Euler time points of the samples")
+parser.add_argument('--tokenizer-args', default='', help="more flags for train_tokenizer.py")
+parser.add_argument('--dit-args', default='', help="more flags for train_dit.py")
+parser.add_argument('--launch', default=sys.executable, help="how a stage script is started, e.g. "
+                    "'torchrun --standalone --nproc_per_node 8'")
+args = parser.parse_args()
+os.makedirs(args.out_dir, exist_ok=True)
+results_path = os.path.join(args.out_dir, 'results.jsonl')
+done = {}
+if os.path.exists(results_path):
+    with open(results_path) as f:
+        done = {(r['objectives'], r['step'], r['dit_seed']): r for r in map(json.loads, f)}
+
+
+def run(script, *argv, launch=None):
+    """A stage script in its own process; stops the ablation with its last lines if it fails."""
+    cmd = shlex.split(launch or args.launch) + [os.path.join(ROOT, script)] + [str(a) for a in argv]
+    print('$', ' '.join(cmd), flush=True)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"error: {script} failed:\n{(p.stdout + p.stderr)[-3000:]}")
+    return p.stdout
+
+
+def evaluate(*argv):
+    out = os.path.join(args.out_dir, 'tmp_eval.json')
+    run('evaluate.py', *argv, '--out', out, launch=sys.executable)
+    with open(out) as f:
+        return json.load(f)
+
+
+@__import__('torch').no_grad()
+def reconstruction_fd(ckpt, n=1000):
+    """The judge's Fréchet distance between real val images and their reconstructions (rFD), offline."""
+    import torch
+    import data
+    import evaluate as E
+    import vtp
+    tok = vtp.load_tokenizer(ckpt)
+    S = tok.config.image_size
+    x, _ = E.synthetic_images('val', n, S)
+    rec = []
+    for xb in x.split(100):
+        z = tok.encode(data.normalize(list(xb.permute(0, 2, 3, 1).numpy())))
+        rec.append((vtp.to_unit_range(tok.decode(z)).clamp(0, 1) * 255).to(torch.uint8))  # truncation
+    judge = E.synthetic_judge(S)
+    return E.fid_from_features(E.judge_features(judge, torch.cat(rec))[0], E.judge_features(judge, x)[0])[0]
+
+
+# -----------------------------------------------------------------------------
+# 1. pre-training: one run per objective set, its checkpoints at every budget kept
+budgets = [int(b) for b in args.budgets.split(',')]
+for name in args.objectives.split(','):
+    out = os.path.join(args.out_dir, name.replace('+', '_'))
+    if not os.path.exists(os.path.join(out, 'done')):
+        flags = ['--size', args.size, '--data', args.data, '--out-dir', out, '--max-steps', max(budgets),
+                 '--keep-every', min(budgets)] + OBJECTIVES[name] + shlex.split(args.tokenizer_args)
+        run('train_tokenizer.py', *flags, *(['--resume', 'auto'] if os.path.exists(out) else []))
+        open(os.path.join(out, 'done'), 'w').close()
+
+# -----------------------------------------------------------------------------
+# 2. on every kept checkpoint: understanding, reconstruction, generation at equal DiT compute
+for name in args.objectives.split(','):
+    out = os.path.join(args.out_dir, name.replace('+', '_'))
+    kept = sorted(f for f in os.listdir(out) if f.startswith('ckpt_') and f.endswith('.pt'))
+    steps = [int(f[5:-3]) for f in kept]
+    steps = [s for s in steps if s in budgets]
+    for step in steps:
+        ckpt = os.path.join(out, f'ckpt_{step:06d}.pt')
+        for seed in range(args.dit_seeds if step == max(steps) else 1):
+            if (name, step, seed) in done:
+                continue
+            rec = {'objectives': name, 'step': step, 'dit_seed': seed}
+            import torch
+            meta = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True)
+            rec['pretrain_flops'] = meta['flops']
+            if 'CLIP' in name:
+                rec['zeroshot_top1'] = evaluate('zeroshot', '--tokenizer', ckpt, '--data', args.data)['top1']
+            rec['linprobe_top1'] = evaluate('linprobe', '--tokenizer', ckpt, '--train', args.dit_data,
+                                            '--val', args.dit_data)['top1']
+            rec['psnr'] = evaluate('recon', '--tokenizer', ckpt, '--data', args.dit_data, '--no-fid',
+                                   '--lpips', 'none', '--num-images', 1000)['psnr']
+            if args.dit_data == 'synthetic':
+                rec['rfd_judge'] = reconstruction_fd(ckpt)
+            dit = os.path.join(out, f'dit_{step:06d}_seed{seed}')
+            dit_flags = ['--tokenizer', ckpt, '--data', args.dit_data, '--out-dir', dit, '--seed', seed,
+                         '--sample-every', 0, '--latent-dir', os.path.join(out, f'latents_{step:06d}')]
+            if args.dit_steps:
+                dit_flags += ['--max-steps', args.dit_steps]
+            if not os.path.exists(os.path.join(dit, 'ckpt.pt')):
+                run('train_dit.py', *dit_flags, *shlex.split(args.dit_args))
+            samples = os.path.join(dit, 'samples')
+            if not os.path.exists(os.path.join(samples, 'samples.npz')):
+                run('sample.py', '--ckpt', os.path.join(dit, 'ckpt.pt'), '--num-samples', args.num_samples,
+                    '--cfg-scale', args.cfg_scale, '--num-steps', args.sample_steps, '--out-dir', samples,
+                    '--resume', 'auto')
+            if args.dit_data == 'synthetic':
+                g = evaluate('synthetic', '--samples', os.path.join(samples, 'samples.npz'))
+                rec.update(gen_fd_judge=g['fd_judge'], gen_class_accuracy=g['class_accuracy'])
+            with open(results_path, 'a') as f:
+                f.write(json.dumps(rec) + '\n')
+            done[(name, step, seed)] = rec
+            print(json.dumps(rec), flush=True)
+
+# -----------------------------------------------------------------------------
+# 3. the figures: generation vs understanding (fig. 2), generation vs pre-training compute (fig. 5)
+try:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+except ImportError:
+    raise SystemExit(f"results in {results_path}; install matplotlib for the plots")
+rows = list(done.values())
+gen = 'gen_class_accuracy' if any('gen_class_accuracy' in r for r in rows) else None
+if gen is None:
+    raise SystemExit(f"results in {results_path} (no synthetic generation metric to plot)")
+fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+for name in args.objectives.split(','):
+    rs = sorted((r for r in rows if r['objectives'] == name), key=lambda r: (r['step'], r['dit_seed']))
+    ax[0].scatter([r['linprobe_top1'] for r in rs], [r[gen] for r in rs], label=name)
+    steps = sorted({r['step'] for r in rs})
+    mean = lambda s: sum(r[gen] for r in rs if r['step'] == s) / sum(r['step'] == s for r in rs)
+    flops = {r['step']: r['pretrain_flops'] for r in rs}
+    ax[1].plot([flops[s] for s in steps], [mean(s) for s in steps], marker='o', label=name)
+ax[0].set(xlabel='understanding: bottleneck linear probe (%)', ylabel='generation: class accuracy (%)',
+          title='fig. 2: generation vs understanding')
+ax[1].set(xlabel='pre-training FLOPs', ylabel='generation: class accuracy (%)', xscale='log',
+          title='fig. 5: generation vs pre-training compute')
+for a in ax:
+    a.legend(fontsize=8)
+fig.tight_layout()
+fig.savefig(os.path.join(args.out_dir, 'ablation.png'), dpi=120)
+print(f"results: {results_path}; plot: {os.path.join(args.out_dir, 'ablation.png')}")
