@@ -1,13 +1,14 @@
 """
-Data for every stage: text tokenizers, a built-in synthetic image-caption set, real image folders and
-webdataset-style .tar shards, the CLIP / DINOv2 multi-crop / eval views, iBOT block masks, and the
-stage-1 training loader whose batches depend on the global sample position only (exact resume,
+Data for every stage: text tokenizers, a built-in synthetic image-caption set, real image folders
+and webdataset-style .tar shards, the CLIP / DINOv2 multi-crop / eval views, iBOT block masks, and
+the stage-1 training loader whose batches depend on the global sample position only (exact resume,
 1 GPU x B == 2 GPUs x B/2).
 
 Sections:
   1. tokenizers (byte-level for tiny runs, OpenAI CLIP BPE as VTP uses)
   2. synthetic shapes dataset (offline default)
-  3. real data: image loading with counted skips, image folders, caption folders, tar shards, open_dataset
+  3. real data: image loading with counted skips, image folders, caption folders, tar shards,
+  open_dataset
   4. views (main RandomResizedCrop, DINOv2 multi-crop, eval centre crop) and iBOT block masks
   5. TrainLoader (micro-batches built inside DataLoader workers) and eval_batches
   6. cached latents for the generation stage (encoded once, plain + flipped, with per-channel stats)
@@ -39,8 +40,8 @@ from vtp import IMAGENET_MEAN, IMAGENET_STD
 
 
 class DataError(SystemExit):
-    """Bad data setup (missing path, unknown spec, too few shards). A SystemExit so that a script prints
-    one clear line instead of a traceback; never raised inside DataLoader workers."""
+    """Bad data setup (missing path, unknown spec, too few shards). A SystemExit so that a script
+    prints one clear line instead of a traceback; never raised inside DataLoader workers."""
 
     def __init__(self, msg):
         super().__init__(f"error: {msg}")
@@ -51,8 +52,8 @@ class DataError(SystemExit):
 
 
 class ByteTokenizer:
-    """UTF-8 bytes: pad 0, byte b -> b + 1, SOT 257, EOT 258 (the largest id: the text tower pools at
-    argmax)."""
+    """UTF-8 bytes: pad 0, byte b -> b + 1, SOT 257, EOT 258 (the largest id: the text tower pools
+    at argmax)."""
     vocab_size = 259
     sot, eot = 257, 258
 
@@ -67,11 +68,12 @@ class ByteTokenizer:
 
 
 class WordTokenizer:
-    """Words and punctuation marks, each hashed (crc32) to one of 4091 ids: pad 0, SOT 4092, EOT 4093 (the
-    largest id: the text tower pools at argmax). A toy for tiny runs, offline like the byte tokenizer, but
-    a word is one token: captions are ~15 tokens instead of ~70 bytes, and a 2-layer text tower learns the
-    synthetic shape words within the quick start, which at the byte level it did not (README: measured).
-    Distinct words may share an id (hashing); the synthetic vocabulary has no such collision (tested)."""
+    """Words and punctuation marks, each hashed (crc32) to one of 4091 ids: pad 0, SOT 4092, EOT
+    4093 (the largest id: the text tower pools at argmax). A toy for tiny runs, offline like the
+    byte tokenizer, but a word is one token: captions are ~15 tokens instead of ~70 bytes, and a
+    2-layer text tower learns the synthetic shape words within the quick start, which at the byte
+    level it did not (README: measured). Distinct words may share an id (hashing); the synthetic
+    vocabulary has no such collision (tested)."""
     vocab_size = 4094
     sot, eot = 4092, 4093
 
@@ -79,15 +81,16 @@ class WordTokenizer:
         self.context_length = context_length
 
     def encode(self, text):
-        return [1 + zlib.crc32(w.encode('utf-8')) % 4091 for w in re.findall(r"\w+|[^\w\s]", text.lower())]
+        return [1 + zlib.crc32(w.encode('utf-8')) % 4091 for w in re.findall(r"\w+|[^\w\s]",
+            text.lower())]
 
     def __call__(self, texts):
         return pad_tokens([self.encode(t) for t in texts], self.sot, self.eot, self.context_length)
 
 
 def pad_tokens(id_lists, sot, eot, context_length):
-    """[SOT] + ids + [EOT], zero-padded to context_length; too long -> truncated, last id forced to EOT
-    (OpenCLIP's rule)."""
+    """[SOT] + ids + [EOT], zero-padded to context_length; too long -> truncated, last id forced to
+    EOT (OpenCLIP's rule)."""
     out = torch.zeros(len(id_lists), context_length, dtype=torch.long)  # (B, L)
     for i, ids in enumerate(id_lists):
         ids = [sot] + ids + [eot]
@@ -141,9 +144,12 @@ def bytes_to_unicode():
     return dict(zip(bs, map(chr, cs)))
 
 
-# CLIP's pre-tokenizer uses the `regex` module: specials | contractions | \p{L}+ | \p{N} | [^\s\p{L}\p{N}]+.
-# With plain `re`: letters = [^\W\d_]+, digits = \d, other = runs of (non-space non-word char or '_').
-# Difference: numeric characters that are not decimal digits (No/Nl: '²', '½', 'Ⅻ') count as letters here,
+# CLIP's pre-tokenizer uses the `regex` module: specials | contractions | \p{L}+ | \p{N} |
+# [^\s\p{L}\p{N}]+.
+# With plain `re`: letters = [^\W\d_]+, digits = \d, other = runs of (non-space non-word char or
+# '_').
+# Difference: numeric characters that are not decimal digits (No/Nl: '²', '½', 'Ⅻ') count as letters
+# here,
 # as single numbers there. ASCII and ordinary text tokenize identically.
 BPE_PATTERN = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
                          r"|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.IGNORECASE)
@@ -193,7 +199,8 @@ class BPETokenizer:
         return word
 
     def encode(self, text):
-        # cleaning as the official code without ftfy: double html.unescape, strip, collapse spaces, lowercase
+        # cleaning as the official code without ftfy: double html.unescape, strip, collapse spaces,
+        # lowercase
         text = html.unescape(html.unescape(text)).strip()
         text = re.sub(r'\s+', ' ', text).strip().lower()
         ids = []
@@ -221,19 +228,25 @@ def text_tokenizer(cfg, bpe_path=None):
     (`text_tokenizer`), so no stage ever guesses it."""
     tok = get_tokenizer(cfg.text_tokenizer, cfg.text_context_length, bpe_path)
     if tok.vocab_size != cfg.text_vocab_size:
-        raise DataError(f"the {cfg.text_tokenizer} tokenizer has {tok.vocab_size} ids but the text tower "
+        raise DataError(f"the {cfg.text_tokenizer} tokenizer has {tok.vocab_size} ids but the text "
+                        "tower "
                         f"{cfg.text_vocab_size}")
     return tok
 
 
 # -----------------------------------------------------------------------------
-# 2. synthetic shapes: a coloured object (sometimes a small distractor) on a plain/gradient/striped background
+# 2. synthetic shapes: a coloured object (sometimes a small distractor) on a plain/gradient/striped
+# background
 
-SYNTHETIC_VERSION = 2  # bump when the drawing or captions change: caches keyed on the data are rebuilt
+# bump when the drawing or captions change: caches keyed on the data are rebuilt
+SYNTHETIC_VERSION = 2
 SHAPES = ('circle', 'square', 'triangle', 'star', 'cross')
-COLORS = {'red': (215, 35, 35), 'green': (35, 165, 55), 'blue': (40, 75, 225), 'yellow': (235, 205, 25)}
-TONES = {'white': 245, 'light gray': 190, 'dark gray': 85, 'black': 20}  # backgrounds are unsaturated
-SHAPE_WORDS = {'circle': ('circle', 'circle', 'disk', 'round dot'), 'square': ('square', 'square', 'box'),
+COLORS = {'red': (215, 35, 35), 'green': (35, 165, 55), 'blue': (40, 75, 225), 'yellow': (235, 205,
+    25)}
+# backgrounds are unsaturated
+TONES = {'white': 245, 'light gray': 190, 'dark gray': 85, 'black': 20}
+SHAPE_WORDS = {'circle': ('circle', 'circle', 'disk', 'round dot'), 'square': ('square', 'square',
+    'box'),
                'triangle': ('triangle',), 'star': ('star', 'star', 'five-pointed star'),
                'cross': ('cross', 'cross', 'plus sign')}
 SIZE_WORDS = {'small': ('small', 'little', 'tiny'), 'large': ('large', 'big', 'huge')}
@@ -263,7 +276,8 @@ def shape_polygon(shape, cx, cy, r, angle):
                                                                         for k in range(10)]
     else:  # cross: a plus sign with arms 0.34 r half-wide
         a = 0.34 * r
-        pts = [(a, r), (a, a), (r, a), (r, -a), (a, -a), (a, -r), (-a, -r), (-a, -a), (-r, -a), (-r, a),
+        pts = [(a, r), (a, a), (r, a), (r, -a), (a, -a), (a, -r), (-a, -r), (-a, -a), (-r, -a),
+               (-r, a),
                (-a, a), (-a, r)]
         rad, ang = [math.hypot(x, y) for x, y in pts], [math.atan2(y, x) for x, y in pts]
     return [(cx + q * math.cos(t + angle), cy + q * math.sin(t + angle)) for q, t in zip(rad, ang)]
@@ -272,9 +286,10 @@ def shape_polygon(shape, cx, cy, r, angle):
 class SyntheticDataset(Dataset):
     """Procedural image-caption pairs, deterministic from (seed, split, index), no files.
 
-    Item i -> (PIL RGB image_size^2, caption, label). Label = shape x colour (20 classes, class_names like
-    'red circle'); size, position, background and an optional distractor are free attributes that captions
-    mention only sometimes, in varied words and order. train and val draw from separate RNG streams."""
+    Item i -> (PIL RGB image_size^2, caption, label). Label = shape x colour (20 classes,
+    class_names like 'red circle'); size, position, background and an optional distractor are free
+    attributes that captions mention only sometimes, in varied words and order. train and val draw
+    from separate RNG streams."""
     class_names = [f'{c} {s}' for s in SHAPES for c in COLORS]
     templates = SYNTH_TEMPLATES
     num_classes = len(SHAPES) * len(COLORS)
@@ -299,8 +314,10 @@ class SyntheticDataset(Dataset):
                  angle=float(rng.uniform(-0.35, 0.35)), jitter=rng.uniform(-0.03, 0.03, 2),
                  rgb_noise=rng.integers(-20, 21, 3), tint=rng.integers(-8, 9, 3))
         # large enough for a tiny ViT to tell the shapes apart within minutes: at radii 0.15-0.34 a
-        # supervised ViT-tiny (patch 16) recognised 70 % of val shapes after 600 steps, at these 87 %
-        a['radius'] = float(rng.uniform(0.36, 0.44) if a['size'] == 'large' else rng.uniform(0.21, 0.26))
+        # supervised ViT-tiny (patch 16) recognised 70 % of val shapes after 600 steps, at these 87
+        # %
+        a['radius'] = float(rng.uniform(0.36, 0.44) if a['size'] == 'large' else rng.uniform(0.21,
+            0.26))
         a['distractor'] = None
         if rng.random() < 0.3:  # a small second object of another shape and colour in a far corner
             a['distractor'] = (int((a['shape'] + rng.integers(1, len(SHAPES))) % len(SHAPES)),
@@ -320,20 +337,24 @@ class SyntheticDataset(Dataset):
             img = Image.fromarray(np.ascontiguousarray(arr))
         else:
             img = Image.new('RGB', (S, S), tuple(int(v) for v in t0))
-            d, w, fill = ImageDraw.Draw(img), max(2, int(a['stripe'] * S)), tuple(int(v) for v in t1)
+            d, w = ImageDraw.Draw(img), max(2, int(a['stripe'] * S))
+            fill = tuple(int(v) for v in t1)
             for k in range(0, S, 2 * w):
-                d.rectangle((k, 0, k + w - 1, S) if a['vertical'] else (0, k, S, k + w - 1), fill=fill)
+                d.rectangle((k, 0, k + w - 1, S) if a['vertical'] else (0, k, S, k + w - 1),
+                            fill=fill)
         d = ImageDraw.Draw(img)
         r = a['radius']
         dx, dy = POS_XY[a['pos']]
         off = max(0.5 - r - 0.03, 0.08)  # keep the object inside the image
         cx, cy = 0.5 + dx * off + a['jitter'][0], 0.5 + dy * off + a['jitter'][1]
-        if a['distractor'] is not None:  # far corner from the main object, drawn first (may be occluded)
+        # far corner from the main object, drawn first (may be occluded)
+        if a['distractor'] is not None:
             qx, qy = (0.15 if cx > 0.5 else 0.85), (0.15 if cy > 0.5 else 0.85)
             self._shape(d, SHAPES[a['distractor'][0]], tuple(COLORS.values())[a['distractor'][1]],
                         qx * S, qy * S, 0.1 * S, a['angle'])
         color = np.clip(np.array(tuple(COLORS.values())[a['color']]) + a['rgb_noise'], 0, 255)
-        self._shape(d, SHAPES[a['shape']], tuple(int(v) for v in color), cx * S, cy * S, r * S, a['angle'])
+        self._shape(d, SHAPES[a['shape']], tuple(int(v) for v in color), cx * S, cy * S, r * S,
+                    a['angle'])
         return img.reduce(2)
 
     @staticmethod
@@ -357,9 +378,11 @@ class SyntheticDataset(Dataset):
         if rng.random() < 0.35:
             tone = a['tones'][0]
             mods.append({'plain': pick((f'on a {tone} background', f'on {tone}')),
-                         'gradient': pick(('on a gradient', f"on a {tone} to {a['tones'][1]} gradient")),
+                         'gradient': pick(('on a gradient',
+                                           f"on a {tone} to {a['tones'][1]} gradient")),
                          'stripes': pick(('on a striped background', 'on stripes',
-                                          f"with {'vertical' if a['vertical'] else 'horizontal'} stripes"))}
+                                          f"with {'vertical' if a['vertical'] else 'horizontal'} "
+                                          "stripes"))}
                         [a['bg']])
         if a['distractor'] is not None and rng.random() < 0.6:
             s2, c2 = SHAPES[a['distractor'][0]], tuple(COLORS)[a['distractor'][1]]
@@ -391,8 +414,10 @@ IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 TAR_IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
 MIN_SIDE = 8                    # smaller images are skipped ('too_small')
 HUGE_PIXELS = 4096 * 4096       # larger ones are counted as 'downscaled_huge'
-# PIL refuses images above 2 x MAX_IMAGE_PIXELS (decompression-bomb guard, default ~179 Mpx). Raised to
-# 268 Mpx: JPEGs are decoded at reduced scale through draft(); anything larger is counted 'too_large'.
+# PIL refuses images above 2 x MAX_IMAGE_PIXELS (decompression-bomb guard, default ~179 Mpx). Raised
+# to
+# 268 Mpx: JPEGs are decoded at reduced scale through draft(); anything larger is counted
+# 'too_large'.
 Image.MAX_IMAGE_PIXELS = 2 ** 27
 warnings.filterwarnings('ignore', category=Image.DecompressionBombWarning)
 # real-data templates (zero-shot prompts and ImageFolder captions)
@@ -427,15 +452,18 @@ def to_rgb(img, counts):
     return img.convert('RGB')  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-# EXIF orientation tag (0x0112) -> the transpose that displays the image upright (as ImageOps.exif_transpose)
+# EXIF orientation tag (0x0112) -> the transpose that displays the image upright (as
+# ImageOps.exif_transpose)
 EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-                  6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+                  6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                  8: Image.Transpose.ROTATE_90}
 
 
 def load_image(src, counts, min_short=0):
-    """A path or bytes -> PIL RGB, or None with the reason counted. Images are shrunk on load (JPEG draft
-    + integer box reduce) while the short side stays >= min_short, which keeps huge images cheap."""
+    """A path or bytes -> PIL RGB, or None with the reason counted. Images are shrunk on load (JPEG
+    draft + integer box reduce) while the short side stays >= min_short, which keeps huge images
+    cheap."""
     try:
         if isinstance(src, (bytes, bytearray)):
             if len(src) == 0:
@@ -452,7 +480,8 @@ def load_image(src, counts, min_short=0):
                 skip(counts, 'downscaled_huge')
             if min_short and img.format == 'JPEG' and min(w, h) >= 2 * min_short:
                 s = min_short / min(w, h)
-                img.draft(img.mode, (math.ceil(w * s), math.ceil(h * s)))  # DCT-domain downscale, 1/2..1/8
+                # DCT-domain downscale, 1/2..1/8
+                img.draft(img.mode, (math.ceil(w * s), math.ceil(h * s)))
             img.load()
             if min_short and min(img.size) >= 2 * min_short:
                 img = img.reduce(min(img.size) // min_short)
@@ -501,12 +530,13 @@ class FileDataset(Dataset):
 
 
 class ImageFolderDataset(FileDataset):
-    """root/<class>/**/<image>: label = sorted class-folder index, caption = a prompt template with the class
-    name (the template varies with the index)."""
+    """root/<class>/**/<image>: label = sorted class-folder index, caption = a prompt template with
+    the class name (the template varies with the index)."""
 
     def __init__(self, root, image_size=256):
         classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self.files = [(p, y) for y, c in enumerate(classes) for p in list_images(os.path.join(root, c))]
+        self.files = [(p, y) for y, c in enumerate(classes) for p in list_images(os.path.join(root,
+            c))]
         if not self.files:
             raise DataError(f"no images found under the class folders of {root}")
         self.class_names = [c.replace('_', ' ') for c in classes]
@@ -566,11 +596,12 @@ def expand_braces(pattern):
 
 
 class TarShards(IterableDataset):
-    """webdataset-style shards as img2dataset writes them: members grouped by key (the path up to the first
-    '.' of the file name), key.jpg|jpeg|png|webp + key.txt [+ key.json, key.cls]; read with tarfile only.
+    """webdataset-style shards as img2dataset writes them: members grouped by key (the path up to
+    the first '.' of the file name), key.jpg|jpeg|png|webp + key.txt [+ key.json, key.cls]; read
+    with tarfile only.
 
-    Iterating it directly streams every shard once in order (evaluation); TrainLoader instead gives each
-    (rank, worker) its own shards in a seeded order (see StreamMicroBatches)."""
+    Iterating it directly streams every shard once in order (evaluation); TrainLoader instead gives
+    each (rank, worker) its own shards in a seeded order (see StreamMicroBatches)."""
     class_names, templates, num_classes = [], REAL_TEMPLATES, 0
 
     def __init__(self, shards, image_size=256):
@@ -629,8 +660,9 @@ class TarShards(IterableDataset):
 
 
 def open_dataset(spec, split='train', image_size=64, seed=0, length=None):
-    """'synthetic' | folder of class sub-folders | folder of images + .txt captions | .tar shards (a file, a
-    folder of *.tar, a glob or a brace pattern). A folder with a sub-folder named `split` uses that."""
+    """'synthetic' | folder of class sub-folders | folder of images + .txt captions | .tar shards (a
+    file, a folder of *.tar, a glob or a brace pattern). A folder with a sub-folder named `split`
+    uses that."""
     if spec == 'synthetic':
         return SyntheticDataset(split, length=length, image_size=image_size, seed=seed)
     if not any(c in spec for c in '*?{') and not os.path.exists(spec):
@@ -660,8 +692,8 @@ def open_dataset(spec, split='train', image_size=64, seed=0, length=None):
 
 
 def center_crop_arr(pil_image, size):
-    """ADM's centre crop (reconstruction eval, generation): halve with BOX while the short side >= 2 size,
-    BICUBIC-resize the short side to size (rounding), centre crop."""
+    """ADM's centre crop (reconstruction eval, generation): halve with BOX while the short side >= 2
+    size, BICUBIC-resize the short side to size (rounding), centre crop."""
     img = pil_image
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
@@ -715,7 +747,8 @@ def color_jitter(img, rng, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1
 
 
 def ssl_view(img, rng, size, scale, blur_p, solarize_p=0.0, jitter=1.0, gray_p=0.2):
-    """One DINOv2 crop (recipe_full.md §4): crop + flip, colour jitter (DINOv2's strengths (0.4, 0.4,
+    """One DINOv2 crop (recipe_full.md §4): crop + flip, colour jitter (DINOv2's strengths (0.4,
+    0.4,
     0.2, 0.1) times `jitter`) with p 0.8, grayscale, Gaussian blur, solarize."""
     img = random_resized_crop(img, rng, size, scale)
     if rng.random() < 0.5:
@@ -733,12 +766,15 @@ def ssl_view(img, rng, size, scale, blur_p, solarize_p=0.0, jitter=1.0, gray_p=0
 
 
 def multi_crop(img, rng, global_size, local_size, n_local, jitter=1.0, gray_p=0.2):
-    """2 global crops and n_local local crops, DINOv2's pipeline as it trains rather than as written:
-    its GaussianBlur(p) hands 1 - p to RandomApply, so the written blur probabilities 1.0 / 0.1 / 0.5
-    (global 1 / global 2 / locals) are 0.0 / 0.9 / 0.5 in effect; global 2 is also solarized p 0.2."""
+    """2 global crops and n_local local crops, DINOv2's pipeline as it trains rather than as
+    written: its GaussianBlur(p) hands 1 - p to RandomApply, so the written blur probabilities 1.0 /
+    0.1 /
+    0.5 (global 1 / global 2 / locals) are 0.0 / 0.9 / 0.5 in effect; global 2 is also solarized p
+    0.2."""
     g = [ssl_view(img, rng, global_size, (0.32, 1.0), 0.0, 0.0, jitter, gray_p),
          ssl_view(img, rng, global_size, (0.32, 1.0), 0.9, 0.2, jitter, gray_p)]
-    loc = [ssl_view(img, rng, local_size, (0.05, 0.32), 0.5, 0.0, jitter, gray_p) for _ in range(n_local)]
+    loc = [ssl_view(img, rng, local_size, (0.05, 0.32), 0.5, 0.0, jitter,
+                    gray_p) for _ in range(n_local)]
     return g, loc
 
 
@@ -759,9 +795,9 @@ def normalize(arrays):
 
 
 def block_mask(rng, h, w, ratio, min_patches=4, max_frac=0.5, aspect=0.3):
-    """BEiT/DINOv2 block-wise mask (recipe_full.md §2): add random rectangles (area U(4, remaining), aspect
-    log-uniform in [0.3, 1/0.3]) until int(h*w*ratio) patches are masked or a block cannot be placed.
-    Never exceeds the target. -> (h*w,) bool."""
+    """BEiT/DINOv2 block-wise mask (recipe_full.md §2): add random rectangles (area U(4, remaining),
+    aspect log-uniform in [0.3, 1/0.3]) until int(h*w*ratio) patches are masked or a block cannot be
+    placed. Never exceeds the target. -> (h*w,) bool."""
     mask = np.zeros((h, w), dtype=bool)
     target, max_patches = int(h * w * ratio), max_frac * h * w
     log_ar = (math.log(aspect), math.log(1 / aspect))
@@ -770,7 +806,8 @@ def block_mask(rng, h, w, ratio, min_patches=4, max_frac=0.5, aspect=0.3):
         budget = min(target - count, max_patches)
         delta = 0
         for _ in range(10):
-            area = rng.uniform(min(min_patches, budget), max(min_patches, budget))  # as random.uniform
+            # as random.uniform
+            area = rng.uniform(min(min_patches, budget), max(min_patches, budget))
             ar = math.exp(rng.uniform(*log_ar))
             bh, bw = int(round(math.sqrt(area * ar))), int(round(math.sqrt(area / ar)))
             if 0 < bh < h and 0 < bw < w:
@@ -791,8 +828,8 @@ def block_mask(rng, h, w, ratio, min_patches=4, max_frac=0.5, aspect=0.3):
 
 
 def permute_index(i, n, seed, epoch):
-    """A seeded bijection of range(n) evaluated at i (4-round Feistel network + cycle walking): the epoch's
-    shuffle without materialising an O(n) permutation (277M-sample datasets)."""
+    """A seeded bijection of range(n) evaluated at i (4-round Feistel network + cycle walking): the
+    epoch's shuffle without materialising an O(n) permutation (277M-sample datasets)."""
     half = max(1, ((n - 1).bit_length() + 1) // 2)
     mask = (1 << half) - 1
     key = mix64(mix64(seed, 0x5EED) ^ epoch, 0xE90C)
@@ -817,10 +854,12 @@ def mix64(x, key):
 
 class MicroBatchBuilder:
     """Turns (global micro-batch index, samples) into a batch. Positions, subsets, and every random
-    choice are functions of the global sample position p = step*global_batch + (micro*world + rank)*b + j,
-    so data do not depend on workers, resume point, or how the global batch is split over ranks."""
+    choice are functions of the global sample position p = step*global_batch + (micro*world +
+    rank)*b + j, so data do not depend on workers, resume point, or how the global batch is split
+    over ranks."""
 
-    def __init__(self, tokenizer, image_size, global_size, local_size, n_local, global_batch, ssl_batch,
+    def __init__(self, tokenizer, image_size, global_size, local_size, n_local, global_batch,
+                 ssl_batch,
                  rec_batch, world_size, rank, grad_accum, seed, mask_prob, mask_ratio, patch_size,
                  clip=True, jitter=1.0, gray_p=0.2):
         self.tokenizer, self.image_size, self.n_local = tokenizer, image_size, n_local
@@ -830,17 +869,20 @@ class MicroBatchBuilder:
         self.mask_prob, self.mask_ratio, self.patch_size = mask_prob, mask_ratio, patch_size
         self.clip, self.jitter, self.gray_p = clip, jitter, gray_p
         self.b = global_batch // (world_size * grad_accum)  # the micro-batch's share of the batch
-        self.rows = len(self.positions(0)[2])  # samples it loads: b, or without CLIP the rec/SSL ones
+        # samples it loads: b, or without CLIP the rec/SSL ones
+        self.rows = len(self.positions(0)[2])
         self.n_patches = (global_size // patch_size) ** 2
         n_ssl = ssl_batch // (world_size * grad_accum)
         # fixed-size iBOT gather: an image never exceeds int(N * mask_ratio[1]) masked patches
         self.ibot_size = math.ceil(2 * n_ssl * self.n_patches * mask_ratio[1])
 
     def positions(self, k):
-        """Micro-batch k (counted from step 0) -> step, micro, positions ordered rec, other SSL, rest
-        (the rest only with CLIP: without it they are not loaded at all), n_rec, per-row SSL flags."""
+        """Micro-batch k (counted from step 0) -> step, micro, positions ordered rec, other SSL,
+        rest (the rest only with CLIP: without it they are not loaded at all), n_rec, per-row SSL
+        flags."""
         step, micro = divmod(k, self.grad_accum)
-        kk = (micro * self.world_size + self.rank) * self.b + np.arange(self.b)  # index in the batch
+        # index in the batch
+        kk = (micro * self.world_size + self.rank) * self.b + np.arange(self.b)
         rec = (kk % (self.global_batch // self.rec_batch) == 0) if self.rec_batch else np.zeros(self.b, bool)
         ssl = (kk % (self.global_batch // self.ssl_batch) == 0) if self.ssl_batch else np.zeros(self.b, bool)
         rest = np.flatnonzero(~ssl & ~rec) if self.clip else np.zeros(0, int)
@@ -848,16 +890,18 @@ class MicroBatchBuilder:
         return step, micro, step * self.global_batch + kk[order], int(rec.sum()), ssl[order]
 
     def build(self, k, samples, counts):
-        """samples: (image, caption, label) in the row order of positions(k). Main views for every row
-        with CLIP, else for the n_rec reconstruction rows only."""
+        """samples: (image, caption, label) in the row order of positions(k). Main views for every
+        row with CLIP, else for the n_rec reconstruction rows only."""
         step, micro, pos, n_rec, ssl = self.positions(k)
         main, glob_, loc, masks = [], [[], []], [], []
         for j, (p, (img, _, _), is_ssl) in enumerate(zip(pos.tolist(), samples, ssl)):
             if self.clip or j < n_rec:
-                main.append(main_view(img, np.random.default_rng([self.seed, p, 0]), self.image_size))
+                main.append(main_view(img, np.random.default_rng([self.seed, p, 0]),
+                                      self.image_size))
             if is_ssl:  # a separate stream, so the main view does not depend on the SSL settings
                 rng = np.random.default_rng([self.seed, p, 1])
-                g, l = multi_crop(img, rng, self.global_size, self.local_size, self.n_local, self.jitter,
+                g, l = multi_crop(img, rng, self.global_size, self.local_size, self.n_local,
+                                  self.jitter,
                                   self.gray_p)
                 glob_[0].append(g[0])
                 glob_[1].append(g[1])
@@ -872,8 +916,10 @@ class MicroBatchBuilder:
         return batch
 
     def mask(self, rng):
-        # DINOv2 masks exactly half of a batch's global crops with stratified ratios; an independent draw
-        # per crop (probability mask_prob, ratio ~ U(mask_ratio)) keeps every choice a function of p alone
+        # DINOv2 masks exactly half of a batch's global crops with stratified ratios; an independent
+        # draw
+        # per crop (probability mask_prob, ratio ~ U(mask_ratio)) keeps every choice a function of p
+        # alone
         g = self.global_size // self.patch_size
         if rng.random() >= self.mask_prob:
             return np.zeros(g * g, dtype=bool)
@@ -886,7 +932,8 @@ class MicroBatchBuilder:
         per_image = m.sum(1)  # (2n,)
         w = 1.0 / per_image[idx // self.n_patches]
         assert len(idx) <= self.ibot_size
-        # the real entries first, then padding (weight 0): the teacher runs on the n_masked real ones
+        # the real entries first, then padding (weight 0): the teacher runs on the n_masked real
+        # ones
         index = torch.zeros(self.ibot_size, dtype=torch.long)
         weight = torch.zeros(self.ibot_size, dtype=torch.float)
         index[:len(idx)] = torch.from_numpy(idx)
@@ -928,22 +975,25 @@ class MapMicroBatches(Dataset):
                 if s is not None:
                     break
             else:
-                raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive bad samples from index {i}: {counts}")
+                raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive bad samples from index {i}: "
+                                   f"{counts}")
             samples.append(s)
         return self.builder.build(k, samples, counts)
 
 
 class StreamMicroBatches(IterableDataset):
-    """Micro-batches from tar shards. Each (rank, worker) slot streams its own shards: every pass over
-    the data ("epoch") shuffles the shard list with (seed, start_step, epoch) and slot s takes shards
-    s::slots. Samples then go through a shuffle buffer (as webdataset/OpenCLIP: raw bytes, decoded on
-    the way out), so a micro-batch mixes samples of several shards and class-sorted shards do not give
-    single-class CLIP batches. Worker w yields micro-batches k0 + w, k0 + w + workers, ... (the
-    DataLoader interleaves them in order), so positions and subsets are as for map-style data.
+    """Micro-batches from tar shards. Each (rank, worker) slot streams its own shards: every pass
+    over the data ("epoch") shuffles the shard list with (seed, start_step, epoch) and slot s takes
+    shards s::slots. Samples then go through a shuffle buffer (as webdataset/OpenCLIP: raw bytes,
+    decoded on the way out), so a micro-batch mixes samples of several shards and class-sorted
+    shards do not give single-class CLIP batches. Worker w yields micro-batches k0 + w, k0 + w +
+    workers, ... (the DataLoader interleaves them in order), so positions and subsets are as for
+    map-style data.
 
     Not exact on resume (as upstream streams): a run resumed at step s starts fresh passes over the
     shards in another order with an empty buffer; it does not replay the data seen before, nor
-    continue mid-shard. What is exact: a resumed run is the same whenever it is resumed at step s."""
+    continue mid-shard. What is exact: a resumed run is the same whenever it is resumed at step
+    s."""
 
     def __init__(self, dataset, builder, start_k, start_step, num_workers, shuffle_buffer=1000):
         self.dataset, self.builder, self.start_k = dataset, builder, start_k
@@ -964,7 +1014,8 @@ class StreamMicroBatches(IterableDataset):
                 order = rng.permutation(len(self.dataset.shards))
                 yield from (self.dataset.shards[i] for i in order[slot::slots])
                 if read[0] == before:
-                    raise RuntimeError(f"no readable samples in shards {order[slot::slots]}: {counts}")
+                    raise RuntimeError(f"no readable samples in shards {order[slot::slots]}: "
+                                       f"{counts}")
 
         def shuffled(groups):
             rng = np.random.default_rng([self.builder.seed, self.start_step, slot, 0x5B])
@@ -993,38 +1044,47 @@ class StreamMicroBatches(IterableDataset):
 
 
 class TrainLoader:
-    """Stage-1 micro-batches, forever, from start_step: (step s, micro 0..grad_accum-1), then s+1, ...
+    """Stage-1 micro-batches, forever, from start_step: (step s, micro 0..grad_accum-1), then s+1,
+    ...
 
     Each batch (b rows with CLIP; without it only the rec and SSL rows are loaded): images (b,3,S,S)
     (without CLIP the n_rec rows only, or None), tokens (b,L) (None without a tokenizer), labels (-1
-    unknown), positions, n_rec, n_ssl, step, micro, skipped {reason: count} for this batch; with SSL:
-    global_crops (2n,3,G,G) and local_crops (n_local*n,3,l,l) crop-major, masks (2n, (G/patch)^2) bool,
-    ibot_index (M,) / ibot_weight (M,) padded to the fixed M = ceil(2n N mask_ratio[1]) (weight
-    1/#masked of the image, 0 for padding) and n_masked, the number of real entries (an int).
-    Rows are ordered rec members, other SSL members, the rest: the model reconstructs images[:n_rec];
-    when global_batch//rec_batch is a multiple of global_batch//ssl_batch the SSL samples come first.
-    clip=False: the CLIP batch is not used; jitter, gray_p: colour augmentation of the SSL crops."""
+    unknown), positions, n_rec, n_ssl, step, micro, skipped {reason: count} for this batch; with
+    SSL: global_crops (2n,3,G,G) and local_crops (n_local*n,3,l,l) crop-major, masks (2n,
+    (G/patch)^2) bool, ibot_index (M,) / ibot_weight (M,) padded to the fixed M = ceil(2n N
+    mask_ratio[1]) (weight 1/#masked of the image, 0 for padding) and n_masked, the number of real
+    entries (an int). Rows are ordered rec members, other SSL members, the rest: the model
+    reconstructs images[:n_rec]; when global_batch//rec_batch is a multiple of
+    global_batch//ssl_batch the SSL samples come first. clip=False: the CLIP batch is not used;
+    jitter, gray_p: colour augmentation of the SSL crops."""
 
-    def __init__(self, dataset, tokenizer, *, image_size, global_size, local_size, n_local, global_batch,
+    def __init__(self, dataset, tokenizer, *, image_size, global_size, local_size, n_local,
+                 global_batch,
                  ssl_batch, rec_batch, world_size=1, rank=0, grad_accum=1, seed=0, start_step=0,
-                 num_workers=0, mask_prob=0.5, mask_ratio=(0.1, 0.5), patch_size=16, prefetch_factor=2,
+                 num_workers=0, mask_prob=0.5, mask_ratio=(0.1, 0.5), patch_size=16,
+                 prefetch_factor=2,
                  clip=True, jitter=1.0, gray_p=0.2, shuffle_buffer=1000):
         parts = world_size * grad_accum
         if global_batch % parts:
-            raise DataError(f"global batch {global_batch} is not divisible by world_size {world_size} x "
+            raise DataError(f"global batch {global_batch} is not divisible by world_size "
+                            f"{world_size} x "
                             f"grad_accum {grad_accum}")
         for name, sub in (('ssl', ssl_batch), ('rec', rec_batch)):
             if sub and (global_batch % sub or sub % parts):
-                raise DataError(f"{name} batch {sub} must divide global batch {global_batch} and be "
+                raise DataError(f"{name} batch {sub} must divide global batch {global_batch} and "
+                                "be "
                                 f"divisible by world_size x grad_accum = {parts}")
         if ssl_batch and (global_size % patch_size or n_local and local_size % patch_size):
-            raise DataError(f"crop sizes {global_size}/{local_size} must be multiples of the patch size "
+            raise DataError(f"crop sizes {global_size}/{local_size} must be multiples of the patch "
+                            "size "
                             f"{patch_size}")
         self.dataset, self.start_step, self.grad_accum = dataset, start_step, grad_accum
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.builder = MicroBatchBuilder(tokenizer, image_size, global_size, local_size, n_local,
-                                         global_batch, ssl_batch, rec_batch, world_size, rank, grad_accum,
-                                         seed, mask_prob, tuple(mask_ratio), patch_size, clip, jitter,
+                                         global_batch, ssl_batch, rec_batch, world_size, rank,
+                                         grad_accum,
+                                         seed, mask_prob, tuple(mask_ratio), patch_size, clip,
+                                         jitter,
                                          gray_p)
         self.shuffle_buffer = shuffle_buffer
         self.streaming = isinstance(dataset, IterableDataset)
@@ -1034,7 +1094,8 @@ class TrainLoader:
             slots = world_size * max(num_workers, 1)
             if len(dataset.shards) < slots:
                 raise DataError(f"{len(dataset.shards)} shards for {world_size} ranks x "
-                                f"{max(num_workers, 1)} workers: need at least one shard per (rank, worker); "
+                                f"{max(num_workers, 1)} workers: need at least one shard per "
+                                "(rank, worker); "
                                 f"use fewer workers")
 
     def __iter__(self):
@@ -1082,20 +1143,22 @@ def eval_batch(samples, transform, tokenizer, counts):
         return dict(images=None, tokens=None, labels=None, skipped=dict(counts))
     return dict(images=normalize([np.asarray(transform(s[0])) for s in samples]),
                 tokens=tokenizer([s[1] for s in samples]) if tokenizer is not None else None,
-                labels=torch.tensor([s[2] for s in samples], dtype=torch.long), skipped=dict(counts))
+                labels=torch.tensor([s[2] for s in samples], dtype=torch.long),
+                skipped=dict(counts))
 
 
 def eval_batches(dataset, batch_size, image_size=None, transform=None, tokenizer=None, limit=0,
                  rank=0, world_size=1, num_workers=0):
-    """The one evaluation pipeline (training-time evaluation and evaluate.py): the first `limit` samples
-    (0 = all), each once, in order, through `transform` (PIL -> PIL or array; default: ADM's centre crop
-    at image_size), as dicts of images (n,3,S,S) ImageNet-normalised, tokens (n,L) (None without a
-    tokenizer), labels (n,) and skipped {reason: count}. Bad samples are dropped and counted; a batch of
-    only bad samples has images None. Streamed: nothing is held beyond the loader's prefetch. With
-    world_size > 1, rank r gets batches r, r + world, ... (tar shards: shards r::world), for evaluation
-    sharded over ranks."""
+    """The one evaluation pipeline (training-time evaluation and evaluate.py): the first `limit`
+    samples (0 = all), each once, in order, through `transform` (PIL -> PIL or array; default: ADM's
+    centre crop at image_size), as dicts of images (n,3,S,S) ImageNet-normalised, tokens (n,L) (None
+    without a tokenizer), labels (n,) and skipped {reason: count}. Bad samples are dropped and
+    counted; a batch of only bad samples has images None. Streamed: nothing is held beyond the
+    loader's prefetch. With world_size > 1, rank r gets batches r, r + world, ... (tar shards:
+    shards r::world), for evaluation sharded over ranks."""
     transform = transform or functools.partial(center_crop_arr, size=image_size)
-    if isinstance(dataset, IterableDataset):  # tar shards: one pass over this rank's shards, in order
+    # tar shards: one pass over this rank's shards, in order
+    if isinstance(dataset, IterableDataset):
         counts, samples, seen = {}, [], 0
         for s in dataset.samples(dataset.shards[rank::world_size], counts):
             samples.append(s)
@@ -1111,17 +1174,19 @@ def eval_batches(dataset, batch_size, image_size=None, transform=None, tokenizer
         return
     n = min(len(dataset), limit) if limit else len(dataset)
     ids = list(range(rank, math.ceil(n / batch_size), world_size))
-    yield from DataLoader(EvalBatches(dataset, transform, tokenizer, batch_size, n, ids), batch_size=None,
+    yield from DataLoader(EvalBatches(dataset, transform, tokenizer, batch_size, n, ids),
+                          batch_size=None,
                           num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                           generator=torch.Generator().manual_seed(0))
 
 
 def worker_count(requested, say=None):
-    """DataLoader workers: at most one per CPU of this process (more only thrash); say() it once when
-    fewer than requested."""
+    """DataLoader workers: at most one per CPU of this process (more only thrash); say() it once
+    when fewer than requested."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
     if requested > cpus and say is not None:
-        say(f"using {cpus} data worker(s), not {requested}: this machine gives the process {cpus} CPU(s)")
+        say(f"using {cpus} data worker(s), not {requested}: this machine gives the process {cpus} "
+            "CPU(s)")
     return max(0, min(requested, cpus))
 
 
@@ -1134,8 +1199,8 @@ LATENT_STATS_IMAGES = 10000  # upstream measures mean/std on 10k latents
 
 
 def encoder_fingerprint(tokenizer):
-    """sha256 of the encoder weights (trunk.*, everything encode() reads): a decoder fine-tuned in stage 2 keeps
-    the fingerprint, so its latents and their statistics stay valid."""
+    """sha256 of the encoder weights (trunk.*, everything encode() reads): a decoder fine-tuned in
+    stage 2 keeps the fingerprint, so its latents and their statistics stay valid."""
     h = hashlib.sha256()
     for name, t in sorted(tokenizer.trunk.state_dict().items()):
         h.update(f'{name}:{tuple(t.shape)}:{t.dtype};'.encode())
@@ -1160,8 +1225,8 @@ def read_latent_meta(latent_dir):
 
 
 class CroppedImages(Dataset):
-    """Dataset items -> ((uint8 (S, S, 3) ADM centre crop, label, index, caption), counts), or (None,
-    counts) for a bad image. Runs in DataLoader workers."""
+    """Dataset items -> ((uint8 (S, S, 3) ADM centre crop, label, index, caption), counts), or
+    (None, counts) for a bad image. Runs in DataLoader workers."""
 
     def __init__(self, dataset, indices, image_size):
         self.dataset, self.indices, self.image_size = dataset, indices, image_size
@@ -1174,18 +1239,20 @@ class CroppedImages(Dataset):
         s = load_sample(self.dataset, self.indices[k], counts)
         if s is None:
             return None, counts
-        return (np.asarray(center_crop_arr(s[0], self.image_size)), s[2], self.indices[k], s[1]), counts
+        return (np.asarray(center_crop_arr(s[0], self.image_size)), s[2], self.indices[k],
+                s[1]), counts
 
 
 @torch.no_grad()
 def encode_shard(tokenizer, samples, batch_size, device):
-    """Encode (crop, label, index, caption) samples plain and flipped -> shard dict of fp32 CPU tensors
-    and the captions (for text-to-image)."""
+    """Encode (crop, label, index, caption) samples plain and flipped -> shard dict of fp32 CPU
+    tensors and the captions (for text-to-image)."""
     plain, flipped, rows = [], [], []
     for i in range(0, len(samples), batch_size):
         good = samples[i:i + batch_size]
         x = normalize([s[0] for s in good]).to(device)  # (n, 3, S, S), ImageNet-normalised
-        # fp32, no autocast (upstream extract_features); the flip in pixel space commutes with normalising
+        # fp32, no autocast (upstream extract_features); the flip in pixel space commutes with
+        # normalising
         plain.append(tokenizer.encode(x).float().cpu())  # (n, d, S/p, S/p)
         flipped.append(tokenizer.encode(x.flip(3)).float().cpu())
         rows += [s[1:] for s in good]
@@ -1193,7 +1260,8 @@ def encode_shard(tokenizer, samples, batch_size, device):
         return None
     labels, kept, captions = zip(*rows)
     return {'latents': torch.cat(plain), 'latents_flip': torch.cat(flipped),
-            'labels': torch.tensor(labels, dtype=torch.int64), 'indices': torch.tensor(kept, dtype=torch.int64),
+            'labels': torch.tensor(labels, dtype=torch.int64), 'indices': torch.tensor(kept,
+                dtype=torch.int64),
             'captions': list(captions)}
 
 
@@ -1214,13 +1282,16 @@ def crop_samples(dataset, indices, image_size, num_workers, skipped):
 
 
 def latent_stats(latent_dir, shard_files, max_images=LATENT_STATS_IMAGES, seed=0):
-    """Per-channel mean and unbiased std (1, C, 1, 1) over (N, H, W) of up to max_images non-flipped latents
-    (upstream: a np.random.choice without replacement; ours is seeded, so a rebuild gives the same stats)."""
-    shards = [torch.load(os.path.join(latent_dir, f), map_location='cpu', mmap=True, weights_only=True)
+    """Per-channel mean and unbiased std (1, C, 1, 1) over (N, H, W) of up to max_images non-flipped
+    latents (upstream: a np.random.choice without replacement; ours is seeded, so a rebuild gives
+    the same stats)."""
+    shards = [torch.load(os.path.join(latent_dir, f), map_location='cpu', mmap=True,
+                         weights_only=True)
               for f in shard_files]
     sizes = [len(s['labels']) for s in shards]
     n = sum(sizes)
-    pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_images].sort().values
+    pick = torch.randperm(n,
+                          generator=torch.Generator().manual_seed(seed))[:max_images].sort().values
     rows, start = [], 0
     for s, size in zip(shards, sizes):
         sel = pick[(pick >= start) & (pick < start + size)] - start
@@ -1239,11 +1310,11 @@ def barrier():
 def build_latent_cache(tokenizer, data_spec, latent_dir, image_size, num_images=0, batch_size=64,
                        num_workers=4, device='cpu', rank=0, world_size=1, log=print):
     """Encode the first num_images (0 = all) training images of data_spec (with their labels and
-    captions) into latent_dir, unless a complete cache with the same key (encoder weights, data, image
-    size, count) is there. Shard k holds images [k*4096, (k+1)*4096) (of .tar data: the samples of tar
-    shard k, every one of them) and is written by rank k % world_size, so the cache does not depend on
-    the number of ranks; rank 0 then measures the stats and writes meta.json last. Call on every rank
-    (it has barriers). Returns (meta, built)."""
+    captions) into latent_dir, unless a complete cache with the same key (encoder weights, data,
+    image size, count) is there. Shard k holds images [k*4096, (k+1)*4096) (of .tar data: the
+    samples of tar shard k, every one of them) and is written by rank k % world_size, so the cache
+    does not depend on the number of ranks; rank 0 then measures the stats and writes meta.json
+    last. Call on every rank (it has barriers). Returns (meta, built)."""
     key = latent_cache_key(tokenizer, data_spec, image_size, num_images)
     meta = read_latent_meta(latent_dir)
     if meta is not None and meta['key'] == key:
@@ -1252,13 +1323,14 @@ def build_latent_cache(tokenizer, data_spec, latent_dir, image_size, num_images=
     stream = isinstance(dataset, IterableDataset)
     if stream and num_images:
         raise DataError("--num-images applies to indexable data; .tar shards are cached whole")
-    n = len(dataset.shards) if stream else min(num_images, len(dataset)) if num_images else len(dataset)
+    n = len(dataset.shards) if stream else min(num_images or len(dataset), len(dataset))
     n_shards = n if stream else math.ceil(n / LATENT_SHARD_SIZE)
     names = [f'latents_{k:05d}.pt' for k in range(n_shards)]
     if rank == 0:
         os.makedirs(latent_dir, exist_ok=True)
         stale = [f for f in os.listdir(latent_dir) if f.startswith('latents_') or f == 'meta.json']
-        for f in sorted(stale, key=lambda f: f != 'meta.json'):  # meta first: never a complete-looking cache
+        # meta first: never a complete-looking cache
+        for f in sorted(stale, key=lambda f: f != 'meta.json'):
             os.remove(os.path.join(latent_dir, f))
         log(f"caching latents of {n} images of {data_spec} at {image_size}px in {latent_dir} "
             f"({'rebuilding: the tokenizer or data differ' if meta else 'new cache'})")
@@ -1268,10 +1340,12 @@ def build_latent_cache(tokenizer, data_spec, latent_dir, image_size, num_images=
         idx = dataset.shards[k:k + 1] if stream else \
             list(range(k * LATENT_SHARD_SIZE, min((k + 1) * LATENT_SHARD_SIZE, n)))
         skipped = {}
-        shard = encode_shard(tokenizer, crop_samples(dataset, idx, image_size, num_workers, skipped),
+        shard = encode_shard(tokenizer, crop_samples(dataset, idx, image_size, num_workers,
+                                                     skipped),
                              batch_size, device)
         shard = shard or {'latents': torch.zeros(0), 'latents_flip': torch.zeros(0), 'captions': [],
-                          'labels': torch.zeros(0, dtype=torch.int64), 'indices': torch.zeros(0, dtype=torch.int64)}
+                          'labels': torch.zeros(0, dtype=torch.int64), 'indices': torch.zeros(0,
+                              dtype=torch.int64)}
         shard['skipped'] = skipped
         path = os.path.join(latent_dir, names[k])
         torch.save(shard, path + '.tmp')
@@ -1279,7 +1353,8 @@ def build_latent_cache(tokenizer, data_spec, latent_dir, image_size, num_images=
         log(f"  rank {rank}: shard {k + 1}/{n_shards} ({len(shard['labels'])} images)")
     barrier()
     if rank == 0:
-        shards = [torch.load(os.path.join(latent_dir, f), map_location='cpu', mmap=True, weights_only=True)
+        shards = [torch.load(os.path.join(latent_dir, f), map_location='cpu', mmap=True,
+                             weights_only=True)
                   for f in names]
         names = [f for f, s in zip(names, shards) if len(s['labels'])]  # a shard of only bad images
         skipped = {}
@@ -1290,9 +1365,11 @@ def build_latent_cache(tokenizer, data_spec, latent_dir, image_size, num_images=
             raise DataError(f"no usable images in {data_spec}: {skipped}")
         stats, total = latent_stats(latent_dir, names)
         torch.save(stats, os.path.join(latent_dir, 'latents_stats.pt'))
-        first = torch.load(os.path.join(latent_dir, names[0]), map_location='cpu', mmap=True, weights_only=True)
+        first = torch.load(os.path.join(latent_dir, names[0]), map_location='cpu', mmap=True,
+                           weights_only=True)
         meta = {'key': key, 'shards': names, 'num_latents': total, 'skipped': skipped,
-                'latent_shape': list(first['latents'].shape[1:]), 'num_classes': dataset.num_classes,
+                'latent_shape': list(first['latents'].shape[1:]),
+                'num_classes': dataset.num_classes,
                 'class_names': list(dataset.class_names)}
         with open(os.path.join(latent_dir, 'meta.json.tmp'), 'w') as f:
             json.dump(meta, f)
@@ -1305,22 +1382,25 @@ def build_latent_cache(tokenizer, data_spec, latent_dir, image_size, num_images=
 
 def load_latent_stats(latent_dir):
     """{'mean', 'std'}, each (1, C, 1, 1): the normalisation of the cache (also what sampling un-does)."""
-    return torch.load(os.path.join(latent_dir, 'latents_stats.pt'), map_location='cpu', weights_only=True)
+    return torch.load(os.path.join(latent_dir, 'latents_stats.pt'), map_location='cpu',
+                      weights_only=True)
 
 
 class LatentDataset(Dataset):
-    """Item p, a global sample position (any p >= 0) -> ((z - mean) / std (C, h, w) fp32, label, caption).
-    Epoch p // N visits the cache in a seeded shuffled order (permute_index), and z is the plain or the
-    flipped latent with p = 0.5 from a hash of (seed, p) (flip=False: always the plain one; captions
-    say "on the left"): the data depend on the position only, so a resumed run reads exactly what an
-    uninterrupted one would, however the batch is split over ranks and workers."""
+    """Item p, a global sample position (any p >= 0) -> ((z - mean) / std (C, h, w) fp32, label,
+    caption). Epoch p // N visits the cache in a seeded shuffled order (permute_index), and z is the
+    plain or the flipped latent with p = 0.5 from a hash of (seed, p) (flip=False: always the plain
+    one; captions say "on the left"): the data depend on the position only, so a resumed run reads
+    exactly what an uninterrupted one would, however the batch is split over ranks and workers."""
 
     def __init__(self, latent_dir, seed=0, shuffle=True, flip=True):
         meta = read_latent_meta(latent_dir)
         if meta is None:
             raise DataError(f"no complete latent cache in {latent_dir} (train_dit.py builds it)")
-        self.shards = [torch.load(os.path.join(latent_dir, f), map_location='cpu', mmap=True, weights_only=True)
-                       for f in meta['shards']]  # memory-mapped: ImageNet's cache is far larger than RAM
+        self.shards = [torch.load(os.path.join(latent_dir, f), map_location='cpu', mmap=True,
+                                  weights_only=True)
+                       # memory-mapped: ImageNet's cache is far larger than RAM
+                       for f in meta['shards']]
         self.starts = list(itertools.accumulate([len(s['labels']) for s in self.shards], initial=0))
         self.n, self.seed, self.shuffle, self.flip = self.starts[-1], seed, shuffle, flip
         stats = load_latent_stats(latent_dir)
@@ -1347,8 +1427,9 @@ class LatentDataset(Dataset):
 
 
 def latent_positions(start_step, global_batch, world_size, rank, grad_accum):
-    """Endless sampler of the positions this rank reads from start_step on: optimizer step s, micro-step m
-    covers s*G + (m*world + rank)*b + [0, b), b = G / (world * grad_accum). Use with batch_size=b."""
+    """Endless sampler of the positions this rank reads from start_step on: optimizer step s,
+    micro-step m covers s*G + (m*world + rank)*b + [0, b), b = G / (world * grad_accum). Use with
+    batch_size=b."""
     b = global_batch // (world_size * grad_accum)
     for step in itertools.count(start_step):
         for m in range(grad_accum):

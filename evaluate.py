@@ -1,19 +1,24 @@
 """
 Evaluation of VTP tokenizers and generators (paper §4.1; vtp_architecture.md §8; dit_full.md §5).
 
-    python evaluate.py recon    --tokenizer out/tokenizer/ckpt.pt --data synthetic   # rFID, PSNR, SSIM, LPIPS
+    python evaluate.py recon    --tokenizer out/tokenizer/ckpt.pt --data synthetic   # rFID, PSNR,
+    SSIM, LPIPS
     python evaluate.py zeroshot --tokenizer ckpt.pt --data /data/imagenet/val \
         --classnames names.txt --templates templates.txt
-    python evaluate.py linprobe --tokenizer ckpt.pt --train synthetic --val synthetic   # 64-d bottleneck probe
-    python evaluate.py linprobe --tokenizer ckpt.pt --train IN/train --val IN/val --features multilayer
-    python evaluate.py fid      --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz  # FID, IS, P, R
+    python evaluate.py linprobe --tokenizer ckpt.pt --train synthetic --val synthetic   # 64-d
+    bottleneck probe
+    python evaluate.py linprobe --tokenizer ckpt.pt --train IN/train --val IN/val --features
+    multilayer
+    python evaluate.py fid      --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz  # FID,
+    IS, P, R
 
-Every subcommand prints a small table and writes a JSON file that records how the numbers were computed
-(backend, weights, reference, counts, resize, feature source): FID is computed three different ways in this
-field and linear-probe numbers depend on the feature source, so a number without its recipe is useless.
+Every subcommand prints a small table and writes a JSON file that records how the numbers were
+computed (backend, weights, reference, counts, resize, feature source): FID is computed three
+different ways in this field and linear-probe numbers depend on the feature source, so a number
+without its recipe is useless.
 
-FID here is the PyTorch port of the TF Inception (pytorch-fid's FID InceptionV3 with the 2015-12-05 TF
-weights). The paper's numbers come from ADM's TensorFlow evaluator; values differ slightly.
+FID here is the PyTorch port of the TF Inception (pytorch-fid's FID InceptionV3 with the 2015-12-05
+TF weights). The paper's numbers come from ADM's TensorFlow evaluator; values differ slightly.
 """
 import argparse
 import hashlib
@@ -30,7 +35,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from scipy import linalg
 from torch.utils.data import DataLoader, Dataset
-from torchvision.models.inception import (BasicConv2d, Inception3, InceptionA, InceptionAux, InceptionB,
+from torchvision.models.inception import (BasicConv2d, Inception3, InceptionA, InceptionAux,
+                                          InceptionB,
                                           InceptionC, InceptionD, InceptionE)
 from tqdm import tqdm
 
@@ -40,12 +46,16 @@ from vtp import psnr
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    'pt_inception-2015-12-05-6726825d.pth')
-FID_WEIGHTS_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'vtp', os.path.basename(FID_WEIGHTS_URL))
-ADM_NOTE = ("paper numbers use ADM's TensorFlow evaluator (guided-diffusion/evaluations/evaluator.py); this is "
+FID_WEIGHTS_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'vtp',
+                                 os.path.basename(FID_WEIGHTS_URL))
+ADM_NOTE = ("paper numbers use ADM's TensorFlow evaluator "
+            "(guided-diffusion/evaluations/evaluator.py); this is "
             "the PyTorch port of the same Inception (pytorch-fid weights), values differ slightly")
-# DINOv2's linear-probe lr grid (vtp_architecture.md §8), each scaled by batch / 256, extended upwards: on
+# DINOv2's linear-probe lr grid (vtp_architecture.md §8), each scaled by batch / 256, extended
+# upwards: on
 # standardised features the small synthetic probes were still learning at DINOv2's largest lr, 0.1
-PROBE_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1) + (0.2, 0.5, 1.0, 2.0)
+PROBE_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1) + (0.2,
+    0.5, 1.0, 2.0)
 
 # -----------------------------------------------------------------------------
 # 1. image metrics: PSNR, SSIM, Fréchet distance, Inception Score, precision / recall
@@ -60,10 +70,12 @@ def gaussian_window(size=11, sigma=1.5, channels=3):
 
 
 def ssim(x, y, data_range=1.0, size=11, sigma=1.5, k1=0.01, k2=0.03):
-    """Per-image SSIM (B,) as torchmetrics' StructuralSimilarityIndexMeasure(data_range=1.0): Gaussian
-    11x11 window (sigma 1.5), reflect padding, then the border of the SSIM map (5 px) is cropped away
-    before averaging over channels and pixels."""
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp32 as torchmetrics; fp64 if given
+    """Per-image SSIM (B,) as torchmetrics' StructuralSimilarityIndexMeasure(data_range=1.0):
+    Gaussian
+    11x11 window (sigma 1.5), reflect padding, then the border of the SSIM map (5 px) is cropped
+    away before averaging over channels and pixels."""
+    # fp32 as torchmetrics; fp64 if given
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, y = x.to(dt), y.to(dt)
     B, C = x.shape[:2]
     pad = (size - 1) // 2
@@ -81,9 +93,10 @@ def ssim(x, y, data_range=1.0, size=11, sigma=1.5, k1=0.01, k2=0.03):
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) with scipy's sqrtm (as pytorch-fid and ADM).
-    A singular product gets eps*I added to both covariances; a small imaginary part from numerical error
-    is dropped, a large one is an error."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    A singular product gets eps*I added to both covariances; a small imaginary part from numerical
+    error is dropped, a large one is an error."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2,
+        np.float64))
     sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
     sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
@@ -95,18 +108,20 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"FID: sqrtm has a large imaginary component ({np.abs(covmean.imag).max():.3g}); "
+            raise ValueError("FID: sqrtm has a large imaginary component "
+                             f"({np.abs(covmean.imag).max():.3g}); "
                              "too few samples for the feature dimension?")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def fid_from_features(feats1, feats2):
-    """FID between two feature sets -> (fid, method). With more samples than dimensions: the sqrtm route of
-    frechet_distance. With fewer (quick checks, tests), both covariances are singular, where sqrtm is slow
-    and ill-conditioned (pytorch-fid's 'imaginary component' errors); the trace term is then computed
-    exactly: with centred features A, B, the non-zero eigenvalues of S1 S2 are the squared singular values
-    of A B^T / sqrt((n1-1)(n2-1)), so Tr (S1 S2)^(1/2) is that matrix's nuclear norm."""
+    """FID between two feature sets -> (fid, method). With more samples than dimensions: the sqrtm
+    route of frechet_distance. With fewer (quick checks, tests), both covariances are singular,
+    where sqrtm is slow and ill-conditioned (pytorch-fid's 'imaginary component' errors); the trace
+    term is then computed exactly: with centred features A, B, the non-zero eigenvalues of S1 S2 are
+    the squared singular values of A B^T / sqrt((n1-1)(n2-1)), so Tr (S1 S2)^(1/2) is that matrix's
+    nuclear norm."""
     f1, f2 = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
     (n1, d), n2 = f1.shape, len(f2)
     if min(n1, n2) < 2:
@@ -126,8 +141,8 @@ def feature_stats(feats):
 
 
 def inception_score(probs, splits=10):
-    """IS = exp(E_x KL(p(y|x) || p(y))), per split, -> (mean, std) over splits (improved-GAN / ADM code).
-    probs (N, C): softmax rows. Splits are contiguous chunks, as in the original code."""
+    """IS = exp(E_x KL(p(y|x) || p(y))), per split, -> (mean, std) over splits (improved-GAN / ADM
+    code). probs (N, C): softmax rows. Splits are contiguous chunks, as in the original code."""
     probs = np.asarray(probs, np.float64)
     splits = max(1, min(splits, len(probs)))
     scores = []
@@ -156,9 +171,9 @@ def in_manifold(query, feats, radii, chunk=4096):
 
 
 def precision_recall(real, fake, k=3, device='cpu'):
-    """Improved precision/recall (Kynkäänniemi et al. 2019), k=3 as ADM: precision = share of generated
-    samples inside the k-NN balls of the real ones, recall = share of real samples inside those of the
-    generated ones. Both sets need more than k rows."""
+    """Improved precision/recall (Kynkäänniemi et al. 2019), k=3 as ADM: precision = share of
+    generated samples inside the k-NN balls of the real ones, recall = share of real samples inside
+    those of the generated ones. Both sets need more than k rows."""
     real = torch.as_tensor(np.asarray(real), dtype=torch.float32, device=device)
     fake = torch.as_tensor(np.asarray(fake), dtype=torch.float32, device=device)
     if len(real) <= k or len(fake) <= k:
@@ -169,7 +184,8 @@ def precision_recall(real, fake, k=3, device='cpu'):
 
 
 # -----------------------------------------------------------------------------
-# 2. the FID Inception: torchvision's InceptionV3 with the TF graph's pooling quirks (as pytorch-fid)
+# 2. the FID Inception: torchvision's InceptionV3 with the TF graph's pooling quirks (as pytorch-
+# fid)
 
 
 class FIDInceptionA(InceptionA):
@@ -186,7 +202,8 @@ class FIDInceptionC(InceptionC):
     def forward(self, x):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         d = x
-        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
+                     self.branch7x7dbl_4,
                      self.branch7x7dbl_5):
             d = conv(d)
         bp = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
@@ -213,20 +230,25 @@ class FIDInceptionV3(Inception3):
     """uint8 images (B, 3, H, W) -> (pool3 features (B, 2048), logits (B, 1008)).
 
     Preprocessing as pytorch-fid: [0, 1], bilinear resize to 299 (align_corners=False), then 2x - 1.
-    The logits are pool3 @ fc.weight^T *without* the bias: the 1008-way softmax the original Inception
-    Score code and ADM's evaluator read from the TF graph (fc.bias is kept only so the weights load)."""
+    The logits are pool3 @ fc.weight^T *without* the bias: the 1008-way softmax the original
+    Inception Score code and ADM's evaluator read from the TF graph (fc.bias is kept only so the
+    weights load)."""
 
     def __init__(self):
-        super().__init__(num_classes=1008, aux_logits=False, transform_input=False, init_weights=False,
-                         inception_blocks=[BasicConv2d, FIDInceptionA, InceptionB, FIDInceptionC, InceptionD,
+        super().__init__(num_classes=1008, aux_logits=False, transform_input=False,
+                         init_weights=False,
+                         inception_blocks=[BasicConv2d, FIDInceptionA, InceptionB, FIDInceptionC,
+                                           InceptionD,
                                            FIDInceptionE, InceptionAux])
         self.Mixed_7c.max_pool = True
 
     def forward(self, images):
         x = images.float() / 255
-        x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False) * 2 - 1  # (B, 3, 299, 299)
+        # (B, 3, 299, 299)
+        x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False) * 2 - 1
         for name in ('Conv2d_1a_3x3', 'Conv2d_2a_3x3', 'Conv2d_2b_3x3', 'maxpool1', 'Conv2d_3b_1x1',
-                     'Conv2d_4a_3x3', 'maxpool2', 'Mixed_5b', 'Mixed_5c', 'Mixed_5d', 'Mixed_6a', 'Mixed_6b',
+                     'Conv2d_4a_3x3', 'maxpool2', 'Mixed_5b', 'Mixed_5c', 'Mixed_5d', 'Mixed_6a',
+                     'Mixed_6b',
                      'Mixed_6c', 'Mixed_6d', 'Mixed_6e', 'Mixed_7a', 'Mixed_7b', 'Mixed_7c'):
             x = getattr(self, name)(x)
         pool = self.avgpool(x).flatten(1)  # (B, 2048)
@@ -245,7 +267,8 @@ def fetch_fid_weights():
         if os.path.exists(tmp):
             os.remove(tmp)
         raise RuntimeError(f"could not download the FID Inception weights from {FID_WEIGHTS_URL} "
-                           f"({type(e).__name__}); copy the file to {FID_WEIGHTS_CACHE}, pass --inception-weights PATH, "
+                           f"({type(e).__name__}); copy the file to {FID_WEIGHTS_CACHE}, pass "
+                           "--inception-weights PATH, "
                            f"or (recon) --no-fid") from None
     os.replace(tmp, FID_WEIGHTS_CACHE)
     return FID_WEIGHTS_CACHE
@@ -253,11 +276,12 @@ def fetch_fid_weights():
 
 def build_fid_inception(weights=None, random_init=False):
     """The FID Inception in eval mode. weights: a state-dict file (default: the cached/downloaded
-    pt_inception-2015-12-05 weights); random_init=True: random weights, offline (tests only: the numbers
-    mean nothing). The model carries `.info`, a description for the result JSON."""
+    pt_inception-2015-12-05 weights); random_init=True: random weights, offline (tests only: the
+    numbers mean nothing). The model carries `.info`, a description for the result JSON."""
     model = FIDInceptionV3()
     if random_init:
-        # variance-preserving init so activations stay O(1) through the 90-odd layers with BN in eval mode
+        # variance-preserving init so activations stay O(1) through the 90-odd layers with BN in
+        # eval mode
         g = torch.Generator().manual_seed(0)
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -272,13 +296,15 @@ def build_fid_inception(weights=None, random_init=False):
             sd = torch.load(path, map_location='cpu', weights_only=True)
             model.load_state_dict(sd, strict=True)
         except Exception as e:
-            raise ValueError(f"{path} is not a FID Inception state dict ({type(e).__name__}: {str(e)[:150]})")
+            raise ValueError(f"{path} is not a FID Inception state dict ({type(e).__name__}: "
+                             f"{str(e)[:150]})")
         with open(path, 'rb') as f:
             sha = hashlib.sha256(f.read()).hexdigest()
         info = {'weights': os.path.abspath(path), 'weights_sha256': sha}
     model.info = {'backend': 'PyTorch FID InceptionV3 (pytorch-fid port of the TF 2015-12-05 graph)', **info,
                   'resize': 'uint8 -> [0,1] -> bilinear 299x299 (align_corners=False) -> 2x-1',
-                  'features': 'pool3, 2048-d', 'is_logits': '1008-way softmax of pool3 @ fc.weight (no bias)',
+                  'features': 'pool3, 2048-d',
+                  'is_logits': '1008-way softmax of pool3 @ fc.weight (no bias)',
                   'note': ADM_NOTE}
     return model.eval().requires_grad_(False)
 
@@ -308,7 +334,8 @@ def to_uint8(x01):
     return (x01.clamp(0, 1) * 255).to(torch.uint8)
 
 
-# --- image sources for `fid`: a folder of images or an npz (arr_0 uint8 NHWC, or mu/sigma statistics)
+# --- image sources for `fid`: a folder of images or an npz (arr_0 uint8 NHWC, or mu/sigma
+# statistics)
 
 
 class ImageFiles(Dataset):
@@ -333,8 +360,9 @@ def list_image_files(folder):
 
 
 class ImageSource:
-    """A set of images (or only their statistics) given as a folder, an npz of images (arr_0) or a stats
-    npz (mu, sigma; ADM's reference batches hold both). Yields uint8 NHWC batches; counts skipped files."""
+    """A set of images (or only their statistics) given as a folder, an npz of images (arr_0) or a
+    stats npz (mu, sigma; ADM's reference batches hold both). Yields uint8 NHWC batches; counts
+    skipped files."""
 
     def __init__(self, path, limit=0):
         if not os.path.exists(path):
@@ -351,16 +379,19 @@ class ImageSource:
             npz = np.load(path)
             keys = set(npz.files)
         except Exception as e:
-            raise ValueError(f"{path} is neither an image folder nor a readable .npz ({type(e).__name__})")
+            raise ValueError(f"{path} is neither an image folder nor a readable .npz "
+                             f"({type(e).__name__})")
         if 'mu' in keys and 'sigma' in keys:
             self.mu, self.sigma = npz['mu'], npz['sigma']
         if 'arr_0' in keys:
             arr = npz['arr_0']
             if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-                raise ValueError(f"{path}: arr_0 must be uint8 images (N, H, W, 3), not {arr.dtype} {arr.shape}")
+                raise ValueError(f"{path}: arr_0 must be uint8 images (N, H, W, 3), not "
+                                 f"{arr.dtype} {arr.shape}")
             self.array = arr[:limit] if limit else arr
         if self.array is None and self.mu is None:
-            raise ValueError(f"{path}: an npz needs 'arr_0' (uint8 NHWC images) or 'mu' and 'sigma'; "
+            raise ValueError(f"{path}: an npz needs 'arr_0' (uint8 NHWC images) or 'mu' and "
+                             "'sigma'; "
                              f"found {sorted(keys)}")
         self.kind = 'npz images' if self.array is not None else 'npz statistics'
 
@@ -397,7 +428,8 @@ class ImageSource:
             for a in good:
                 size = size or a.shape
                 if a.shape != size:
-                    raise ValueError(f"images in {self.path} have different sizes ({size[1]}x{size[0]} and "
+                    raise ValueError(f"images in {self.path} have different sizes "
+                                     f"({size[1]}x{size[0]} and "
                                      f"{a.shape[1]}x{a.shape[0]}); FID expects one resolution")
             if good:
                 yield np.stack(good)
@@ -410,7 +442,8 @@ class ImageSource:
 def pick_device(name):
     if name == 'cuda' and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
-    return torch.device('cuda' if name == 'cuda' or (name in (None, 'auto') and torch.cuda.is_available())
+    return torch.device('cuda' if name == 'cuda' or (name in (None,
+        'auto') and torch.cuda.is_available())
                         else 'cpu')
 
 
@@ -463,13 +496,16 @@ def reconstruct(model, x, device):
 
 
 @torch.no_grad()
-def reconstruction_metrics(model, batches, device='cpu', inception=None, lpips_net=None, max_images=0):
-    """Mean PSNR / SSIM / LPIPS and rFID of a tokenizer's reconstructions. batches: ImageNet-normalised
-    images (dicts with 'images' as data.eval_batches yields, (images, labels) pairs, or tensors). rFID
-    (needs `inception`) compares uint8-truncated originals with uint8-truncated reconstructions; LPIPS
-    (needs `lpips_net`, e.g. vtp.make_lpips) runs on [-1, 1]. Returns a dict; missing parts are None."""
+def reconstruction_metrics(model, batches, device='cpu', inception=None, lpips_net=None,
+                           max_images=0):
+    """Mean PSNR / SSIM / LPIPS and rFID of a tokenizer's reconstructions. batches:
+    ImageNet-normalised images (dicts with 'images' as data.eval_batches yields, (images, labels)
+    pairs, or tensors). rFID (needs `inception`) compares uint8-truncated originals with
+    uint8-truncated reconstructions; LPIPS (needs `lpips_net`, e.g. vtp.make_lpips) runs on [-1, 1].
+    Returns a dict; missing parts are None."""
     device = torch.device(device)
-    if not getattr(model.config, 'train_reconstruction', True) or not hasattr(model, 'pixel_decoder'):
+    if not getattr(model.config, 'train_reconstruction', True) or not hasattr(model,
+        'pixel_decoder'):
         raise ValueError("this tokenizer has no pixel decoder (trained without reconstruction)")
     sums, n, skipped = {'psnr': 0.0, 'ssim': 0.0, 'lpips': 0.0}, 0, {}
     real_f, fake_f = [], []
@@ -507,8 +543,9 @@ def reconstruction_metrics(model, batches, device='cpu', inception=None, lpips_n
 
 @torch.no_grad()
 def zeroshot_accuracy(model, classifier, batches, device=None):
-    """Top-1 / top-5 accuracy (%) of logits = 100 * image_features @ classifier over labelled batches of
-    ImageNet-normalised images (dicts with 'images', 'labels', or (images, labels) pairs)."""
+    """Top-1 / top-5 accuracy (%) of logits = 100 * image_features @ classifier over labelled
+    batches of ImageNet-normalised images (dicts with 'images', 'labels', or (images, labels)
+    pairs)."""
     device = torch.device(device) if device is not None else classifier.device
     correct1 = correct5 = n = 0
     k = min(5, classifier.shape[1])
@@ -519,7 +556,8 @@ def zeroshot_accuracy(model, classifier, batches, device=None):
         if x is None or len(x) == 0:
             continue
         if y is None or (y < 0).any():
-            raise ValueError("zero-shot accuracy needs class labels (a class-folder dataset or 'synthetic')")
+            raise ValueError("zero-shot accuracy needs class labels (a class-folder dataset or "
+                             "'synthetic')")
         logits = vtp.zeroshot_logits(model, classifier, x.to(device))  # (B, C)
         topk = logits.topk(k, dim=1).indices.cpu()  # (B, k)
         hit = topk == y[:, None]
@@ -528,7 +566,8 @@ def zeroshot_accuracy(model, classifier, batches, device=None):
         n += len(x)
     if n == 0:
         raise ValueError("no images to classify")
-    return {'top1': 100 * correct1 / n, 'top5': 100 * correct5 / n, 'num_images': n, 'skipped': skipped}
+    return {'top1': 100 * correct1 / n, 'top5': 100 * correct5 / n, 'num_images': n,
+            'skipped': skipped}
 
 
 def squash_resize(size):
@@ -557,15 +596,19 @@ def read_lines(path, what):
 @torch.no_grad()
 def probe_features(model, x, source='bottleneck', n_last_blocks=4):
     """Frozen features for a linear probe, (B, F) fp32.
-    bottleneck: [mean of the d-dim bottleneck patch tokens, bottleneck cls token] (2d; the paper's figures
-      probe the 64-d latent; the mean of the patches is the latent itself, the cls adds a global token).
-    multilayer: DINOv2's protocol (Table 2): the cls tokens of the last n blocks and the mean patch token
+    bottleneck: [mean of the d-dim bottleneck patch tokens, bottleneck cls token] (2d; the paper's
+    figures
+      probe the 64-d latent; the mean of the patches is the latent itself, the cls adds a global
+      token).
+    multilayer: DINOv2's protocol (Table 2): the cls tokens of the last n blocks and the mean patch
+    token
       of the last block, final-normed, D-dim, no bottleneck ((n + 1) D)."""
     if source == 'bottleneck':
         z = model.features(x, bottleneck=True)  # (B, 1 + N, d)
         return torch.cat((z[:, 1:].mean(1), z[:, 0]), dim=1).float()  # (B, 2d)
     layers = model.intermediate_layers(x, n=n_last_blocks, return_class_token=True)
-    return torch.cat([cls for _, cls in layers] + [layers[-1][0].mean(1)], dim=1).float()  # (B, (n+1)D)
+    # (B, (n+1)D)
+    return torch.cat([cls for _, cls in layers] + [layers[-1][0].mean(1)], dim=1).float()
 
 
 def extract_probe_features(model, batches, device, source, n_last_blocks=4):
@@ -586,9 +629,9 @@ def extract_probe_features(model, batches, device, source, n_last_blocks=4):
 
 def train_linear_probes(train_x, train_y, val_x, val_y, num_classes, lrs=PROBE_LRS, epochs=10,
                         batch_size=256, device='cpu', seed=0):
-    """One Linear head per lr (weights N(0, 0.01), bias 0), trained together on cached features with SGD
-    (momentum 0.9, no weight decay) and a cosine schedule to 0; lr scaled by batch / 256 (DINOv2).
-    Returns the best val top-1 over heads and epochs, as DINOv2 reports."""
+    """One Linear head per lr (weights N(0, 0.01), bias 0), trained together on cached features with
+    SGD (momentum 0.9, no weight decay) and a cosine schedule to 0; lr scaled by batch / 256
+    (DINOv2). Returns the best val top-1 over heads and epochs, as DINOv2 reports."""
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
     N, Fdim, H = len(train_x), train_x.shape[1], len(lrs)
@@ -606,10 +649,12 @@ def train_linear_probes(train_x, train_y, val_x, val_y, num_classes, lrs=PROBE_L
             idx = perm[i: i + batch_size]
             logits = torch.einsum('bf,hfc->hbc', train_x[idx].float(), W) + b  # (H, B, C)
             # summed over heads: each head gets its own mean cross-entropy gradient
-            loss = F.cross_entropy(logits.flatten(0, 1), train_y[idx].repeat(H), reduction='sum') / len(idx)
+            loss = F.cross_entropy(logits.flatten(0, 1), train_y[idx].repeat(H),
+                                   reduction='sum') / len(idx)
             gW, gb = torch.autograd.grad(loss, (W, b))
             with torch.no_grad():
-                scale = 0.5 * (1 + math.cos(math.pi * step / steps))  # cosine to 0 (CosineAnnealingLR)
+                # cosine to 0 (CosineAnnealingLR)
+                scale = 0.5 * (1 + math.cos(math.pi * step / steps))
                 for p, grad, buf in ((W, gW, bufs[0]), (b, gb, bufs[1])):
                     buf.mul_(0.9).add_(grad)  # torch SGD momentum, dampening 0
                     p.sub_(lr * scale * buf)
@@ -627,22 +672,26 @@ def train_linear_probes(train_x, train_y, val_x, val_y, num_classes, lrs=PROBE_L
 
 
 def probe_transforms(crop, resize, train_aug='rrc'):
-    """Probe views. val: Resize(resize, bicubic) + CenterCrop(crop). train: DINOv2's RandomResizedCrop(crop,
-    bicubic) + flip ('rrc'; features are extracted once, so each train image is seen in one random view),
-    or the val view ('none', as CLIP's linear-probe protocol)."""
+    """Probe views. val: Resize(resize, bicubic) + CenterCrop(crop). train: DINOv2's
+    RandomResizedCrop(crop, bicubic) + flip ('rrc'; features are extracted once, so each train image
+    is seen in one random view), or the val view ('none', as CLIP's linear-probe protocol)."""
     import torchvision.transforms as T
     bicubic = T.InterpolationMode.BICUBIC
     val = T.Compose([T.Resize(resize, interpolation=bicubic), T.CenterCrop(crop)])
     if train_aug == 'none':
         return val, val
-    return T.Compose([T.RandomResizedCrop(crop, interpolation=bicubic), T.RandomHorizontalFlip()]), val
+    return T.Compose([T.RandomResizedCrop(crop, interpolation=bicubic),
+                      T.RandomHorizontalFlip()]), val
 
 
 # -----------------------------------------------------------------------------
-# 7. the synthetic world's judge: metrics of generation without downloaded weights (issue: the paper's
-# gFID needs ImageNet and the FID Inception; on the built-in synthetic data a small CNN trained on real
+# 7. the synthetic world's judge: metrics of generation without downloaded weights (issue: the
+# paper's
+# gFID needs ImageNet and the FID Inception; on the built-in synthetic data a small CNN trained on
+# real
 # synthetic images plays the Inception's part: Fréchet distance in its feature space, and its class
-# accuracy on conditional samples, i.e. how often a sample shows the class or prompt it was asked for)
+# accuracy on conditional samples, i.e. how often a sample shows the class or prompt it was asked
+# for)
 
 JUDGE_IMAGES, JUDGE_EPOCHS = 5000, 6  # 100 % on real val images, ~20 s on 2 CPU cores (README)
 
@@ -654,7 +703,8 @@ class SyntheticJudge(nn.Module):
     def __init__(self, num_classes=20):
         super().__init__()
         block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
-        self.features = nn.Sequential(*block(3, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2),
+        self.features = nn.Sequential(*block(3, 32), nn.MaxPool2d(2), *block(32, 64),
+                                      nn.MaxPool2d(2),
                                       *block(64, 64), nn.AdaptiveMaxPool2d(1), nn.Flatten())
         self.head = nn.Linear(64, num_classes)
 
@@ -666,8 +716,8 @@ class SyntheticJudge(nn.Module):
 
 
 def synthetic_images(split, n, image_size=64, seed=0, degrade=False):
-    """The first n images of the synthetic split as uint8 (n, 3, S, S) and their labels (n,). degrade:
-    half of them blurred or down- and up-sampled (the judge's training augmentation)."""
+    """The first n images of the synthetic split as uint8 (n, 3, S, S) and their labels (n,).
+    degrade: half of them blurred or down- and up-sampled (the judge's training augmentation)."""
     ds = data.SyntheticDataset(split, image_size=image_size, seed=seed)
     rng = np.random.default_rng(seed)
     xs, ys = [], []
@@ -675,11 +725,12 @@ def synthetic_images(split, n, image_size=64, seed=0, degrade=False):
         img, _, y = ds[i]
         r = rng.random() if degrade else 1.0
         if r < 0.25:
-            img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.5, 2.5) * image_size / 64))
+            sigma = rng.uniform(0.5, 2.5) * image_size / 64
+            img = img.filter(ImageFilter.GaussianBlur(radius=sigma))
         elif r < 0.5:
             s = image_size // int(rng.choice([2, 4, 8]))
-            img = img.resize((s, s), Image.BILINEAR).resize((image_size, image_size),
-                                                             rng.choice([Image.NEAREST, Image.BILINEAR]))
+            up = rng.choice([Image.NEAREST, Image.BILINEAR])
+            img = img.resize((s, s), Image.BILINEAR).resize((image_size, image_size), up)
         xs.append(np.asarray(img))
         ys.append(y)
     return torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(), torch.tensor(ys)
@@ -688,12 +739,13 @@ def synthetic_images(split, n, image_size=64, seed=0, degrade=False):
 def synthetic_judge(image_size=64, cache_dir=None):
     """The judge, trained once on JUDGE_IMAGES real synthetic training images (seed 0) and cached in
     ~/.cache/vtp; it must recognise >= 99 % of the real val images, or it is no judge. Half of its
-    training images are blurred or down- and up-sampled, so that it judges the class of an image, not
-    its sharpness: a judge trained on crisp images only called most blurry or blocky reconstructions of
-    circles 'square' (measured: 44 % of a patch-16 AE's reconstructions recognised, 69 % by this one;
-    both recognise 100 % of real images)."""
+    training images are blurred or down- and up-sampled, so that it judges the class of an image,
+    not its sharpness: a judge trained on crisp images only called most blurry or blocky
+    reconstructions of circles 'square' (measured: 44 % of a patch-16 AE's reconstructions
+    recognised, 69 % by this one; both recognise 100 % of real images)."""
     cache_dir = cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'vtp')
-    key = hashlib.sha256(repr((image_size, JUDGE_IMAGES, JUDGE_EPOCHS, data.SYNTHETIC_VERSION, 'degrade'))
+    key = hashlib.sha256(repr((image_size, JUDGE_IMAGES, JUDGE_EPOCHS, data.SYNTHETIC_VERSION,
+                               'degrade'))
                          .encode()).hexdigest()[:12]
     path = os.path.join(cache_dir, f'synthetic_judge_{key}.pt')
     net = SyntheticJudge()
@@ -739,8 +791,8 @@ def judge_features(net, images, batch_size=256):
 
 
 def prompt_class(prompt):
-    """The synthetic class a prompt asks for ('a red star.' -> 'red star'), by its colour and shape words
-    (synonyms included), or -1 if it names none or several."""
+    """The synthetic class a prompt asks for ('a red star.' -> 'red star'), by its colour and shape
+    words (synonyms included), or -1 if it names none or several."""
     words = prompt.lower().replace('-', ' ')
     shapes = [k for k, syn in data.SHAPE_WORDS.items() if any(f' {w} ' in f' {words} ' or
                                                                f' {w}.' in f' {words}' for w in syn)]
@@ -751,8 +803,8 @@ def prompt_class(prompt):
 
 
 def sample_targets(samples_path, n):
-    """The class each sample was asked for, from sample.py's sample_args.json / prompts.txt beside the
-    samples (labels: i % num_classes or --labels; prompts: their colour and shape words)."""
+    """The class each sample was asked for, from sample.py's sample_args.json / prompts.txt beside
+    the samples (labels: i % num_classes or --labels; prompts: their colour and shape words)."""
     folder = samples_path if os.path.isdir(samples_path) else os.path.dirname(os.path.abspath(samples_path))
     folder = folder[:-len('/images')] if folder.endswith('/images') else folder
     prompts = os.path.join(folder, 'prompts.txt')
@@ -761,7 +813,8 @@ def sample_targets(samples_path, n):
             return torch.tensor([prompt_class(line) for line in f][:n]), 'prompts.txt'
     args_path = os.path.join(folder, 'sample_args.json')
     if not os.path.isfile(args_path):
-        raise ValueError(f"no sample_args.json or prompts.txt beside {samples_path}: pass --no-targets")
+        raise ValueError(f"no sample_args.json or prompts.txt beside {samples_path}: pass "
+                         "--no-targets")
     with open(args_path) as f:
         a = json.load(f)
     labels = [int(v) for v in a['labels'].split(',')] if a.get('labels') else None
@@ -781,7 +834,8 @@ def cmd_synthetic(args):
     fd, method = fid_from_features(f_fake, f_real)
     result = {**header(args, 'synthetic', 'cpu'), 'samples': os.path.abspath(args.samples),
               'num_samples': len(fake), 'num_real': len(real), 'fd_judge': fd, 'fd_method': method,
-              'judge': f'SyntheticJudge (3 conv blocks, 64-d max-pooled features), trained on {JUDGE_IMAGES} '
+              'judge': 'SyntheticJudge (3 conv blocks, 64-d max-pooled features), trained on '
+                       f'{JUDGE_IMAGES} '
                        f'real synthetic train images, {JUDGE_EPOCHS} epochs; real val images: '
                        f'{100 * (p_real == real_y).float().mean().item():.1f} % recognised',
               'real': f'the first {len(real)} synthetic val images at {args.image_size} px'}
@@ -792,9 +846,11 @@ def cmd_synthetic(args):
         acc = (p_fake[ok] == targets[ok]).float().mean().item() if ok.any() else float('nan')
         colour = (p_fake[ok] % 4 == targets[ok] % 4).float().mean().item() if ok.any() else float('nan')
         shape = (p_fake[ok] // 4 == targets[ok] // 4).float().mean().item() if ok.any() else float('nan')
-        result.update(class_accuracy=100 * acc, colour_accuracy=100 * colour, shape_accuracy=100 * shape,
+        result.update(class_accuracy=100 * acc, colour_accuracy=100 * colour,
+                      shape_accuracy=100 * shape,
                       targets=source, num_targeted=int(ok.sum()), chance=100 / 20)
-        rows += [('class accuracy (%)', 100 * acc), ('colour (%)', 100 * colour), ('shape (%)', 100 * shape)]
+        rows += [('class accuracy (%)', 100 * acc), ('colour (%)', 100 * colour), ('shape (%)',
+            100 * shape)]
     if args.tokenizer:  # the VTP model's own image-text similarity of the samples and their prompts
         prompts_path = os.path.join(os.path.dirname(os.path.abspath(args.samples)), 'prompts.txt')
         if not os.path.isfile(prompts_path):
@@ -806,10 +862,13 @@ def cmd_synthetic(args):
         with torch.no_grad():
             x = data.normalize(list(fake[:len(prompts)]))
             img = torch.cat([model.image_features(c) for c in x.split(256)])
-            txt = torch.cat([model.text_features(tok(prompts[i:i + 256])) for i in range(0, len(prompts), 256)])
+            txt = torch.cat([model.text_features(tok(prompts[i:i + 256])) for i in range(0,
+                len(prompts), 256)])
         sim = (img * txt).sum(1)  # cosine of each sample with its own prompt
-        shuffled = (img * txt.roll(1, 0)).sum(1)  # ... and with another sample's prompt: the baseline
-        result.update(clip_similarity=100 * sim.mean().item(), clip_similarity_other=100 * shuffled.mean().item(),
+        # ... and with another sample's prompt: the baseline
+        shuffled = (img * txt.roll(1, 0)).sum(1)
+        result.update(clip_similarity=100 * sim.mean().item(),
+                      clip_similarity_other=100 * shuffled.mean().item(),
                       clip_model=os.path.abspath(args.tokenizer))
         rows += [('VTP image-text similarity x100', 100 * sim.mean().item()),
                  ('  with other prompts', 100 * shuffled.mean().item())]
@@ -857,7 +916,8 @@ def header(args, name, device):
 def image_size_of(model, args):
     S = args.image_size or model.config.image_size
     if S % model.config.patch_size:
-        raise ValueError(f"--image-size {S} is not a multiple of the patch size {model.config.patch_size}")
+        raise ValueError(f"--image-size {S} is not a multiple of the patch size "
+                         f"{model.config.patch_size}")
     return S
 
 
@@ -875,12 +935,15 @@ def cmd_recon(args):
     res = reconstruction_metrics(model, batches, device, inception, lpips_net, args.num_images)
     if lpips_net is None:
         res['lpips'] = 'unavailable' if args.lpips != 'none' else 'off'
-    result = {**header(args, 'recon', device), 'tokenizer': os.path.abspath(args.tokenizer), 'data': args.data,
+    result = {**header(args, 'recon', device), 'tokenizer': os.path.abspath(args.tokenizer),
+              'data': args.data,
               'split': args.split, **res,
               'preprocess': f'ADM center_crop_arr to {S}, ImageNet mean/std',
-              'precision': 'encode bf16 autocast (CUDA; fp32 on CPU), decode fp32; de-normalise, clamp [0,1]',
+              'precision': 'encode bf16 autocast (CUDA; fp32 on CPU), decode fp32; de-normalise, '
+                           'clamp [0,1]',
               'psnr_def': 'per image on 0-255 floats, averaged',
-              'ssim_def': 'gaussian 11x11 sigma 1.5, data_range 1 (torchmetrics), per image, averaged',
+              'ssim_def': 'gaussian 11x11 sigma 1.5, data_range 1 (torchmetrics), per image, '
+                          'averaged',
               'lpips_def': 'LPIPS-VGG (lpips package) on [-1,1]',
               'rfid_def': (None if inception is None else
                            {'images': 'originals vs reconstructions, uint8 by truncation of x*255',
@@ -899,21 +962,27 @@ def cmd_zeroshot(args):
     model = load_vtp(args.tokenizer, device)
     S = image_size_of(model, args)
     dataset = open_data(args.data, args.split, S)
-    names = read_lines(args.classnames, 'class names') if args.classnames else list(dataset.class_names or [])
-    templates = read_lines(args.templates, 'templates') if args.templates else list(dataset.templates or [])
+    names = read_lines(args.classnames,
+                       'class names') if args.classnames else list(dataset.class_names or [])
+    templates = read_lines(args.templates,
+                           'templates') if args.templates else list(dataset.templates or [])
     if not names:
-        raise ValueError(f"{args.data} has no class names; pass --classnames FILE (one per line, label order)")
+        raise ValueError(f"{args.data} has no class names; pass --classnames FILE (one per line, "
+                         "label order)")
     if all(len(c) == 9 and c[0] == 'n' and c[1:].isdigit() for c in names):
-        raise ValueError("the class names are WordNet ids (n01440364, ...): pass --classnames FILE with "
+        raise ValueError("the class names are WordNet ids (n01440364, ...): pass --classnames FILE "
+                         "with "
                          "readable names in label order")
     if dataset.class_names and len(names) != len(dataset.class_names):
-        raise ValueError(f"{len(names)} class names for {len(dataset.class_names)} classes in {args.data}")
+        raise ValueError(f"{len(names)} class names for {len(dataset.class_names)} classes in "
+                         f"{args.data}")
     bad = [t for t in templates if '{}' not in t]
     if not templates or bad:
         raise ValueError(f"templates must each contain '{{}}' (bad: {bad[:2]})" if bad else "no templates")
     tokenizer = text_tokenizer_for(model, args.bpe_path)
     classifier = vtp.zeroshot_classifier(model, tokenizer, names, templates, device)
-    batches = data.eval_batches(dataset, args.batch_size, transform=squash_resize(S), limit=args.num_images,
+    batches = data.eval_batches(dataset, args.batch_size, transform=squash_resize(S),
+                                limit=args.num_images,
                                 num_workers=args.num_workers)
     res = zeroshot_accuracy(model, classifier, batches, device)
     result = {**header(args, 'zeroshot', device), 'tokenizer': os.path.abspath(args.tokenizer),
@@ -924,7 +993,8 @@ def cmd_zeroshot(args):
               'classifier': 'per class: mean of L2-normalised template embeddings, re-normalised; '
                             'logits = 100 * img @ W',
               'precision': 'bf16 autocast on CUDA, fp32 on CPU'}
-    print_table(f"zero-shot ({res['num_images']} images, {len(names)} classes x {len(templates)} templates)",
+    print_table(f"zero-shot ({res['num_images']} images, {len(names)} classes x {len(templates)} "
+                "templates)",
                 [('top-1 (%)', res['top1']), ('top-5 (%)', res['top5'])])
     write_json(result, default_out(args, 'zeroshot'))
     return result
@@ -934,54 +1004,70 @@ def cmd_linprobe(args):
     device = pick_device(args.device)
     model = load_vtp(args.tokenizer, device)
     if args.features == 'multilayer' and args.n_last_blocks > len(model.trunk.blocks):
-        raise ValueError(f"--n-last-blocks {args.n_last_blocks} > encoder depth {len(model.trunk.blocks)}")
+        raise ValueError(f"--n-last-blocks {args.n_last_blocks} > encoder depth "
+                         f"{len(model.trunk.blocks)}")
     S = model.config.image_size
     crop = args.crop_size or (224 if S >= 224 else S)
     resize = args.resize_size or round(crop * 256 / 224)
     if crop % model.config.patch_size:
-        raise ValueError(f"--crop-size {crop} is not a multiple of the patch size {model.config.patch_size}")
+        raise ValueError(f"--crop-size {crop} is not a multiple of the patch size "
+                         f"{model.config.patch_size}")
     if args.train == 'synthetic' and not args.num_train:
         args.num_train = 10000  # the synthetic train split is endless (1M items)
     train_set = open_data(args.train, 'train', crop)
     val_set = open_data(args.val, 'val', crop)
-    torch.manual_seed(args.seed)  # the train crops (one random view per image, features cached once)
-    # the synthetic world: a crop down to 8 % of a 64 px image cuts the object out of many train views
+    # the train crops (one random view per image, features cached once)
+    torch.manual_seed(args.seed)
+    # the synthetic world: a crop down to 8 % of a 64 px image cuts the object out of many train
+    # views
     aug = args.train_aug if args.train_aug != 'auto' else 'none' if args.train == 'synthetic' else 'rrc'
     t_train, t_val = probe_transforms(crop, resize, aug)
     feats = {}
     for split, ds, tf, limit in (('train', train_set, t_train, args.num_train),
                                  ('val', val_set, t_val, args.num_val)):
-        batches = data.eval_batches(ds, args.batch_size, transform=tf, limit=limit, num_workers=args.num_workers)
-        feats[split] = extract_probe_features(model, batches, device, args.features, args.n_last_blocks)
+        batches = data.eval_batches(ds, args.batch_size, transform=tf, limit=limit,
+                                    num_workers=args.num_workers)
+        feats[split] = extract_probe_features(model, batches, device, args.features,
+                                              args.n_last_blocks)
     (tx, ty, tskip), (vx, vy, vskip) = feats['train'], feats['val']
-    num_classes = max(len(getattr(train_set, 'class_names', None) or []), int(ty.max()) + 1, int(vy.max()) + 1)
+    num_classes = max(len(getattr(train_set, 'class_names', None) or []), int(ty.max()) + 1,
+                      int(vy.max()) + 1)
     if ty.min() < 0 or vy.min() < 0:
         raise ValueError("linear probing needs class labels (a class-folder dataset or 'synthetic')")
     lrs = [float(v) for v in args.lrs.split(',')] if args.lrs else list(PROBE_LRS)
-    # standardised with the train set's mean/std per feature: the lr grid then fits every feature source
-    # (the d-dim bottleneck's scale is whatever reconstruction made it: 10 epochs of SGD left its probe
+    # standardised with the train set's mean/std per feature: the lr grid then fits every feature
+    # source
+    # (the d-dim bottleneck's scale is whatever reconstruction made it: 10 epochs of SGD left its
+    # probe
     # at 33 % where it reaches ~50 % standardised; measured on a tiny tokenizer)
     mu, sd = tx.float().mean(0), tx.float().std(0) + 1e-6
     tx, vx = (tx.float() - mu) / sd, (vx.float() - mu) / sd
-    best = train_linear_probes(tx, ty, vx, vy, num_classes, lrs, args.epochs, args.probe_batch_size, device,
+    best = train_linear_probes(tx, ty, vx, vy, num_classes, lrs, args.epochs,
+                               args.probe_batch_size, device,
                                args.seed)
     source = ('bottleneck: [mean of the d-dim bottleneck patch tokens, bottleneck cls token]'
               if args.features == 'bottleneck' else
-              f'multilayer (DINOv2): cls of the last {args.n_last_blocks} blocks + mean patch token of the '
+              f'multilayer (DINOv2): cls of the last {args.n_last_blocks} blocks + mean patch '
+              'token of the '
               f'last block, final-normed, no bottleneck')
     result = {**header(args, 'linprobe', device), 'tokenizer': os.path.abspath(args.tokenizer),
-              'train': args.train, 'val': args.val, 'feature_source': source, 'feature_dim': tx.shape[1],
+              'train': args.train, 'val': args.val, 'feature_source': source,
+              'feature_dim': tx.shape[1],
               'top1': best['top1'], 'best_lr': best['lr'], 'best_epoch': best['epoch'],
               'num_train': len(tx), 'num_val': len(vx), 'num_classes': num_classes,
               'skipped': {'train': tskip, 'val': vskip},
               'preprocess': (f'train RandomResizedCrop({crop}, bicubic)+flip (one view, cached)' if aug == 'rrc'
-                             else 'train as val') + f'; val Resize({resize}, bicubic)+CenterCrop({crop})',
-              'probe': f'features standardised (train mean/std); {len(lrs)} Linear heads, SGD momentum 0.9 '
+                             else 'train as val') + f'; val Resize({resize}, '
+                                                    f'bicubic)+CenterCrop({crop})',
+              'probe': f'features standardised (train mean/std); {len(lrs)} Linear heads, SGD '
+                       'momentum 0.9 '
                        f'wd 0, lr x batch/256, cosine, '
-                       f'{args.epochs} epochs, batch {args.probe_batch_size}; best head at best epoch',
+                       f'{args.epochs} epochs, batch {args.probe_batch_size}; best head at best '
+                       'epoch',
               'lrs': lrs}
     print_table(f"linear probe [{args.features}] ({len(tx)} train / {len(vx)} val, {tx.shape[1]}-d)",
-                [('top-1 (%)', best['top1']), ('best lr', best['lr']), ('best epoch', best['epoch']),
+                [('top-1 (%)', best['top1']), ('best lr', best['lr']), ('best epoch',
+                    best['epoch']),
                  ('features', args.features)])
     write_json(result, default_out(args, 'linprobe'))
     return result
@@ -991,11 +1077,14 @@ def cmd_fid(args):
     device = pick_device(args.device)
     samples = ImageSource(args.samples, args.num_samples)
     if not samples.has_images:
-        raise ValueError(f"--samples {args.samples} holds statistics only; IS/precision/recall need images")
+        raise ValueError(f"--samples {args.samples} holds statistics only; IS/precision/recall "
+                         "need images")
     ref = ImageSource(args.ref)
     if ref.has_images and samples.resolution != ref.resolution and not args.allow_resolution_mismatch:
-        raise ValueError(f"samples are {samples.resolution[1]}x{samples.resolution[0]} but the reference is "
-                         f"{ref.resolution[1]}x{ref.resolution[0]} (--allow-resolution-mismatch to go on)")
+        raise ValueError(f"samples are {samples.resolution[1]}x{samples.resolution[0]} but the "
+                         "reference is "
+                         f"{ref.resolution[1]}x{ref.resolution[0]} (--allow-resolution-mismatch to "
+                         "go on)")
     inception = build_fid_inception(args.inception_weights, args.random_inception)
     bs = args.batch_size
     f_fake, l_fake = inception_features(samples.batches(bs, args.num_workers), inception, device,
@@ -1026,11 +1115,16 @@ def cmd_fid(args):
               'samples_kind': samples.kind,
               'num_samples': len(f_fake), 'samples_skipped': samples.skipped,
               'samples_resolution': list(samples.resolution),
-              'reference': os.path.abspath(args.ref), 'reference_kind': ref.kind, 'reference_stats': ref_stats,
-              'reference_images': len(f_real) if f_real is not None else 0, 'reference_skipped': ref.skipped,
-              'fid': fid, 'fid_method': fid_method, 'inception_score': is_mean, 'inception_score_std': is_std,
-              'is_splits': max(1, min(args.is_splits, len(f_fake))), 'precision': precision, 'recall': recall,
-              'precision_recall_def': 'Kynkaanniemi et al. improved P/R, k=3, pool3 features; reference images '
+              'reference': os.path.abspath(args.ref), 'reference_kind': ref.kind,
+              'reference_stats': ref_stats,
+              'reference_images': len(f_real) if f_real is not None else 0,
+              'reference_skipped': ref.skipped,
+              'fid': fid, 'fid_method': fid_method, 'inception_score': is_mean,
+              'inception_score_std': is_std,
+              'is_splits': max(1, min(args.is_splits, len(f_fake))), 'precision': precision,
+              'recall': recall,
+              'precision_recall_def': 'Kynkaanniemi et al. improved P/R, k=3, pool3 features; '
+                                      'reference images '
                                       'vs samples',
               'uint8': 'samples and reference read as uint8 images', **inception.info}
     print_table(f"FID ({len(f_fake)} samples vs {args.ref}; reference stats: {ref_stats})",
@@ -1042,31 +1136,42 @@ def cmd_fid(args):
 
 def add_common(p, checkpoint=True):
     if checkpoint:
-        p.add_argument('--tokenizer', required=True, help=f"{vtp.TOKENIZER_HELP}: the one evaluated")
+        p.add_argument('--tokenizer', required=True,
+                       help=f"{vtp.TOKENIZER_HELP}: the one evaluated")
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'],
                    help="auto: CUDA if available, else CPU")
-    p.add_argument('--batch-size', type=int, default=50, help="images per batch (the official scripts use 50)")
-    p.add_argument('--num-workers', type=int, default=4, help="data loader processes (at most one per CPU)")
-    p.add_argument('--out', default=None, help="result JSON (default: eval_<command>.json next to the "
+    p.add_argument('--batch-size', type=int, default=50,
+                   help="images per batch (the official scripts use 50)")
+    p.add_argument('--num-workers', type=int, default=4,
+                   help="data loader processes (at most one per CPU)")
+    p.add_argument('--out', default=None,
+                   help="result JSON (default: eval_<command>.json next to the "
                                                "checkpoint, or in the working directory)")
 
 
 def add_inception(p):
     p.add_argument('--inception-weights', default=None,
-                   help=f"FID Inception state dict (default: downloaded once to {FID_WEIGHTS_CACHE})")
-    p.add_argument('--random-inception', action='store_true', help="random Inception weights (tests only)")
+                   help="FID Inception state dict (default: downloaded once to "
+                        f"{FID_WEIGHTS_CACHE})")
+    p.add_argument('--random-inception', action='store_true',
+                   help="random Inception weights (tests only)")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="VTP evaluation: reconstruction, zero-shot, linear probe, FID")
+    parser = argparse.ArgumentParser(description="VTP evaluation: reconstruction, zero-shot, "
+                                                 "linear probe, FID")
     sub = parser.add_subparsers(dest='command', required=True)
 
     p = sub.add_parser('recon', help="rFID, PSNR, SSIM, LPIPS of reconstructions (ADM centre crop)")
     add_common(p)
-    p.add_argument('--data', default='synthetic', help="'synthetic', an image folder or .tar shards")
-    p.add_argument('--split', default='val', help="dataset split (synthetic; a folder's sub-folder if present)")
-    p.add_argument('--num-images', type=int, default=0, help="evaluate the first N images (0 = all)")
-    p.add_argument('--image-size', type=int, default=0, help="centre-crop size (default: the tokenizer's)")
+    p.add_argument('--data', default='synthetic',
+                   help="'synthetic', an image folder or .tar shards")
+    p.add_argument('--split', default='val',
+                   help="dataset split (synthetic; a folder's sub-folder if present)")
+    p.add_argument('--num-images', type=int, default=0,
+                   help="evaluate the first N images (0 = all)")
+    p.add_argument('--image-size', type=int, default=0,
+                   help="centre-crop size (default: the tokenizer's)")
     p.add_argument('--lpips', default='auto', choices=['auto', 'lpips', 'none'],
                    help="LPIPS-VGG: auto = if its weights can be had, lpips = required, none = skip")
     p.add_argument('--no-fid', action='store_true', help="skip rFID (no Inception)")
@@ -1075,66 +1180,96 @@ def build_parser():
 
     p = sub.add_parser('zeroshot', help="zero-shot top-1/top-5 with class-name prompts")
     add_common(p)
-    p.add_argument('--data', default='synthetic', help="'synthetic' or a folder of class sub-folders")
-    p.add_argument('--split', default='val', help="dataset split (synthetic; a folder's sub-folder if present)")
-    p.add_argument('--num-images', type=int, default=0, help="evaluate the first N images (0 = all)")
-    p.add_argument('--image-size', type=int, default=0, help="squash-resize size (default: the tokenizer's)")
-    p.add_argument('--classnames', default=None, help="file, one class name per line in label order "
-                                                      "(default: the dataset's; folder names otherwise)")
+    p.add_argument('--data', default='synthetic',
+                   help="'synthetic' or a folder of class sub-folders")
+    p.add_argument('--split', default='val',
+                   help="dataset split (synthetic; a folder's sub-folder if present)")
+    p.add_argument('--num-images', type=int, default=0,
+                   help="evaluate the first N images (0 = all)")
+    p.add_argument('--image-size', type=int, default=0,
+                   help="squash-resize size (default: the tokenizer's)")
+    p.add_argument('--classnames', default=None,
+                   help="file, one class name per line in label order "
+                                                      "(default: the dataset's; folder names "
+                                                      "otherwise)")
     p.add_argument('--templates', default=None, help="file, one prompt template with '{}' per line "
                                                      "(default: the dataset's)")
-    p.add_argument('--bpe-path', default=None, help="CLIP BPE vocabulary file (bpe_simple_vocab_16e6.txt.gz)")
+    p.add_argument('--bpe-path', default=None,
+                   help="CLIP BPE vocabulary file (bpe_simple_vocab_16e6.txt.gz)")
     p.set_defaults(func=cmd_zeroshot)
 
-    p = sub.add_parser('linprobe', help="linear probe on frozen features (bottleneck or DINOv2 multilayer)")
+    p = sub.add_parser('linprobe',
+                       help="linear probe on frozen features (bottleneck or DINOv2 multilayer)")
     add_common(p)
-    p.add_argument('--train', default='synthetic', help="'synthetic' or a folder of class sub-folders")
-    p.add_argument('--val', default='synthetic', help="'synthetic' or a folder of class sub-folders")
+    p.add_argument('--train', default='synthetic',
+                   help="'synthetic' or a folder of class sub-folders")
+    p.add_argument('--val', default='synthetic',
+                   help="'synthetic' or a folder of class sub-folders")
     p.add_argument('--features', default='bottleneck', choices=['bottleneck', 'multilayer'],
-                   help="bottleneck: the d-dim latent (paper figures); multilayer: DINOv2 protocol (Table 2)")
-    p.add_argument('--n-last-blocks', type=int, default=4, help="multilayer: cls tokens of the last n blocks")
+                   help="bottleneck: the d-dim latent (paper figures); multilayer: DINOv2 protocol "
+                        "(Table 2)")
+    p.add_argument('--n-last-blocks', type=int, default=4,
+                   help="multilayer: cls tokens of the last n blocks")
     p.add_argument('--train-aug', default='auto', choices=['auto', 'rrc', 'none'],
-                   help="train views: rrc = DINOv2's RandomResizedCrop + flip, none = the val view (CLIP's "
+                   help="train views: rrc = DINOv2's RandomResizedCrop + flip, none = the val view "
+                        "(CLIP's "
                         "protocol); auto: none on the synthetic data (small objects), rrc otherwise")
-    p.add_argument('--crop-size', type=int, default=0, help="probe crop (default 224, or the tokenizer's size "
+    p.add_argument('--crop-size', type=int, default=0,
+                   help="probe crop (default 224, or the tokenizer's size "
                                                             "if smaller)")
-    p.add_argument('--resize-size', type=int, default=0, help="val short-side resize (default crop * 256/224)")
-    p.add_argument('--num-train', type=int, default=0, help="first N train images (0 = all; synthetic: 10000)")
+    p.add_argument('--resize-size', type=int, default=0,
+                   help="val short-side resize (default crop * 256/224)")
+    p.add_argument('--num-train', type=int, default=0,
+                   help="first N train images (0 = all; synthetic: 10000)")
     p.add_argument('--num-val', type=int, default=0, help="first N val images (0 = all)")
     p.add_argument('--epochs', type=int, default=10, help="probe epochs on the cached features")
-    p.add_argument('--probe-batch-size', type=int, default=256, help="probe SGD batch (lrs scale by batch/256)")
-    p.add_argument('--lrs', default='', help="comma-separated lr grid (default: DINOv2's 13 values 1e-5..0.1)")
+    p.add_argument('--probe-batch-size', type=int, default=256,
+                   help="probe SGD batch (lrs scale by batch/256)")
+    p.add_argument('--lrs', default='',
+                   help="comma-separated lr grid (default: DINOv2's 13 values 1e-5..0.1)")
     p.add_argument('--seed', type=int, default=0, help="seed of the train crops and of the heads")
     p.set_defaults(func=cmd_linprobe)
 
-    p = sub.add_parser('synthetic', help="generation metrics on the synthetic world, judged by a small CNN "
-                       "trained on real synthetic images (no downloads): FD, class accuracy of samples")
-    p.add_argument('--samples', required=True, help="folder of images or .npz with arr_0 (uint8 NHWC)")
+    p = sub.add_parser('synthetic',
+                       help="generation metrics on the synthetic world, judged by a small CNN "
+                       "trained on real synthetic images (no downloads): FD, class accuracy of "
+                       "samples")
+    p.add_argument('--samples', required=True,
+                   help="folder of images or .npz with arr_0 (uint8 NHWC)")
     p.add_argument('--num-samples', type=int, default=0, help="use the first N samples (0 = all)")
-    p.add_argument('--num-real', type=int, default=1000, help="real synthetic val images to compare with")
+    p.add_argument('--num-real', type=int, default=1000,
+                   help="real synthetic val images to compare with")
     p.add_argument('--image-size', type=int, default=64, help="synthetic image size")
-    p.add_argument('--tokenizer', default=None, help=f"{vtp.TOKENIZER_HELP}: text-to-image samples are also "
-                   "scored by its image-text similarity with their prompts (prompts.txt beside them)")
+    p.add_argument('--tokenizer', default=None,
+                   help=f"{vtp.TOKENIZER_HELP}: text-to-image samples are also "
+                   "scored by its image-text similarity with their prompts (prompts.txt beside "
+                   "them)")
     p.add_argument('--no-targets', action='store_true',
-                   help="FD only (no class accuracy: the samples are unconditional or their labels unknown)")
-    p.add_argument('--out', default=None, help="result JSON (default: eval_synthetic.json beside the samples)")
+                   help="FD only (no class accuracy: the samples are unconditional or their labels "
+                        "unknown)")
+    p.add_argument('--out', default=None,
+                   help="result JSON (default: eval_synthetic.json beside the samples)")
     p.set_defaults(func=cmd_synthetic)
 
     p = sub.add_parser('fid', help="FID, Inception Score, precision, recall of generated samples")
     add_common(p, checkpoint=False)
-    p.add_argument('--samples', required=True, help="folder of images or .npz with arr_0 (uint8 NHWC)")
-    p.add_argument('--ref', required=True, help="reference: folder, .npz of images, or stats .npz (mu, sigma); "
+    p.add_argument('--samples', required=True,
+                   help="folder of images or .npz with arr_0 (uint8 NHWC)")
+    p.add_argument('--ref', required=True,
+                   help="reference: folder, .npz of images, or stats .npz (mu, sigma); "
                                                 "ADM's VIRTUAL_imagenet256_labeled.npz holds both")
     p.add_argument('--num-samples', type=int, default=0, help="use the first N samples (0 = all)")
     p.add_argument('--ref-stats', default='npz', choices=['npz', 'images'],
-                   help="npz: the reference's stored mu/sigma when present (as LightningDiT); images: compute "
+                   help="npz: the reference's stored mu/sigma when present (as LightningDiT); "
+                        "images: compute "
                         "them here from its images")
     p.add_argument('--no-precision-recall', dest='precision_recall', action='store_false',
                    help="skip precision/recall (saves the reference's Inception pass)")
     p.add_argument('--is-splits', type=int, default=10, help="Inception Score splits")
     p.add_argument('--allow-resolution-mismatch', action='store_true',
                    help="go on when samples and reference images differ in size")
-    p.add_argument('--save-ref-stats', default=None, help="write the reference mu/sigma to this .npz")
+    p.add_argument('--save-ref-stats', default=None,
+                   help="write the reference mu/sigma to this .npz")
     add_inception(p)
     p.set_defaults(func=cmd_fid)
     return parser

@@ -1,11 +1,13 @@
 """
-Stage 2 of VTP: the pixel decoder fine-tuned with a GAN objective, encoder and bottleneck frozen (§3.2).
-L_G = L1 + w_p LPIPS + λ_adv w_disc (-E[D(x_hat)]), λ_adv adaptive (LDM); D: PatchGAN, hinge loss.
+Stage 2 of VTP: the pixel decoder fine-tuned with a GAN objective, encoder and bottleneck frozen
+(§3.2). L_G = L1 + w_p LPIPS + λ_adv w_disc (-E[D(x_hat)]), λ_adv adaptive (LDM); D: PatchGAN, hinge
+loss.
 
 Laptop CPU, after `python train_tokenizer.py --size tiny` (built-in synthetic data, minutes):
     python finetune_decoder.py --tokenizer out/tokenizer/ckpt.pt
-One GPU, from one of our stage-1 checkpoints or an official one (HF folder or .safetensors); the defaults
-follow the tokenizer (a toy one below 256 px gets the CPU recipe, others the full-size one below):
+One GPU, from one of our stage-1 checkpoints or an official one (HF folder or .safetensors); the
+defaults follow the tokenizer (a toy one below 256 px gets the CPU recipe, others the full-size one
+below):
     python finetune_decoder.py --tokenizer out/vtp_L/ckpt.pt --data /data/imagenet/train \\
         --val-data /data/imagenet/val --grad-accum 8 --out-dir out/decoder_L
 One node, 8 GPUs (the global batch is split across ranks; same flags):
@@ -33,8 +35,10 @@ import vtp
 
 # -----------------------------------------------------------------------------
 # config. The paper gives no stage-2 hyper-parameters: the loss recipe is LDM's (PatchGAN, hinge,
-# adaptive weight, Adam betas (0.5, 0.9), disc weight 0.5 as LDM KL-f16 and VA-VAE); the full-size run
-# length and batch follow VA-VAE (assumed). Flags left at None follow the tokenizer: below 256 px 'toy'.
+# adaptive weight, Adam betas (0.5, 0.9), disc weight 0.5 as LDM KL-f16 and VA-VAE); the full-size
+# run
+# length and batch follow VA-VAE (assumed). Flags left at None follow the tokenizer: below 256 px
+# 'toy'.
 RECIPES = {
     'toy': dict(batch_size=32, max_steps=400, disc_start=100, log_every=10, eval_every=100,
                 ckpt_every=200, num_workers=1, perceptual='auto'),
@@ -46,23 +50,32 @@ parser = argparse.ArgumentParser(description=__doc__.split('\n')[1],
 vtp.add_run_flags(parser, 'out/decoder', "its pixel decoder is fine-tuned, the rest stays frozen",
                   tokenizer_default='out/tokenizer/ckpt.pt')
 parser.add_argument('--disc-ndf', type=int, default=64, help="discriminator base width (LDM 64)")
-parser.add_argument('--disc-layers', type=int, default=3, help="discriminator stride-2 stages (LDM 3)")
+parser.add_argument('--disc-layers', type=int, default=3,
+                    help="discriminator stride-2 stages (LDM 3)")
 parser.add_argument('--disc-norm', default='batch', choices=['batch', 'group'],
-                    help="D norm: batch = LDM (SyncBatchNorm under DDP on CUDA), group = batch-independent")
+                    help="D norm: batch = LDM (SyncBatchNorm under DDP on CUDA), group = "
+                         "batch-independent")
 # data
-parser.add_argument('--data', default='synthetic', help="'synthetic', an image folder, or .tar shards")
+parser.add_argument('--data', default='synthetic',
+                    help="'synthetic', an image folder, or .tar shards")
 parser.add_argument('--val-data', default=None,
-                    help="val set for PSNR and grids (default: the synthetic val split when --data synthetic)")
-parser.add_argument('--num-val', type=int, default=64, help="val images (the first ones) for val_psnr")
-parser.add_argument('--image-size', type=int, default=None, help="training resolution (the tokenizer's)")
+                    help="val set for PSNR and grids (default: the synthetic val split when --data "
+                         "synthetic)")
+parser.add_argument('--num-val', type=int, default=64,
+                    help="val images (the first ones) for val_psnr")
+parser.add_argument('--image-size', type=int, default=None,
+                    help="training resolution (the tokenizer's)")
 parser.add_argument('--num-workers', type=int, default=None, help="data loader processes per rank")
 # objective
 parser.add_argument('--perceptual', default=None, choices=['auto', 'lpips', 'none', 'random'],
                     help="LPIPS term: auto uses it if VGG16 weights can be had (random: tests only)")
-parser.add_argument('--perceptual-weight', type=float, default=1.0, help="LPIPS weight (LDM 1.0; eq. 1)")
-parser.add_argument('--disc-weight', type=float, default=0.5, help="scale of the adaptive GAN weight (LDM)")
+parser.add_argument('--perceptual-weight', type=float, default=1.0,
+                    help="LPIPS weight (LDM 1.0; eq. 1)")
+parser.add_argument('--disc-weight', type=float, default=0.5,
+                    help="scale of the adaptive GAN weight (LDM)")
 parser.add_argument('--disc-start', type=int, default=None,
-                    help="step from which D trains and L_G has the GAN term (LDM 50001, VA-VAE 5001)")
+                    help="step from which D trains and L_G has the GAN term (LDM 50001, VA-VAE "
+                         "5001)")
 # optimisation: Adam betas (0.5, 0.9) for both nets, constant lr (LDM)
 parser.add_argument('--lr', type=float, default=1e-4, help="decoder learning rate (VA-VAE 1e-4)")
 parser.add_argument('--disc-lr', type=float, default=1e-4, help="discriminator learning rate")
@@ -72,8 +85,10 @@ parser.add_argument('--max-steps', type=int, default=None, help="optimizer steps
 parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32'],
                     help="autocast dtype on CUDA (float32 = the stable fallback; CPU runs fp32)")
 parser.add_argument('--log-every', type=int, default=None, help="steps between log lines")
-parser.add_argument('--eval-every', type=int, default=None, help="steps between val PSNR + grid (0 = off)")
-parser.add_argument('--ckpt-every', type=int, default=None, help="steps between checkpoints (and the end)")
+parser.add_argument('--eval-every', type=int, default=None,
+                    help="steps between val PSNR + grid (0 = off)")
+parser.add_argument('--ckpt-every', type=int, default=None,
+                    help="steps between checkpoints (and the end)")
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------
@@ -92,7 +107,8 @@ except (OSError, ValueError, RuntimeError, KeyError) as e:  # missing, not a che
     raise SystemExit(f"error: --tokenizer {args.tokenizer}: {e}")
 cfg = model.config
 if not cfg.train_reconstruction:
-    raise SystemExit(f"error: --tokenizer {args.tokenizer} has no pixel decoder (trained without reconstruction)")
+    raise SystemExit(f"error: --tokenizer {args.tokenizer} has no pixel decoder (trained without "
+                     "reconstruction)")
 recipe = RECIPES['toy' if cfg.image_size < 256 else 'paper']
 for k, v in recipe.items():
     if getattr(args, k) is None:
@@ -101,19 +117,25 @@ B = args.batch_size
 b = vtp.split_batch(B, world_size, args.grad_accum)
 args.image_size = args.image_size or cfg.image_size
 if args.image_size % cfg.patch_size:
-    raise SystemExit(f"error: --image-size {args.image_size} is not a multiple of the patch size {cfg.patch_size}")
-model.to(device).requires_grad_(False).eval()  # trunk + bottleneck: no grad, eval mode, no optimizer state
+    raise SystemExit(f"error: --image-size {args.image_size} is not a multiple of the patch size "
+                     f"{cfg.patch_size}")
+# trunk + bottleneck: no grad, eval mode, no optimizer state
+model.to(device).requires_grad_(False).eval()
 decoder = model.pixel_decoder
 decoder.requires_grad_(True).train()
-print0(f"tokenizer {args.tokenizer}: {model.num_params() / 1e6:.2f}M parameters, training the pixel decoder "
+print0(f"tokenizer {args.tokenizer}: {model.num_params() / 1e6:.2f}M parameters, training the "
+       "pixel decoder "
        f"({model.num_params(decoder) / 1e6:.2f}M), d = {cfg.bottleneck_dim}, {args.image_size} px")
 
 disc = vtp.NLayerDiscriminator(3, args.disc_ndf, args.disc_layers, args.disc_norm).to(device)
 if ddp and device.type == 'cuda' and args.disc_norm == 'batch':
-    # batch statistics over the whole micro-batch of all ranks: D does not change with the GPU count.
-    # (SyncBatchNorm is CUDA-only; CPU/gloo runs keep per-rank statistics: --disc-norm group avoids them)
+    # batch statistics over the whole micro-batch of all ranks: D does not change with the GPU
+    # count.
+    # (SyncBatchNorm is CUDA-only; CPU/gloo runs keep per-rank statistics: --disc-norm group avoids
+    # them)
     disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
-print0(f"discriminator: PatchGAN {args.disc_layers} layers, ndf {args.disc_ndf}, {args.disc_norm} norm, "
+print0(f"discriminator: PatchGAN {args.disc_layers} layers, ndf {args.disc_ndf}, {args.disc_norm} "
+       "norm, "
        f"{sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M parameters")
 perceptual = vtp.make_lpips(args.perceptual, device, verbose=master)
 
@@ -126,7 +148,8 @@ resume = vtp.open_run(args.out_dir, args.resume, master) if not args.bench else 
 if resume:
     ckpt = vtp.load_checkpoint(resume, stage=2)
     if ckpt.get("config") != asdict(cfg):
-        raise SystemExit(f"error: --resume {resume} fine-tunes another tokenizer than {args.tokenizer}")
+        raise SystemExit(f"error: --resume {resume} fine-tunes another tokenizer than "
+                         f"{args.tokenizer}")
     vtp.load_state(model, ckpt['model'], f"--resume {resume}")
     vtp.load_state(disc, ckpt['discriminator'], f"--resume {resume} (discriminator)")
     vtp.load_state(opt_g, ckpt['optimizer'], f"--resume {resume} (optimizer)")
@@ -142,30 +165,38 @@ train_disc = disc
 if ddp:
     ids = [local_rank] if device.type == 'cuda' else None
     train_decoder = DDP(train_decoder, device_ids=ids)
-    # D runs twice (real, fake) per backward: re-broadcasting BN buffers in between would bump the version
+    # D runs twice (real, fake) per backward: re-broadcasting BN buffers in between would bump the
+    # version
     # of tensors saved for backward; in train mode the running stats are unused anyway
-    warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated')  # still right, torch >= 2.4
+    # still right, torch >= 2.4
+    warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated')
     train_disc = DDP(disc, device_ids=ids, broadcast_buffers=False)
 
 # -----------------------------------------------------------------------------
 # data: images only (no text); deterministic per global sample position, so resume is exact
 try:
-    train_set = data.open_dataset(args.data, split='train', image_size=args.image_size, seed=args.seed)
+    train_set = data.open_dataset(args.data, split='train', image_size=args.image_size,
+                                  seed=args.seed)
     val_spec = args.val_data or ('synthetic' if args.data == 'synthetic' else None)
     val_set = data.open_dataset(val_spec, 'val', args.image_size, args.seed) if val_spec else None
 except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}")
 val_images = None
-if master and val_set is not None and args.eval_every and not args.bench:  # the first --num-val images
+# the first --num-val images
+if master and val_set is not None and args.eval_every and not args.bench:
     val_images = torch.cat([vb['images'] for vb in data.eval_batches(val_set, 64, args.image_size,
                                                                      limit=args.num_val)
-                            if vb['images'] is not None]).to(device)  # (n, 3, S, S), ImageNet-normalised
+                            # (n, 3, S, S), ImageNet-normalised
+                            if vb['images'] is not None]).to(device)
 elif val_set is None:
     print0("no --val-data: no val PSNR or grids")
-loader = data.TrainLoader(train_set, None, image_size=args.image_size, global_size=0, local_size=0, n_local=0,
-                          global_batch=B, ssl_batch=0, rec_batch=B, world_size=world_size, rank=rank,
+loader = data.TrainLoader(train_set, None, image_size=args.image_size, global_size=0, local_size=0,
+                          n_local=0,
+                          global_batch=B, ssl_batch=0, rec_batch=B, world_size=world_size,
+                          rank=rank,
                           grad_accum=args.grad_accum, seed=args.seed, start_step=start_step,
-                          num_workers=data.worker_count(args.num_workers, print0), patch_size=cfg.patch_size)
+                          num_workers=data.worker_count(args.num_workers, print0),
+                          patch_size=cfg.patch_size)
 batches = iter(loader)
 
 
@@ -182,7 +213,8 @@ def reconstruct(images):
     return torch.cat(out)
 
 
-val_before = reconstruct(val_images) if val_images is not None else None  # the stage-1 decoder, for grids
+# the stage-1 decoder, for grids
+val_before = reconstruct(val_images) if val_images is not None else None
 
 
 def to_disc(x):  # ImageNet-normalised -> [-1, 1], the range LDM's discriminator sees
@@ -194,14 +226,15 @@ def evaluate(step):
     x = vtp.to_unit_range(val_images).clamp(0, 1)
     rec = reconstruct(val_images)
     k = min(8, len(x))
-    save_image(torch.cat((x[:k], val_before[:k], rec[:k])), os.path.join(args.out_dir, f'recon_{step:06d}.png'),
+    save_image(torch.cat((x[:k], val_before[:k], rec[:k])), os.path.join(args.out_dir,
+        f'recon_{step:06d}.png'),
                nrow=k)
     return {'val_psnr': round(vtp.psnr(rec, x).mean().item(), 4)}
 
 
 def train_step(step, micro_batches, meter):
-    """A decoder update on the micro-batches, then (from --disc-start) a D update on the same images with
-    fresh reconstructions from the updated decoder (LDM alternates the two optimizers so)."""
+    """A decoder update on the micro-batches, then (from --disc-start) a D update on the same images
+    with fresh reconstructions from the updated decoder (LDM alternates the two optimizers so)."""
     gan = step >= args.disc_start
     last_w = decoder.proj_out.weight  # W_last of the adaptive weight: the decoder's final 1x1 conv
     disc.requires_grad_(False)  # the generator step only needs gradients through D, not for it
@@ -231,7 +264,8 @@ def train_step(step, micro_batches, meter):
             (loss / args.grad_accum).backward()
         meter.add(terms)
         loss_sum = loss_sum + loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), float('inf'))  # logged, not clipped
+    # logged, not clipped
+    grad_norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), float('inf'))
     found = vtp.skip_if_not_finite(opt_g, grad_norm, loss_sum)
     opt_g.step()
     opt_g.zero_grad(set_to_none=True)
@@ -259,19 +293,22 @@ def train_step(step, micro_batches, meter):
 def save(step):
     """Also a tokenizer for the later stages: 'model' is the whole VTP (frozen encoder, tuned decoder)."""
     ckpt = vtp.make_checkpoint(2, model, None, opt_g, step, args, cfg, device,
-                               {'position': step * B, 'skipped': skipped}, discriminator=disc.state_dict(),
+                               {'position': step * B, 'skipped': skipped},
+                               discriminator=disc.state_dict(),
                                disc_optimizer=opt_d.state_dict())
     vtp.save_checkpoint(ckpt, ckpt_path)
 
 
 # -----------------------------------------------------------------------------
 # training loop
-print0(f"batch {B} = {world_size} ranks x {args.grad_accum} micro x {b}; GAN from step {args.disc_start}")
+print0(f"batch {B} = {world_size} ranks x {args.grad_accum} micro x {b}; GAN from step "
+       f"{args.disc_start}")
 meter = vtp.Meter()
 if args.bench:  # the train step alone (with the GAN on), one cached step of micro-batches
     cached = [next(batches)['images'].to(device) for _ in range(args.grad_accum)]
     flops = 3 * vtp.decoder_flops(cfg, args.image_size) + vtp.encoder_flops(cfg, args.image_size)[0]
-    vtp.bench(lambda: train_step(args.disc_start, cached, meter), args.bench, B, flops, device, world_size,
+    vtp.bench(lambda: train_step(args.disc_start, cached, meter), args.bench, B, flops, device,
+              world_size,
               f"stage 2 {args.image_size}px batch {B} (decoder + encoder counted; D and LPIPS not)",
               measure_flops=not args.compile)
     del train_decoder, train_disc
@@ -279,11 +316,14 @@ if args.bench:  # the train step alone (with the GAN on), one cached step of mic
     raise SystemExit(0)
 log_path = os.path.join(args.out_dir, 'log.jsonl')
 if master:
-    vtp.start_log(log_path, start_step)  # on resume: drops what a killed run logged after its checkpoint
-    if start_step == 0 and val_images is not None:  # the stage-1 decoder's PSNR, the baseline to beat
+    # on resume: drops what a killed run logged after its checkpoint
+    vtp.start_log(log_path, start_step)
+    # the stage-1 decoder's PSNR, the baseline to beat
+    if start_step == 0 and val_images is not None:
         vtp.append_log(log_path, {'step': 0, **evaluate(0)})
 t0, samples_since = time.time(), 0
-pbar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, disable=not master,
+pbar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
+            disable=not master,
             dynamic_ncols=True)
 for step in pbar:
     micro_batches = []
@@ -302,8 +342,10 @@ for step in pbar:
         vals = meter.reduce()  # the one host sync per log step; checked before any checkpoint
         vtp.check_finite(vals, done, ckpt_path)
         dt = time.time() - t0
-        rec_log = {'step': done, **{k: round(v, 6) for k, v in vals.items() if k != 'skipped_steps'},
-                   'lr': args.lr, 'disc_lr': args.disc_lr, 'img_per_s': round(samples_since / dt, 2)}
+        rec_log = {'step': done, **{k: round(v, 6) for k,
+                                    v in vals.items() if k != 'skipped_steps'},
+                   'lr': args.lr, 'disc_lr': args.disc_lr, 'img_per_s': round(samples_since / dt,
+                       2)}
         total = vtp.count_over_ranks(skipped)  # bad-sample counts live on each rank
         if total:
             rec_log['skipped'] = total
@@ -321,5 +363,6 @@ for step in pbar:
         save(done)
 
 print0(f"done: {args.max_steps} steps; tokenizer checkpoint {ckpt_path}, log {log_path}")
-del train_decoder, train_disc  # DDP holds the process group: release it first, or gloo may abort at exit
+# DDP holds the process group: release it first, or gloo may abort at exit
+del train_decoder, train_disc
 vtp.teardown()

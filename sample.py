@@ -1,18 +1,21 @@
 """
-Samples from the EMA weights of a train_dit.py checkpoint (or an official LightningDiT checkpoint), decoded
-by the VTP tokenizer: a PNG grid, one PNG per sample ({index:06d}.png) and an ADM-style samples.npz
-(arr_0, uint8 NHWC) for FID (dit_full.md §3, §5).
+Samples from the EMA weights of a train_dit.py checkpoint (or an official LightningDiT checkpoint),
+decoded by the VTP tokenizer: a PNG grid, one PNG per sample ({index:06d}.png) and an ADM-style
+samples.npz (arr_0, uint8 NHWC) for FID (dit_full.md §3, §5).
 
 Laptop CPU, the quick start's DiT (64 samples, with guidance); a text-to-image DiT takes prompts:
     python sample.py --ckpt out/dit/ckpt.pt --num-samples 64 --cfg-scale 4
-    python sample.py --ckpt out/dit_text/ckpt.pt --prompt "a red star." --prompt "a blue circle." --cfg-scale 4
+    python sample.py --ckpt out/dit_text/ckpt.pt --prompt "a red star." --prompt "a blue circle."
+    --cfg-scale 4
 One node, FID-50k as in the paper (250 Euler points, shift 0.075, no guidance):
     torchrun --standalone --nproc_per_node 8 sample.py --ckpt out/dit/ckpt.pt --num-samples 50000 \\
         --fid-ref VIRTUAL_imagenet256_labeled.npz
 An official LightningDiT checkpoint (its latent stats file and tokenizer given explicitly):
-    python sample.py --ckpt lightningdit.pt --dit-config DiT-XL/1 --latent-stats latents_stats.pt --tokenizer vtp-l
-The noise of sample i comes from a generator seeded by (seed, i) and the samples of batch k are split over
-the ranks, so the images do not depend on the number of ranks. --resume auto keeps the PNGs already there.
+    python sample.py --ckpt lightningdit.pt --dit-config DiT-XL/1 --latent-stats latents_stats.pt
+    --tokenizer vtp-l
+The noise of sample i comes from a generator seeded by (seed, i) and the samples of batch k are
+split over the ranks, so the images do not depend on the number of ranks. --resume auto keeps the
+PNGs already there.
 """
 import argparse
 import json
@@ -34,30 +37,43 @@ import vtp
 
 parser = argparse.ArgumentParser(description=__doc__.split('\n')[1],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-vtp.add_run_flags(parser, None, "decodes the samples (default: the one recorded in the DiT checkpoint; a "
+vtp.add_run_flags(parser, None,
+                  "decodes the samples (default: the one recorded in the DiT checkpoint; a "
                   "stage-2 decoder of the same encoder also fits)",
-                  batch_help="samples per batch over all ranks (each rank runs batch-size / world of them)",
-                  resume_help="'auto': continue an interrupted sampling, keeping the PNGs already written")
+                  batch_help="samples per batch over all ranks (each rank runs batch-size / world "
+                             "of them)",
+                  resume_help="'auto': continue an interrupted sampling, keeping the PNGs already "
+                              "written")
 parser.set_defaults(batch_size=32)
-parser.add_argument('--ckpt', required=True, help="train_dit.py ckpt.pt, or an official LightningDiT checkpoint")
+parser.add_argument('--ckpt', required=True,
+                    help="train_dit.py ckpt.pt, or an official LightningDiT checkpoint")
 parser.add_argument('--dit-config', default=None, choices=list(vtp.DIT_CONFIGS),
                     help="official checkpoints: the preset (default: read from the weights' shapes)")
-parser.add_argument('--latent-stats', default=None, help="latents_stats.pt {'mean','std'} (default: the "
+parser.add_argument('--latent-stats', default=None,
+                    help="latents_stats.pt {'mean','std'} (default: the "
                     "ones in our checkpoint; required for official ones)")
 parser.add_argument('--num-samples', type=int, default=64, help="samples to generate (FID: 50000)")
 parser.add_argument('--labels', default=None, help="comma-separated labels, cycled (default: class-"
                     "balanced, label of sample i = i %% num_classes)")
-parser.add_argument('--prompt', action='append', default=None, help="text DiTs: a prompt (repeatable); "
+parser.add_argument('--prompt', action='append', default=None,
+                    help="text DiTs: a prompt (repeatable); "
                     "prompts are cycled over the samples, in order")
 parser.add_argument('--prompts', default=None, help="text DiTs: a file of prompts, one per line")
-parser.add_argument('--cfg-scale', type=float, default=1.0, help="classifier-free guidance (1 = none)")
-parser.add_argument('--cfg-interval-start', type=float, default=0.0, help="no guidance while t < this")
-parser.add_argument('--cfg-channels', type=int, default=0, help="guide only the first N latent channels "
+parser.add_argument('--cfg-scale', type=float, default=1.0,
+                    help="classifier-free guidance (1 = none)")
+parser.add_argument('--cfg-interval-start', type=float, default=0.0,
+                    help="no guidance while t < this")
+parser.add_argument('--cfg-channels', type=int, default=0,
+                    help="guide only the first N latent channels "
                     "(0 = all; 3 = the official LightningDiT quirk)")
-parser.add_argument('--num-steps', type=int, default=250, help="Euler time points (num_steps - 1 calls)")
-parser.add_argument('--timestep-shift', type=float, default=0.075, help="time-grid shift (VTP 0.075)")
-parser.add_argument('--heun', action='store_true', help="Heun steps instead of Euler (2 calls a step)")
-parser.add_argument('--fid-ref', default=None, help="run `evaluate.py fid` against this reference at the end")
+parser.add_argument('--num-steps', type=int, default=250,
+                    help="Euler time points (num_steps - 1 calls)")
+parser.add_argument('--timestep-shift', type=float, default=0.075,
+                    help="time-grid shift (VTP 0.075)")
+parser.add_argument('--heun', action='store_true',
+                    help="Heun steps instead of Euler (2 calls a step)")
+parser.add_argument('--fid-ref', default=None,
+                    help="run `evaluate.py fid` against this reference at the end")
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------
@@ -77,7 +93,8 @@ try:
         model = vtp.DiT(vtp.DiTConfig(**{k: v for k, v in ckpt['config'].items() if k in known}))
         model.load_state_dict(ckpt['ema'])
     else:
-        model = vtp.DiT.from_official(ckpt, vtp.DIT_CONFIGS[args.dit_config] if args.dit_config else None)
+        model = vtp.DiT.from_official(ckpt,
+                                      vtp.DIT_CONFIGS[args.dit_config] if args.dit_config else None)
 except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
     raise SystemExit(f"error: --ckpt {args.ckpt} is not a DiT checkpoint this config can load: "
                      f"{vtp._first_line(e)[:200]}")
@@ -89,21 +106,25 @@ if args.latent_stats:
 elif ours:
     stats = ckpt['latent_stats']
 else:
-    raise SystemExit("error: an official checkpoint needs --latent-stats (the latents_stats.pt of its latents)")
+    raise SystemExit("error: an official checkpoint needs --latent-stats (the latents_stats.pt of "
+                     "its latents)")
 if tuple(stats['mean'].shape) != (1, cfg.in_channels, 1, 1):
-    raise SystemExit(f"error: latent stats of shape {tuple(stats['mean'].shape)} do not fit {cfg.in_channels} "
+    raise SystemExit(f"error: latent stats of shape {tuple(stats['mean'].shape)} do not fit "
+                     f"{cfg.in_channels} "
                      f"channels")
 mean, std = stats['mean'].to(device).float(), stats['std'].to(device).float()  # (1, C, 1, 1)
 
 
 def recorded(entry, flag):
-    """A tokenizer path recorded in our DiT checkpoint, refused if the file there changed since it was
-    recorded (a later run wrote over it): its weights would not be those the DiT was trained with."""
+    """A tokenizer path recorded in our DiT checkpoint, refused if the file there changed since it
+    was recorded (a later run wrote over it): its weights would not be those the DiT was trained
+    with."""
     path = entry['path']
     if not os.path.exists(path):
         raise SystemExit(f"error: {path}, recorded in {args.ckpt}, is gone; pass {flag}")
     if vtp.file_sha256(path) != entry['file_sha256']:
-        raise SystemExit(f"error: {path} changed since the DiT was trained (its sha256 differs from the one "
+        raise SystemExit(f"error: {path} changed since the DiT was trained (its sha256 differs "
+                         "from the one "
                          f"recorded in {args.ckpt}); pass {flag} explicitly to use it anyway")
     return path
 
@@ -116,9 +137,11 @@ try:
 except (OSError, ValueError, RuntimeError, KeyError) as e:
     raise SystemExit(f"error: tokenizer {tok_path}: {e} (pass --tokenizer)")
 if not hasattr(tokenizer, 'pixel_decoder') or tokenizer.config.bottleneck_dim != cfg.in_channels:
-    raise SystemExit(f"error: tokenizer {tok_path} has no pixel decoder for {cfg.in_channels}-channel latents")
+    raise SystemExit(f"error: tokenizer {tok_path} has no pixel decoder for "
+                     f"{cfg.in_channels}-channel latents")
 if ours and args.tokenizer and data.encoder_fingerprint(tokenizer) != ckpt['tokenizer']['encoder_sha256']:
-    print0(f"warning: {tok_path}'s encoder is not the one whose latents the DiT learned; decodes may be off "
+    print0(f"warning: {tok_path}'s encoder is not the one whose latents the DiT learned; decodes "
+           "may be off "
            f"unless its decoder was trained for those latents")
 prompts = None
 if cfg.text_dim:
@@ -130,7 +153,8 @@ if cfg.text_dim:
         except (OSError, UnicodeDecodeError) as e:
             raise SystemExit(f"error: --prompts {args.prompts}: {e}")
     if not prompts:
-        raise SystemExit("error: a text-to-image DiT needs --prompt TEXT (repeatable) or --prompts FILE")
+        raise SystemExit("error: a text-to-image DiT needs --prompt TEXT (repeatable) or --prompts "
+                         "FILE")
     text_encoder = vtp.load_tokenizer(recorded(ckpt['text_encoder'], '--tokenizer')).to(device)
     text_tokenizer = data.text_tokenizer(text_encoder.config)
 elif args.prompt or args.prompts:
@@ -145,11 +169,13 @@ image_dir = os.path.join(out_dir, 'images')
 if master and not args.bench:
     vtp.open_run(out_dir, None, master)  # the folder, writable and locked
     if args.resume is None and os.path.isdir(image_dir) and os.listdir(image_dir):
-        raise SystemExit(f"error: {image_dir} holds samples already; --resume auto keeps them, or choose "
+        raise SystemExit(f"error: {image_dir} holds samples already; --resume auto keeps them, or "
+                         "choose "
                          f"another --out-dir")
     os.makedirs(image_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'sample_args.json'), 'w') as f:
-        json.dump({**vars(args), 'tokenizer': tok_path, 'dit_config': asdict(cfg), 'world_size': world_size}, f,
+        json.dump({**vars(args), 'tokenizer': tok_path, 'dit_config': asdict(cfg),
+                   'world_size': world_size}, f,
                   indent=1)
     if prompts:
         with open(os.path.join(out_dir, 'prompts.txt'), 'w') as f:
@@ -179,7 +205,8 @@ def noise_of(i):
 def sample(idx):
     """Samples idx -> uint8 images (n, H, W, 3), decoded by the tokenizer (fp32, as upstream)."""
     noise = torch.stack([noise_of(i) for i in idx]).to(device)  # (n, C, H, W)
-    z = vtp.euler_sample(model, noise, condition(idx), args.num_steps, args.timestep_shift, args.cfg_scale,
+    z = vtp.euler_sample(model, noise, condition(idx), args.num_steps, args.timestep_shift,
+                         args.cfg_scale,
                          args.cfg_interval_start, null_class=dit.null_condition(),
                          cfg_channels=args.cfg_channels or None, heun=args.heun)
     z = z * std + mean  # un-normalise: a forgotten step costs FID ~130 (LightningDiT#34)
@@ -188,7 +215,8 @@ def sample(idx):
 
 
 if args.bench:  # sampling throughput on the first batch's samples, nothing written
-    vtp.bench(lambda: sample(range(rank * per_rank, (rank + 1) * per_rank)), args.bench, args.batch_size,
+    vtp.bench(lambda: sample(range(rank * per_rank, (rank + 1) * per_rank)), args.bench,
+              args.batch_size,
               0.0, device, world_size, f"sampling {args.num_steps} points, cfg {args.cfg_scale}",
               measure_flops=False)
     vtp.teardown()
@@ -210,10 +238,12 @@ for k in range(n_batches):
 if ddp:
     torch.distributed.barrier()
 if master:
-    # the ADM-style npz, streamed: the PNGs go one by one into a memory-mapped .npy, stored in the zip
+    # the ADM-style npz, streamed: the PNGs go one by one into a memory-mapped .npy, stored in the
+    # zip
     first = np.asarray(Image.open(os.path.join(image_dir, '000000.png')))
     npy = os.path.join(out_dir, 'arr_0.npy')
-    arr = np.lib.format.open_memmap(npy, mode='w+', dtype=np.uint8, shape=(args.num_samples, *first.shape))
+    arr = np.lib.format.open_memmap(npy, mode='w+', dtype=np.uint8, shape=(args.num_samples,
+        *first.shape))
     for i in range(args.num_samples):
         arr[i] = np.asarray(Image.open(os.path.join(image_dir, f'{i:06d}.png')))
     arr.flush()
@@ -225,10 +255,12 @@ if master:
     save_image(grid, os.path.join(out_dir, 'grid.png'), nrow=8)
     del arr
     os.remove(npy)
-    print0(f"wrote {args.num_samples} samples to {image_dir}, {npz} ({args.num_samples}, {first.shape}) and "
+    print0(f"wrote {args.num_samples} samples to {image_dir}, {npz} ({args.num_samples}, "
+           f"{first.shape}) and "
            f"grid.png (cfg {args.cfg_scale}, {args.num_steps} points, shift {args.timestep_shift})")
     if args.fid_ref:  # evaluate.py in its own process: sampling never imports the FID machinery
-        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'evaluate.py'),
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                     'evaluate.py'),
                         'fid', '--samples', npz, '--ref', args.fid_ref, '--device', device.type,
                         '--out', os.path.join(out_dir, 'fid.json')], check=False)
 vtp.teardown()

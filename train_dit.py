@@ -1,17 +1,18 @@
 """
-Stage 3 of VTP: a LightningDiT trained by flow matching on the frozen tokenizer's latents (paper §4.1,
-"generation"; recipe: dit.md), class-conditional, or text-conditional on the VTP text tower (§5). The
-latents are extracted once into --latent-dir (plain and flipped, ADM centre crop, with the captions) and
-reused while the tokenizer's encoder and the data stay the same.
+Stage 3 of VTP: a LightningDiT trained by flow matching on the frozen tokenizer's latents (paper
+§4.1, "generation"; recipe: dit.md), class-conditional, or text-conditional on the VTP text tower
+(§5). The latents are extracted once into --latent-dir (plain and flipped, ADM centre crop, with the
+captions) and reused while the tokenizer's encoder and the data stay the same.
 
-Laptop CPU, the quick start's tokenizer, synthetic data; the defaults follow the tokenizer (below 256 px:
-DiT-T/1, batch 32, lr 2e-3, EMA 0.99, 2000 steps, minutes; else the paper's recipe below):
+Laptop CPU, the quick start's tokenizer, synthetic data; the defaults follow the tokenizer (below
+256 px: DiT-T/1, batch 32, lr 2e-3, EMA 0.99, 2000 steps, minutes; else the paper's recipe below):
     python train_dit.py --tokenizer out/tokenizer/ckpt.pt
     python train_dit.py --tokenizer out/tokenizer/ckpt.pt --condition text --out-dir out/dit_text
 One GPU (the paper's recipe: LightningDiT-XL/1, batch 1024, lr 2e-4, EMA 0.9999, 100k steps):
     python train_dit.py --tokenizer out/decoder_L/ckpt.pt --data /data/imagenet/train --grad-accum 8
 One node, 8 GPUs (the global batch is split across ranks; same flags):
-    torchrun --standalone --nproc_per_node 8 train_dit.py --tokenizer ... --data /data/imagenet/train
+    torchrun --standalone --nproc_per_node 8 train_dit.py --tokenizer ... --data
+    /data/imagenet/train
 Two nodes (run on each, node_rank 0 and 1):
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 \\
         train_dit.py --tokenizer ... --data /data/imagenet/train
@@ -36,10 +37,12 @@ import vtp
 # -----------------------------------------------------------------------------
 # config. Flags left at None follow the tokenizer: the paper's recipe (VTP's LightningDiT configs:
 # AdamW 2e-4 constant, betas (0.9, 0.95), wd 0, no clipping, EMA 0.9999) for S/B/L and official
-# tokenizers, a CPU recipe for toy ones (below 256 px), whose short run needs a short EMA: after 2000
+# tokenizers, a CPU recipe for toy ones (below 256 px), whose short run needs a short EMA: after
+# 2000
 # steps 0.9999 would still hold 82 % of the random init.
 RECIPES = {
-    'toy': dict(model='DiT-T/1', batch_size=32, lr=2e-3, ema_decay=0.99, max_steps=2000, log_every=50,
+    'toy': dict(model='DiT-T/1', batch_size=32, lr=2e-3, ema_decay=0.99, max_steps=2000,
+                log_every=50,
                 sample_every=500, ckpt_every=500, num_workers=1, num_images=20000),
     'paper': dict(model='DiT-XL/1', batch_size=1024, lr=2e-4, ema_decay=0.9999, max_steps=100000,
                   log_every=100, sample_every=10000, ckpt_every=5000, num_workers=4, num_images=0),
@@ -48,53 +51,74 @@ parser = argparse.ArgumentParser(description=__doc__.split('\n')[1],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 vtp.add_run_flags(parser, 'out/dit', "its encoder makes the latents, its decoder the previews",
                   tokenizer_default='out/tokenizer/ckpt.pt')
-parser.add_argument('--data', default='synthetic', help="'synthetic', a folder of class sub-folders "
-                    "(ImageNet train), or, for --condition text, any stage-1 data (caption folders, .tar)")
-parser.add_argument('--latent-dir', default=None, help="latent cache (default: OUT_DIR/latents; on a "
+parser.add_argument('--data', default='synthetic',
+                    help="'synthetic', a folder of class sub-folders "
+                    "(ImageNet train), or, for --condition text, any stage-1 data (caption "
+                    "folders, .tar)")
+parser.add_argument('--latent-dir', default=None,
+                    help="latent cache (default: OUT_DIR/latents; on a "
                     "filesystem every node sees); rebuilt if the encoder or data differ")
-parser.add_argument('--num-images', type=int, default=None, help="cache the first N training images "
+parser.add_argument('--num-images', type=int, default=None,
+                    help="cache the first N training images "
                     "(0 = all; toy recipe: 20000 of the endless synthetic set)")
 parser.add_argument('--image-size', type=int, default=0,
                     help="centre-crop size before encoding (default: the tokenizer's training size)")
-parser.add_argument('--cache-batch-size', type=int, default=64, help="images per encoder batch, caching")
+parser.add_argument('--cache-batch-size', type=int, default=64,
+                    help="images per encoder batch, caching")
 # model and condition
-parser.add_argument('--model', default=None, choices=list(vtp.DIT_CONFIGS), help="LightningDiT preset")
+parser.add_argument('--model', default=None, choices=list(vtp.DIT_CONFIGS),
+                    help="LightningDiT preset")
 parser.add_argument('--condition', default='class', choices=['class', 'text'],
                     help="class labels, or captions through a frozen VTP text tower (paper §5)")
-parser.add_argument('--text-encoder', default=None, help="--condition text: the VTP checkpoint whose "
-                    "text tower encodes the captions (default: --tokenizer; fix one across tokenizers "
+parser.add_argument('--text-encoder', default=None,
+                    help="--condition text: the VTP checkpoint whose "
+                    "text tower encodes the captions (default: --tokenizer; fix one across "
+                    "tokenizers "
                     "to compare them, as scripts/ablation.py does)")
 parser.add_argument('--num-classes', type=int, default=0, help="label count (default: the data's; "
                     "--bench: 1000)")
-parser.add_argument('--class-dropout', type=float, default=0.1, help="label -> null class, or caption -> "
+parser.add_argument('--class-dropout', type=float, default=0.1,
+                    help="label -> null class, or caption -> "
                     "empty caption, probability (classifier-free guidance)")
 # objective (flow matching, dit.md "Transport")
-parser.add_argument('--lognorm-mu', type=float, default=-0.5, help="logit-normal t: mean (VTP S/B; L -0.75)")
-parser.add_argument('--lognorm-sigma', type=float, default=1.25, help="logit-normal t: std (VTP S/B; L 1.0)")
+parser.add_argument('--lognorm-mu', type=float, default=-0.5,
+                    help="logit-normal t: mean (VTP S/B; L -0.75)")
+parser.add_argument('--lognorm-sigma', type=float, default=1.25,
+                    help="logit-normal t: std (VTP S/B; L 1.0)")
 parser.add_argument('--uniform-t', action='store_true', help="uniform t instead of logit-normal")
 parser.add_argument('--no-cosine-loss', action='store_true',
                     help="drop LightningDiT's cosine velocity term (on in all VTP configs)")
 # optimisation
 parser.add_argument('--grad-accum', type=int, default=1, help="micro-steps per optimizer step")
-parser.add_argument('--lr', type=float, default=None, help="constant learning rate (no warm-up, no decay)")
+parser.add_argument('--lr', type=float, default=None,
+                    help="constant learning rate (no warm-up, no decay)")
 parser.add_argument('--beta2', type=float, default=0.95, help="AdamW beta2 (beta1 0.9)")
 parser.add_argument('--weight-decay', type=float, default=0.0, help="AdamW weight decay")
-parser.add_argument('--grad-clip', type=float, default=0.0, help="grad-norm clip; 0 = off (as upstream)")
-parser.add_argument('--ema-decay', type=float, default=None, help="EMA decay, every step from a copy")
-parser.add_argument('--max-steps', type=int, default=None, help="optimizer steps (paper 100k ~ 80 epochs)")
-parser.add_argument('--grad-checkpointing', action='store_true', help="activation checkpointing of the "
+parser.add_argument('--grad-clip', type=float, default=0.0,
+                    help="grad-norm clip; 0 = off (as upstream)")
+parser.add_argument('--ema-decay', type=float, default=None,
+                    help="EMA decay, every step from a copy")
+parser.add_argument('--max-steps', type=int, default=None,
+                    help="optimizer steps (paper 100k ~ 80 epochs)")
+parser.add_argument('--grad-checkpointing', action='store_true',
+                    help="activation checkpointing of the "
                     "DiT blocks: ~1/3 more compute, activations of one block at a time")
 # sampling previews
-parser.add_argument('--sample-every', type=int, default=None, help="steps between a PNG grid of EMA "
+parser.add_argument('--sample-every', type=int, default=None,
+                    help="steps between a PNG grid of EMA "
                     "samples (0 = off)")
-parser.add_argument('--sample-steps', type=int, default=250, help="Euler time points of the previews")
-parser.add_argument('--timestep-shift', type=float, default=0.075, help="preview time shift (VTP 0.075)")
+parser.add_argument('--sample-steps', type=int, default=250,
+                    help="Euler time points of the previews")
+parser.add_argument('--timestep-shift', type=float, default=0.075,
+                    help="preview time shift (VTP 0.075)")
 # system
 parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32'],
                     help="autocast dtype on CUDA (CPU runs fp32)")
 parser.add_argument('--num-workers', type=int, default=None, help="data loader processes per rank")
-parser.add_argument('--log-every', type=int, default=None, help="steps between log lines (host syncs)")
-parser.add_argument('--ckpt-every', type=int, default=None, help="steps between checkpoints (and the end)")
+parser.add_argument('--log-every', type=int, default=None,
+                    help="steps between log lines (host syncs)")
+parser.add_argument('--ckpt-every', type=int, default=None,
+                    help="steps between checkpoints (and the end)")
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------
@@ -113,9 +137,11 @@ try:
 except (OSError, ValueError, RuntimeError, KeyError) as e:
     raise SystemExit(f"error: --tokenizer / --text-encoder: {e}")
 if not hasattr(tokenizer, 'pixel_decoder'):
-    raise SystemExit(f"error: --tokenizer {args.tokenizer} has no pixel decoder (trained without reconstruction)")
+    raise SystemExit(f"error: --tokenizer {args.tokenizer} has no pixel decoder (trained without "
+                     "reconstruction)")
 if text and not hasattr(text_encoder, 'text_transformer'):
-    raise SystemExit(f"error: {args.text_encoder or args.tokenizer} has no text tower (trained without CLIP): "
+    raise SystemExit(f"error: {args.text_encoder or args.tokenizer} has no text tower (trained "
+                     "without CLIP): "
                      f"pass --text-encoder with one that has")
 recipe = RECIPES['toy' if tokenizer.config.image_size < 256 else 'paper']
 for k, v in recipe.items():
@@ -126,10 +152,12 @@ b = vtp.split_batch(G, world_size, args.grad_accum)
 image_size = args.image_size or tokenizer.config.image_size
 stride, latent_dim = tokenizer.config.patch_size, tokenizer.config.bottleneck_dim
 if image_size % stride:
-    raise SystemExit(f"error: --image-size {image_size} is not a multiple of the tokenizer's stride {stride}")
+    raise SystemExit(f"error: --image-size {image_size} is not a multiple of the tokenizer's "
+                     f"stride {stride}")
 
 
-fingerprint = {'path': os.path.abspath(args.tokenizer), 'file_sha256': vtp.file_sha256(args.tokenizer),
+fingerprint = {'path': os.path.abspath(args.tokenizer),
+               'file_sha256': vtp.file_sha256(args.tokenizer),
                'encoder_sha256': data.encoder_fingerprint(tokenizer), 'image_size': image_size}
 latent_dir = args.latent_dir or os.path.join(args.out_dir, 'latents')
 workers = data.worker_count(args.num_workers, print0)
@@ -139,9 +167,9 @@ if args.bench:
     stats = {'mean': torch.zeros(1, latent_dim, 1, 1), 'std': torch.ones(1, latent_dim, 1, 1)}
 else:
     try:
-        meta, built = data.build_latent_cache(tokenizer, args.data, latent_dir, image_size, args.num_images,
-                                              args.cache_batch_size, workers, device, rank, world_size,
-                                              log=print0)
+        meta, built = data.build_latent_cache(tokenizer, args.data, latent_dir, image_size,
+                                              args.num_images, args.cache_batch_size, workers, device,
+                                              rank, world_size, log=print0)
     except OSError as e:
         raise SystemExit(f"error: latent cache {latent_dir}: {e}")
     if not built:
@@ -151,7 +179,8 @@ else:
     stats = data.load_latent_stats(latent_dir)
     num_classes = args.num_classes or train_set.num_classes
     if not text and num_classes < max(1, train_set.num_classes):
-        raise SystemExit(f"error: --data {args.data} has no class labels for a class-conditional DiT "
+        raise SystemExit(f"error: --data {args.data} has no class labels for a class-conditional "
+                         "DiT "
                          f"(--condition text trains on its captions)")
 tokenizer = tokenizer.to(device) if master else None  # rank 0 decodes the previews
 text_tokenizer = None
@@ -181,7 +210,8 @@ model = vtp.DiT(cfg).to(device)
 if text:
     model.text_embedder.null.copy_(encode_text(['']))  # the unconditional input: the empty caption
 model.grad_checkpointing = args.grad_checkpointing
-print0(f"{args.model}: {model.num_params() / 1e6:.2f}M parameters on {cfg.input_size}x{cfg.input_size}x"
+print0(f"{args.model}: {model.num_params() / 1e6:.2f}M parameters on "
+       f"{cfg.input_size}x{cfg.input_size}x"
        f"{cfg.in_channels} latents, " + (f"text ({cfg.text_len} tokens of {cfg.text_dim})" if text else
                                          f"{num_classes} classes"))
 ema = copy.deepcopy(model).requires_grad_(False).eval()  # the weights used for sampling
@@ -204,7 +234,8 @@ if resume:
     vtp.load_state(ema, ckpt['ema'], f"--resume {resume} (EMA)")
     vtp.load_state(optimizer, ckpt['optimizer'], f"--resume {resume} (optimizer)")
     start_step = ckpt['step']
-    vtp.set_rng_state(ckpt['rng'], device)  # for completeness: every step reseeds from (seed, step, rank)
+    # for completeness: every step reseeds from (seed, step, rank)
+    vtp.set_rng_state(ckpt['rng'], device)
     print0(f"resumed from {resume} at step {start_step}")
 
 train_model = torch.compile(model, dynamic=False) if args.compile else model
@@ -213,9 +244,10 @@ if ddp:
 
 
 def dit_train_flops_per_sample(cfg):
-    """Training FLOPs (2 per multiply-add) per latent: 3 x the forward (forward + backward), the forward
-    counted from the shapes: blocks (vtp.vit_flops), adaLN projections, patch embedding and output
-    layer, and with text the cross-attention. XL/1 on 16x16x64: 236 GFLOPs forward, 709 training."""
+    """Training FLOPs (2 per multiply-add) per latent: 3 x the forward (forward + backward), the
+    forward counted from the shapes: blocks (vtp.vit_flops), adaLN projections, patch embedding and
+    output layer, and with text the cross-attention. XL/1 on 16x16x64: 236 GFLOPs forward, 709
+    training."""
     D, p = cfg.hidden_size, cfg.patch_size
     n = (cfg.input_size // p) ** 2
     hidden = int(2 / 3 * int(D * cfg.mlp_ratio)) if cfg.use_swiglu else int(D * cfg.mlp_ratio)
@@ -230,7 +262,8 @@ def dit_train_flops_per_sample(cfg):
 
 
 def step_seed(step, micro):
-    # noise, t and label dropout of a micro-step are a function of (seed, step, micro, rank): exact resume
+    # noise, t and label dropout of a micro-step are a function of (seed, step, micro, rank): exact
+    # resume
     return data.mix64(data.mix64(data.mix64(args.seed, step), micro), rank) >> 1
 
 
@@ -242,20 +275,22 @@ def train_step(step, micro_batches, meter):
         sync = train_model.no_sync() if ddp and micro < len(micro_batches) - 1 else contextlib.nullcontext()
         with sync:
             with autocast:
-                loss, terms = vtp.flow_loss(train_model, x, y, lognorm=lognorm, use_cosine=not args.no_cosine_loss)
+                loss, terms = vtp.flow_loss(train_model, x, y, lognorm=lognorm,
+                                            use_cosine=not args.no_cosine_loss)
             (loss / args.grad_accum).backward()
         meter.add({'loss': loss, **terms})
         loss_sum = loss_sum + loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float('inf'))
-    meter.add({'grad_norm': grad_norm, 'skipped_steps': vtp.skip_if_not_finite(optimizer, grad_norm, loss_sum)})
+    meter.add({'grad_norm': grad_norm, 'skipped_steps': vtp.skip_if_not_finite(optimizer,
+        grad_norm, loss_sum)})
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     vtp.update_ema(ema, model, args.ema_decay)
 
 
 def preview_conditions(n):
-    """Labels 0, 1, 2, ... or, for text, the prompts "a {class}." of the data (its first captions if it
-    has no classes)."""
+    """Labels 0, 1, 2, ... or, for text, the prompts "a {class}." of the data (its first captions if
+    it has no classes)."""
     if not text:
         return (torch.arange(n) % num_classes).to(device), None
     names = train_set.class_names or [train_set[p][2] for p in range(min(n, len(train_set)))]
@@ -270,7 +305,8 @@ def save_preview(step, n=32):
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(n, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(device)
     y, _ = preview_conditions(n)
-    z = vtp.euler_sample(ema, noise, y, args.sample_steps, args.timestep_shift, null_class=ema.null_condition())
+    z = vtp.euler_sample(ema, noise, y, args.sample_steps, args.timestep_shift,
+                         null_class=ema.null_condition())
     z = z * stats['std'].to(device) + stats['mean'].to(device)  # un-normalise (LightningDiT#34)
     images = vtp.to_unit_range(tokenizer.decode(z).float()).clamp(0, 1)
     save_image(images, os.path.join(args.out_dir, f'samples_{step:07d}.png'), nrow=8)
@@ -279,7 +315,8 @@ def save_preview(step, n=32):
 def save(step):
     ckpt = vtp.make_checkpoint(3, model, ema, optimizer, step, args, cfg, device,
                                {'position': step * G, 'latent_dir': os.path.abspath(latent_dir)},
-                               latent_stats={k: v.cpu() for k, v in stats.items()}, tokenizer=fingerprint)
+                               latent_stats={k: v.cpu() for k, v in stats.items()},
+                               tokenizer=fingerprint)
     if text:
         path = args.text_encoder or args.tokenizer
         ckpt['text_encoder'] = {'path': os.path.abspath(path), 'file_sha256': vtp.file_sha256(path)}
@@ -290,7 +327,8 @@ def save(step):
 # training loop
 flops_per_sample = dit_train_flops_per_sample(cfg)
 peak_flops = vtp.gpu_peak_flops(device) if device.type == 'cuda' else None
-print0(f"batch {G} = {world_size} ranks x {args.grad_accum} micro x {b}; {flops_per_sample / 1e9:.3f} "
+print0(f"batch {G} = {world_size} ranks x {args.grad_accum} micro x {b}; "
+       f"{flops_per_sample / 1e9:.3f} "
        f"GFLOPs/latent (training)")
 model.train()
 meter = vtp.Meter()
@@ -298,8 +336,10 @@ if args.bench:  # the train step alone on a cached random batch
     x = torch.randn(b, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
     y = torch.randn(b, 1 + cfg.text_len, cfg.text_dim, device=device) if text else \
         torch.randint(0, num_classes, (b,), device=device)
-    vtp.bench(lambda: train_step(0, [(x, y)] * args.grad_accum, meter), args.bench, G, flops_per_sample,
-              device, world_size, f"{args.model} {cfg.input_size}x{cfg.input_size}x{cfg.in_channels} batch {G}",
+    vtp.bench(lambda: train_step(0, [(x, y)] * args.grad_accum, meter), args.bench, G,
+              flops_per_sample,
+              device, world_size,
+              f"{args.model} {cfg.input_size}x{cfg.input_size}x{cfg.in_channels} batch {G}",
               measure_flops=not args.compile)
     del train_model
     vtp.teardown()
@@ -311,14 +351,17 @@ loader = DataLoader(train_set, batch_size=b, sampler=positions, num_workers=work
 batches = iter(loader)
 log_path = os.path.join(args.out_dir, 'log.jsonl')
 if master:
-    vtp.start_log(log_path, start_step)  # on resume: drops what a killed run logged after its checkpoint
+    # on resume: drops what a killed run logged after its checkpoint
+    vtp.start_log(log_path, start_step)
 t0, samples_since = time.time(), 0
-pbar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, disable=not master,
+pbar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
+            disable=not master,
             dynamic_ncols=True)
 for step in pbar:
     micro_batches = []
     for _ in range(args.grad_accum):
-        x, labels, captions = next(batches)  # (b, C, h, w) normalised latents, (b,) labels, b captions
+        # (b, C, h, w) normalised latents, (b,) labels, b captions
+        x, labels, captions = next(batches)
         y = encode_text(captions) if text else labels.to(device, non_blocking=True)
         micro_batches.append((x.to(device, non_blocking=True), y))
     train_step(step, micro_batches, meter)
@@ -329,7 +372,8 @@ for step in pbar:
         vtp.check_finite(vals, done, ckpt_path)
         dt = time.time() - t0
         rec = {'step': done, **{k: round(v, 6) for k, v in vals.items() if k != 'skipped_steps'},
-               'lr': args.lr, 'img_per_s': round(samples_since / dt, 2), 'epoch': round(done * G / train_set.n, 3)}
+               'lr': args.lr, 'img_per_s': round(samples_since / dt, 2),
+               'epoch': round(done * G / train_set.n, 3)}
         if peak_flops:
             rec['mfu'] = round(flops_per_sample * samples_since / dt / (peak_flops * world_size), 4)
         if master:

@@ -35,10 +35,12 @@ import vtp
 # DINOv2 (SSL views, heads, teacher): those values are assumptions, marked "assumed" in --help.
 # tiny: what makes every objective learn within minutes on a CPU (measured, README "Quick start").
 RECIPES = {
-    'tiny': dict(image_size=64, global_crop_size=64, local_crop_size=32, n_local_crops=4, batch_size=64,
+    'tiny': dict(image_size=64, global_crop_size=64, local_crop_size=32, n_local_crops=4,
+                 batch_size=64,
                  ssl_frac=1 / 2, rec_frac=1 / 2, lr=2e-3, weight_decay=0.05, warmup_steps=50,
                  max_steps=1000, prototypes=64, teacher_momentum=0.99, teacher_momentum_final=0.99,
-                 teacher_temp_warmup_steps=300, color_jitter=0.5, grayscale_p=0.0, perceptual='none',
+                 teacher_temp_warmup_steps=300, color_jitter=0.5, grayscale_p=0.0,
+                 perceptual='none',
                  freeze_last_layer_steps=0, patch_embed_lr_mult=1.0, log_every=10, eval_every=100,
                  ckpt_every=200, num_workers=1, num_val=512),
     'paper': dict(image_size=256, global_crop_size=224, local_crop_size=96, n_local_crops=8,
@@ -46,95 +48,140 @@ RECIPES = {
                   warmup_steps=10000, max_steps=67000, prototypes=65536, teacher_momentum=0.992,
                   teacher_momentum_final=1.0, teacher_temp_warmup_steps=37500, color_jitter=1.0,
                   grayscale_p=0.2, perceptual='lpips', freeze_last_layer_steps=1250,
-                  patch_embed_lr_mult=0.2, log_every=50, eval_every=2000, ckpt_every=1000, num_workers=8,
+                  patch_embed_lr_mult=0.2, log_every=50, eval_every=2000, ckpt_every=1000,
+                  num_workers=8,
                   num_val=10000),
 }
 
 parser = argparse.ArgumentParser(description=__doc__.split('\n')[1],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-vtp.add_run_flags(parser, 'out/tokenizer', "start from its weights instead of a random init (continued "
-                  "pre-training; its sizes win over --size)", batch_help="global batch B_clip (paper 16k): "
+vtp.add_run_flags(parser, 'out/tokenizer',
+                  "start from its weights instead of a random init (continued "
+                  "pre-training; its sizes win over --size)",
+                  batch_help="global batch B_clip (paper 16k): "
                   "image-text pairs per optimizer step over all ranks and --grad-accum micro-steps")
 # model
 parser.add_argument('--size', default='tiny', choices=list(vtp.VTP_CONFIGS), help="model preset")
-parser.add_argument('--patch-size', type=int, default=None, help="encoder patch = latent stride (preset)")
-parser.add_argument('--bottleneck-dim', type=int, default=None, help="latent channels d (paper 64; preset)")
-parser.add_argument('--decoder-depth', type=int, default=None, help="decoder blocks (paper §4.1: 4; preset)")
-parser.add_argument('--decoder-dim', type=int, default=None, help="decoder width (preset: the encoder's)")
-parser.add_argument('--prototypes', type=int, default=None, help="DINO/iBOT prototypes K (DINOv2 65536)")
-parser.add_argument('--no-qk-norm', action='store_true', help="no QK-norm (the paper trains with it)")
+parser.add_argument('--patch-size', type=int, default=None,
+                    help="encoder patch = latent stride (preset)")
+parser.add_argument('--bottleneck-dim', type=int, default=None,
+                    help="latent channels d (paper 64; preset)")
+parser.add_argument('--decoder-depth', type=int, default=None,
+                    help="decoder blocks (paper §4.1: 4; preset)")
+parser.add_argument('--decoder-dim', type=int, default=None,
+                    help="decoder width (preset: the encoder's)")
+parser.add_argument('--prototypes', type=int, default=None,
+                    help="DINO/iBOT prototypes K (DINOv2 65536)")
+parser.add_argument('--no-qk-norm', action='store_true',
+                    help="no QK-norm (the paper trains with it)")
 # data
-parser.add_argument('--data', default='synthetic', help="'synthetic', an image folder (class sub-folders "
+parser.add_argument('--data', default='synthetic',
+                    help="'synthetic', an image folder (class sub-folders "
                     "or .txt captions), or .tar shards (file, folder, glob or {000..999} pattern)")
 parser.add_argument('--val-data', default=None, help="val set for PSNR / zero-shot (default: the "
                     "synthetic val split when --data synthetic)")
-parser.add_argument('--num-val', type=int, default=None, help="val images per evaluation (the first ones)")
-parser.add_argument('--image-size', type=int, default=None, help="main (CLIP + reconstruction) view, px")
-parser.add_argument('--global-crop-size', type=int, default=None, help="SSL global crops (DINOv2 224)")
+parser.add_argument('--num-val', type=int, default=None,
+                    help="val images per evaluation (the first ones)")
+parser.add_argument('--image-size', type=int, default=None,
+                    help="main (CLIP + reconstruction) view, px")
+parser.add_argument('--global-crop-size', type=int, default=None,
+                    help="SSL global crops (DINOv2 224)")
 parser.add_argument('--local-crop-size', type=int, default=None, help="SSL local crops (DINOv2 96)")
-parser.add_argument('--n-local-crops', type=int, default=None, help="SSL local crops per image (DINOv2 8)")
+parser.add_argument('--n-local-crops', type=int, default=None,
+                    help="SSL local crops per image (DINOv2 8)")
 parser.add_argument('--color-jitter', type=float, default=None,
                     help="SSL colour jitter, times DINOv2's strengths (0.4, 0.4, 0.2, 0.1)")
-parser.add_argument('--grayscale-p', type=float, default=None, help="SSL grayscale probability (DINOv2 0.2)")
+parser.add_argument('--grayscale-p', type=float, default=None,
+                    help="SSL grayscale probability (DINOv2 0.2)")
 parser.add_argument('--text-tokenizer', default=None, choices=['word', 'byte', 'bpe'],
-                    help="caption tokenizer, stored in the model config (default: the preset's: tiny byte, "
+                    help="caption tokenizer, stored in the model config (default: the preset's: "
+                         "tiny byte, "
                     "else OpenAI CLIP BPE)")
-parser.add_argument('--bpe-path', default=None, help="CLIP BPE vocabulary file (downloaded once if unset)")
+parser.add_argument('--bpe-path', default=None,
+                    help="CLIP BPE vocabulary file (downloaded once if unset)")
 parser.add_argument('--num-workers', type=int, default=None, help="data loader processes per rank")
-parser.add_argument('--shuffle-buffer', type=int, default=1000, help=".tar streams: samples shuffled "
+parser.add_argument('--shuffle-buffer', type=int, default=1000,
+                    help=".tar streams: samples shuffled "
                     "across shards per worker (webdataset/OpenCLIP-style)")
 # objective (eq. 3) and batch sampling (§3.6)
-parser.add_argument('--ssl-batch-size', type=int, default=None, help="global B_ssl, a subset of the batch "
+parser.add_argument('--ssl-batch-size', type=int, default=None,
+                    help="global B_ssl, a subset of the batch "
                     "(default: the recipe's fraction of --batch-size: paper 1/4, tiny 1/2)")
-parser.add_argument('--rec-batch-size', type=int, default=None, help="global B_rec, a subset of the batch "
+parser.add_argument('--rec-batch-size', type=int, default=None,
+                    help="global B_rec, a subset of the batch "
                     "(default: the recipe's fraction: paper 1/8, tiny 1/2)")
-parser.add_argument('--lambda-rec', type=float, default=0.1, help="λ_rec (paper 0.1); 0: no reconstruction")
-parser.add_argument('--lambda-ssl', type=float, default=1.0, help="λ_ssl (paper 1); 0 turns SSL off")
-parser.add_argument('--lambda-clip', type=float, default=1.0, help="λ_clip (paper 1); 0 turns CLIP off")
-parser.add_argument('--lambda-koleo', type=float, default=0.1, help="KoLeo weight inside L_ssl (DINOv2 0.1)")
+parser.add_argument('--lambda-rec', type=float, default=0.1,
+                    help="λ_rec (paper 0.1); 0: no reconstruction")
+parser.add_argument('--lambda-ssl', type=float, default=1.0,
+                    help="λ_ssl (paper 1); 0 turns SSL off")
+parser.add_argument('--lambda-clip', type=float, default=1.0,
+                    help="λ_clip (paper 1); 0 turns CLIP off")
+parser.add_argument('--lambda-koleo', type=float, default=0.1,
+                    help="KoLeo weight inside L_ssl (DINOv2 0.1)")
 parser.add_argument('--perceptual', default=None, choices=['auto', 'lpips', 'none', 'random'],
-                    help="LPIPS term of L_rec (auto: if VGG16 weights can be had; random: tests only)")
-parser.add_argument('--teacher-momentum', type=float, default=None, help="EMA teacher momentum at step 0, "
+                    help="LPIPS term of L_rec (auto: if VGG16 weights can be had; random: tests "
+                         "only)")
+parser.add_argument('--teacher-momentum', type=float, default=None,
+                    help="EMA teacher momentum at step 0, "
                     "cosine to --teacher-momentum-final (DINOv2 0.992 -> 1)")
-parser.add_argument('--teacher-momentum-final', type=float, default=None, help="... at the last step")
+parser.add_argument('--teacher-momentum-final', type=float, default=None,
+                    help="... at the last step")
 parser.add_argument('--teacher-temp', type=float, default=0.07, help="teacher temperature (DINOv2)")
-parser.add_argument('--teacher-temp-warmup', type=float, default=0.04, help="... at step 0 (DINOv2)")
+parser.add_argument('--teacher-temp-warmup', type=float, default=0.04,
+                    help="... at step 0 (DINOv2)")
 parser.add_argument('--teacher-temp-warmup-steps', type=int, default=None,
                     help="linear teacher-temperature warm-up (DINOv2: 30 epochs)")
 parser.add_argument('--student-temp', type=float, default=0.1, help="student temperature (DINOv2)")
 # optimisation (OpenCLIP-style AdamW and DINOv2's pieces; assumed: the paper does not publish them)
 parser.add_argument('--lr', type=float, default=None, help="peak learning rate (assumed)")
-parser.add_argument('--weight-decay', type=float, default=None, help="AdamW weight decay on matrices "
+parser.add_argument('--weight-decay', type=float, default=None,
+                    help="AdamW weight decay on matrices "
                     "(OpenCLIP 0.2; assumed)")
 parser.add_argument('--beta2', type=float, default=0.98, help="AdamW beta2 (OpenCLIP)")
-parser.add_argument('--warmup-steps', type=int, default=None, help="linear lr warm-up, then cosine to 0")
-parser.add_argument('--max-steps', type=int, default=None, help="optimizer steps (paper ~1.1B samples)")
-parser.add_argument('--grad-accum', type=int, default=1, help="micro-steps per optimizer step; exact: "
-                    "CLIP sees the whole step's batch (OpenCLIP accum_freq, which costs one more encoder "
-                    "+ text forward), the teacher and Sinkhorn-Knopp too; KoLeo stays per micro-batch")
-parser.add_argument('--grad-clip', type=float, default=3.0, help="grad-norm clip (DINOv2 3.0); 0 = off")
+parser.add_argument('--warmup-steps', type=int, default=None,
+                    help="linear lr warm-up, then cosine to 0")
+parser.add_argument('--max-steps', type=int, default=None,
+                    help="optimizer steps (paper ~1.1B samples)")
+parser.add_argument('--grad-accum', type=int, default=1,
+                    help="micro-steps per optimizer step; exact: "
+                    "CLIP sees the whole step's batch (OpenCLIP accum_freq, which costs one more "
+                    "encoder "
+                    "+ text forward), the teacher and Sinkhorn-Knopp too; KoLeo stays per "
+                    "micro-batch")
+parser.add_argument('--grad-clip', type=float, default=3.0,
+                    help="grad-norm clip (DINOv2 3.0); 0 = off")
 parser.add_argument('--clip-per-module', action=argparse.BooleanOptionalAction, default=True,
-                    help="clip encoder, decoder, text tower and SSL heads each on its own (DINOv2 clips "
+                    help="clip encoder, decoder, text tower and SSL heads each on its own (DINOv2 "
+                         "clips "
                     "backbone and heads apart), so CLIP's larger gradients do not scale SSL's down")
-parser.add_argument('--layer-decay', type=float, default=1.0, help="layer-wise lr decay of the encoder "
+parser.add_argument('--layer-decay', type=float, default=1.0,
+                    help="layer-wise lr decay of the encoder "
                     "(DINOv2 0.9, its ViT-L configs 1.0; assumed)")
-parser.add_argument('--patch-embed-lr-mult', type=float, default=None, help="lr multiplier of the patch "
+parser.add_argument('--patch-embed-lr-mult', type=float, default=None,
+                    help="lr multiplier of the patch "
                     "embedding (DINOv2 0.2)")
-parser.add_argument('--freeze-last-layer-steps', type=int, default=None, help="prototypes frozen (lr 0) for "
+parser.add_argument('--freeze-last-layer-steps', type=int, default=None,
+                    help="prototypes frozen (lr 0) for "
                     "the first N steps (DINOv2: 1 epoch = 1250 steps)")
-parser.add_argument('--drop-path', type=float, default=0.0, help="stochastic depth of the student encoder "
+parser.add_argument('--drop-path', type=float, default=0.0,
+                    help="stochastic depth of the student encoder "
                     "(DINOv2 0.3-0.4 for ViT-L; the paper's value is not published)")
-parser.add_argument('--grad-checkpointing', action='store_true', help="activation checkpointing of every "
+parser.add_argument('--grad-checkpointing', action='store_true',
+                    help="activation checkpointing of every "
                     "transformer block: ~1/3 more compute, activations of one block at a time")
 # system
 parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32'],
                     help="autocast dtype on CUDA (CPU runs fp32)")
 parser.add_argument('--log-every', type=int, default=None, help="steps between log lines")
-parser.add_argument('--eval-every', type=int, default=None, help="steps between val PSNR / zero-shot "
+parser.add_argument('--eval-every', type=int, default=None,
+                    help="steps between val PSNR / zero-shot "
                     "(0 = off)")
-parser.add_argument('--ckpt-every', type=int, default=None, help="steps between checkpoints (and the end)")
-parser.add_argument('--keep-every', type=int, default=0, help="also keep ckpt_STEP.pt every N steps (the "
-                    "checkpoints of one run at several budgets, as scripts/ablation.py compares them)")
+parser.add_argument('--ckpt-every', type=int, default=None,
+                    help="steps between checkpoints (and the end)")
+parser.add_argument('--keep-every', type=int, default=0,
+                    help="also keep ckpt_STEP.pt every N steps (the "
+                    "checkpoints of one run at several budgets, as scripts/ablation.py compares "
+                    "them)")
 args = parser.parse_args()
 recipe = RECIPES['tiny' if args.size == 'tiny' else 'paper']
 for k, v in recipe.items():
@@ -151,16 +198,19 @@ autocast = vtp.autocast(device, args.dtype)
 
 use_clip, use_ssl, use_rec = args.lambda_clip > 0, args.lambda_ssl > 0, args.lambda_rec > 0
 if not (use_clip or use_ssl or use_rec):
-    raise SystemExit("error: --lambda-clip, --lambda-ssl and --lambda-rec are all 0: nothing to train")
+    raise SystemExit("error: --lambda-clip, --lambda-ssl and --lambda-rec are all 0: nothing to "
+                     "train")
 B, k_acc = args.batch_size, args.grad_accum
 b = vtp.split_batch(B, world_size, k_acc)  # per-rank micro-batch of the CLIP batch
 parts = world_size * k_acc
-subset = {}  # the global B_ssl / B_rec: subsets of the batch (§3.6), each split over ranks x micro-steps
+# the global B_ssl / B_rec: subsets of the batch (§3.6), each split over ranks x micro-steps
+subset = {}
 for name, on, size, frac in (('ssl', use_ssl, args.ssl_batch_size, args.ssl_frac),
                              ('rec', use_rec, args.rec_batch_size, args.rec_frac)):
     n = (size if size is not None else int(B * frac)) if on else 0
     if on and (n < parts or B % n or n % parts):
-        raise SystemExit(f"error: --{name}-batch-size {n} must divide --batch-size {B} and split over "
+        raise SystemExit(f"error: --{name}-batch-size {n} must divide --batch-size {B} and split "
+                         "over "
                          f"{world_size} rank(s) x {k_acc} micro-step(s)")
     subset[name] = n
 
@@ -180,21 +230,25 @@ for field, value in (('patch_size', args.patch_size), ('bottleneck_dim', args.bo
         cfg = replace(cfg, **{field: value})
 if init is None:
     cfg = replace(cfg, qk_norm=not args.no_qk_norm, decoder_qk_norm=not args.no_qk_norm)
-tokenizer = data.get_tokenizer(cfg.text_tokenizer, cfg.text_context_length, args.bpe_path) if use_clip else None
+tokenizer = data.get_tokenizer(cfg.text_tokenizer, cfg.text_context_length,
+                               args.bpe_path) if use_clip else None
 cfg = replace(cfg, image_size=args.image_size, train_clip=use_clip, train_ssl=use_ssl,
               train_reconstruction=use_rec, dino_out_dim=args.prototypes,
               text_vocab_size=tokenizer.vocab_size if tokenizer else cfg.text_vocab_size)
 model = vtp.VTP(cfg).to(device)
 if init is not None:
     missing, _ = model.load_state_dict(init.state_dict(), strict=False)
-    print0(f"started from {args.tokenizer}; new (random) parts: {sorted({k.split('.')[0] for k in missing})}")
+    print0(f"started from {args.tokenizer}; new (random) parts: "
+           f"{sorted({k.split('.')[0] for k in missing})}")
 if not use_rec and cfg.bottleneck_ae_only:
-    model.trunk.feature_bottleneck.requires_grad_(False)  # nothing reads it: keep it out of DDP's reducer
+    # nothing reads it: keep it out of DDP's reducer
+    model.trunk.feature_bottleneck.requires_grad_(False)
 for blk in model.trunk.blocks:
     blk.drop_path = args.drop_path  # the student only; the teacher's blocks keep 0
 model.set_grad_checkpointing(args.grad_checkpointing)
 print0(f"VTP-{args.size}: {model.num_params() / 1e6:.2f}M parameters (encoder "
-       f"{model.num_params(model.trunk) / 1e6:.2f}M), patch {cfg.patch_size}, d = {cfg.bottleneck_dim}")
+       f"{model.num_params(model.trunk) / 1e6:.2f}M), patch {cfg.patch_size}, d = "
+       f"{cfg.bottleneck_dim}")
 teacher = None
 if use_ssl:  # EMA teacher: encoder + heads, started as a copy of the student (DINOv2)
     teacher = vtp.VTP(replace(cfg, train_clip=False, train_reconstruction=False)).to(device)
@@ -203,7 +257,8 @@ if use_ssl:  # EMA teacher: encoder + heads, started as a copy of the student (D
 perceptual = vtp.make_lpips(args.perceptual, device, verbose=master) if use_rec else None
 groups = vtp.param_groups(model, args.weight_decay, args.layer_decay, args.patch_embed_lr_mult)
 optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6, fused=True)
-# what is clipped together: the encoder, the decoder, the text tower with the CLIP projections, the heads
+# what is clipped together: the encoder, the decoder, the text tower with the CLIP projections, the
+# heads
 part = lambda n: 'encoder' if n.startswith('trunk.') else 'decoder' if n.startswith('pixel_decoder.') \
     else 'heads' if n.startswith(('dino_head.', 'ibot_head.')) else 'text'
 clip_parts = {}
@@ -231,16 +286,21 @@ train_model = DDP(fwd, device_ids=[local_rank] if device.type == 'cuda' else Non
 # -----------------------------------------------------------------------------
 # data: every micro-batch is built in workers from the global sample positions it covers
 try:
-    train_set = data.open_dataset(args.data, split='train', image_size=args.image_size, seed=args.seed)
+    train_set = data.open_dataset(args.data, split='train', image_size=args.image_size,
+                                  seed=args.seed)
     val_spec = args.val_data or ('synthetic' if args.data == 'synthetic' else None)
     val_set = data.open_dataset(val_spec, 'val', args.image_size, args.seed) if val_spec else None
 except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}")
 workers = data.worker_count(args.num_workers, print0)
-loader = data.TrainLoader(train_set, tokenizer, image_size=args.image_size, global_size=args.global_crop_size,
-                          local_size=args.local_crop_size, n_local=args.n_local_crops, global_batch=B,
-                          ssl_batch=subset['ssl'], rec_batch=subset['rec'], world_size=world_size, rank=rank,
-                          grad_accum=k_acc, seed=args.seed, start_step=start_step, num_workers=workers,
+loader = data.TrainLoader(train_set, tokenizer, image_size=args.image_size,
+                          global_size=args.global_crop_size,
+                          local_size=args.local_crop_size, n_local=args.n_local_crops,
+                          global_batch=B,
+                          ssl_batch=subset['ssl'], rec_batch=subset['rec'], world_size=world_size,
+                          rank=rank,
+                          grad_accum=k_acc, seed=args.seed, start_step=start_step,
+                          num_workers=workers,
                           patch_size=cfg.patch_size, clip=use_clip, jitter=args.color_jitter,
                           gray_p=args.grayscale_p, shuffle_buffer=args.shuffle_buffer)
 batches = iter(loader)
@@ -256,7 +316,8 @@ def lr_at(step):  # linear warm-up, then cosine to 0 (OpenCLIP)
     return 0.5 * args.lr * (1 + math.cos(math.pi * t))
 
 
-def teacher_momentum_at(step):  # cosine from --teacher-momentum to --teacher-momentum-final (DINOv2)
+# cosine from --teacher-momentum to --teacher-momentum-final (DINOv2)
+def teacher_momentum_at(step):
     m0, m1 = args.teacher_momentum, args.teacher_momentum_final
     return m1 - (m1 - m0) * (1 + math.cos(math.pi * step / args.max_steps)) / 2
 
@@ -268,12 +329,13 @@ def teacher_temp_at(step):  # linear warm-up, then constant (DINOv2)
 
 
 # -----------------------------------------------------------------------------
-# the train step: k micro-batches, one optimizer step. With k > 1 the step is that of the whole batch:
+# the train step: k micro-batches, one optimizer step. With k > 1 the step is that of the whole
+# batch:
 # the teacher's targets and Sinkhorn-Knopp see every micro-batch, CLIP scores against every caption.
 def ssl_targets(micro_batches, temp):
-    """Teacher targets of the step's SSL batch: DINO (2n, K) and iBOT (M, K, padded) per micro-batch.
-    Sinkhorn-Knopp runs over all micro-batches and ranks at once; the teacher sees only the real masked
-    patches (n_masked of the padded M), as DINOv2 does."""
+    """Teacher targets of the step's SSL batch: DINO (2n, K) and iBOT (M, K, padded) per
+    micro-batch. Sinkhorn-Knopp runs over all micro-batches and ranks at once; the teacher sees only
+    the real masked patches (n_masked of the padded M), as DINOv2 does."""
     dino, ibot = [], []
     with autocast:
         for mb in micro_batches:
@@ -306,7 +368,8 @@ def train_step(step, micro_batches):
     terms = {}
     if use_ssl:
         p_dino, p_ibot = ssl_targets(micro_batches, temp)
-        # SSL health: the targets' entropy (ln K = uniform, no signal) and how far the teacher trails
+        # SSL health: the targets' entropy (ln K = uniform, no signal) and how far the teacher
+        # trails
         terms['ssl_target_entropy'] = -(torch.cat(p_dino) * torch.cat(p_dino).clamp_min(1e-12).log()) \
             .sum(-1).mean()
     cache, states = clip_cache(micro_batches) if use_clip and k > 1 else (None, None)
@@ -316,12 +379,14 @@ def train_step(step, micro_batches):
         last = m == k - 1
         sync = train_model.no_sync() if ddp and not last else contextlib.nullcontext()
         with sync:
-            ssl_inputs = dict(global_crops=mb['global_crops'], local_crops=mb['local_crops'], masks=mb['masks'],
+            ssl_inputs = dict(global_crops=mb['global_crops'], local_crops=mb['local_crops'],
+                              masks=mb['masks'],
                               ibot_index=mb['ibot_index']) if use_ssl else {}
             with autocast:
                 out = train_model(images=mb['images'], tokens=mb['tokens'] if use_clip else None,
                                   n_rec=mb['n_rec'] if use_rec else 0, **ssl_inputs)
-            # CLIP's loss is the whole step's in every micro-step (each one carries the gradient through
+            # CLIP's loss is the whole step's in every micro-step (each one carries the gradient
+            # through
             # its own features), the others are per micro-batch means: divided by k
             micro, clip, rest = {}, 0.0, 0.0
             if use_clip:
@@ -339,7 +404,8 @@ def train_step(step, micro_batches):
                 micro['loss_dino'] = vtp.dino_loss(out['dino_logits'], p_dino[m], args.student_temp)
                 micro['loss_ibot'] = vtp.ibot_loss(out['ibot_logits'], p_ibot[m], mb['ibot_weight'],
                                                    len(mb['global_crops']), args.student_temp)
-                # KoLeo on each global crop's cls tokens, per rank and micro-batch (as DINOv2, per rank)
+                # KoLeo on each global crop's cls tokens, per rank and micro-batch (as DINOv2, per
+                # rank)
                 micro['loss_koleo'] = sum(vtp.koleo_loss(c) for c in out['global_cls'].chunk(2))
                 rest = rest + args.lambda_ssl * (micro['loss_dino'] + micro['loss_ibot'] +
                                                  args.lambda_koleo * micro['loss_koleo'])
@@ -356,7 +422,8 @@ def optimizer_step(step, terms):
     lr = lr_at(step)
     for g in optimizer.param_groups:
         g['lr'] = 0.0 if g['last_layer'] and step < args.freeze_last_layer_steps else lr * g['lr_mult']
-    terms['grad_norm'] = vtp.clip_grad_norms(clip_parts.values(), args.grad_clip)  # the whole gradient's norm
+    # the whole gradient's norm
+    terms['grad_norm'] = vtp.clip_grad_norms(clip_parts.values(), args.grad_clip)
     terms['skipped_steps'] = vtp.skip_if_not_finite(optimizer, terms['grad_norm'], terms['loss'])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -369,13 +436,14 @@ def optimizer_step(step, terms):
 
 
 def to_device(batch):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k,
+            v in batch.items()}
 
 
 @torch.no_grad()
 def teacher_distance():
-    """||teacher - student|| / ||student|| over the encoder: ~0 when the teacher is a copy, and how far
-    the EMA trails the student otherwise."""
+    """||teacher - student|| / ||student|| over the encoder: ~0 when the teacher is a copy, and how
+    far the EMA trails the student otherwise."""
     s = dict(model.trunk.named_parameters())
     t = [(p, s[n]) for n, p in teacher.trunk.named_parameters()]
     diff = torch.stack([(a - b).float().norm() for a, b in t]).norm()
@@ -390,7 +458,8 @@ def evaluate(step):
     sums = torch.zeros(4, device=device)  # PSNR sum, correct, images, images with a label
     clf = None
     if use_clip and getattr(val_set, 'class_names', None):
-        clf = vtp.zeroshot_classifier(model, tokenizer, val_set.class_names, val_set.templates, device)
+        clf = vtp.zeroshot_classifier(model, tokenizer, val_set.class_names, val_set.templates,
+                                      device)
     grid = None
     for vb in data.eval_batches(val_set, 64, args.image_size, limit=args.num_val, rank=rank,
                                 world_size=world_size):
@@ -402,7 +471,8 @@ def evaluate(step):
             if use_rec:
                 rec = model.decode(model.latents(tokens, x.shape[-2:]))
         if use_rec:
-            x01, rec01 = vtp.to_unit_range(x).clamp(0, 1), vtp.to_unit_range(rec.float()).clamp(0, 1)
+            x01, rec01 = vtp.to_unit_range(x).clamp(0, 1), vtp.to_unit_range(rec.float()).clamp(0,
+                1)
             sums[0] += vtp.psnr(rec01, x01).sum()
             grid = grid if grid is not None else torch.cat((x01[:8], rec01[:8]))
         if clf is not None:
@@ -439,7 +509,8 @@ flops_per_sample = vtp.train_flops_per_sample(
     n_local=args.n_local_crops, ibot_rows=ibot_rows, ibot_rows_teacher=2 * 0.5 * 0.3 * n_patches,
     rec_frac=subset['rec'] / B, lpips=perceptual is not None)
 peak_flops = vtp.gpu_peak_flops(device) if device.type == 'cuda' else None
-print0(f"batch {B} (ssl {subset['ssl']}, rec {subset['rec']}) = {world_size} ranks x {k_acc} micro x {b}; "
+print0(f"batch {B} (ssl {subset['ssl']}, rec {subset['rec']}) = {world_size} ranks x {k_acc} micro "
+       f"x {b}; "
        f"{flops_per_sample / 1e9:.3f} GFLOPs/sample")
 model.train()
 if args.bench:  # the train step alone, on one cached step of micro-batches
@@ -456,10 +527,12 @@ if args.bench:  # the train step alone, on one cached step of micro-batches
 
 log_path = os.path.join(args.out_dir, 'log.jsonl')
 if master:
-    vtp.start_log(log_path, start_step)  # on resume: drops what a killed run logged after its checkpoint
+    # on resume: drops what a killed run logged after its checkpoint
+    vtp.start_log(log_path, start_step)
 meter = vtp.Meter()
 t0, samples_since = time.time(), 0
-pbar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, disable=not master,
+pbar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
+            disable=not master,
             dynamic_ncols=True)
 for step in pbar:
     micro_batches = [to_device(next(batches)) for _ in range(k_acc)]
@@ -482,7 +555,8 @@ for step in pbar:
         vals = meter.reduce()
         vtp.check_finite(vals, done, ckpt_path)
         dt = time.time() - t0
-        rec = {'step': done, **{k: round(v, 6) for k, v in vals.items() if k != 'skipped_steps'}, 'lr': lr,
+        rec = {'step': done, **{k: round(v, 6) for k, v in vals.items() if k != 'skipped_steps'},
+               'lr': lr,
                'img_per_s': round(samples_since / dt, 2), 'flops': flops_done,
                'teacher_temp': teacher_temp_at(step), 'teacher_momentum': teacher_momentum_at(step)}
         if peak_flops:
@@ -503,6 +577,7 @@ for step in pbar:
                    args.keep_every and done % args.keep_every == 0):
         save(done)
 
-print0(f"done: {args.max_steps} steps, {flops_done:.3e} FLOPs; checkpoint {ckpt_path}, log {log_path}")
+print0(f"done: {args.max_steps} steps, {flops_done:.3e} FLOPs; checkpoint {ckpt_path}, log "
+       f"{log_path}")
 del train_model, fwd  # DDP holds the process group: release it first, or gloo may abort at exit
 vtp.teardown()

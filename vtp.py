@@ -10,10 +10,11 @@ Sections:
   5. EMA, FLOPs accounting
   6. generation: LightningDiT, flow-matching loss, Euler ODE sampler with classifier-free guidance
   7. stage 2: PatchGAN discriminator, hinge loss, adaptive weight
-  8. run plumbing of the stage scripts: launch, shared flags, run folder, checkpoints, log, benchmark
+  8. run plumbing of the stage scripts: launch, shared flags, run folder, checkpoints, log,
+  benchmark
 
-The module and parameter names follow the official release (MiniMax-AI/VTP, `VTPModel`), so an official
-state dict loads with only the legacy renames of `OFFICIAL_RENAMES`.
+The module and parameter names follow the official release (MiniMax-AI/VTP, `VTPModel`), so an
+official state dict loads with only the legacy renames of `OFFICIAL_RENAMES`.
 """
 import atexit
 import contextlib
@@ -53,12 +54,14 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        rms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * rms).type_as(x) * self.weight
 
 
 def make_norm(kind, dim, eps=None):
     """The norms of the official VTP ViT (rmsnorm | layernorm | layernormbf16) and of LightningDiT
-    (rmsnorm, or 'layernorm-noaffine'). The default eps values are part of the reference behaviour."""
+    (rmsnorm, or 'layernorm-noaffine'). The default eps values are part of the reference
+    behaviour."""
     if kind == 'rmsnorm':
         return RMSNorm(dim, eps=eps or 1e-5)
     if kind == 'layernorm':
@@ -71,14 +74,16 @@ def make_norm(kind, dim, eps=None):
 
 
 def swiglu_hidden(dim, mlp_ratio=4.0, align=8):
-    # the official VTP rounds 2/3 of the MLP width up to a multiple of `align` (LightningDiT does not)
+    # the official VTP rounds 2/3 of the MLP width up to a multiple of `align` (LightningDiT does
+    # not)
     d = int(int(dim * mlp_ratio) * 2 / 3)
     return d + (-d % align)
 
 
 class SwiGLU(nn.Module):
-    """w3(silu(gate) * up). Official VTP keeps gate and up as two Linears (w1, w2); LightningDiT fuses
-    them into one (w12, gate first): `fused` picks the parameter layout, the function is the same."""
+    """w3(silu(gate) * up). Official VTP keeps gate and up as two Linears (w1, w2); LightningDiT
+    fuses them into one (w12, gate first): `fused` picks the parameter layout, the function is the
+    same."""
 
     def __init__(self, dim, hidden, fused=False):
         super().__init__()
@@ -121,9 +126,9 @@ class DinoRope(nn.Module):
     """DINOv3's 2-D axial RoPE, used by the VTP encoder and decoder (vtp_architecture.md §1.2).
 
     Patch centres are normalised to [-1, 1] per axis, so one set of weights runs at any grid (224 px
-    crops, 96 px local crops, 256 px) without interpolation. The official code builds the tables in bf16;
-    we do the same, because fp32 tables change the latents by ~1e-5 and we want bit-faithful outputs.
-    (LightningDiT uses another RoPE, EVA-02's: EvaRope in section 6.)
+    crops, 96 px local crops, 256 px) without interpolation. The official code builds the tables in
+    bf16; we do the same, because fp32 tables change the latents by ~1e-5 and we want bit-faithful
+    outputs. (LightningDiT uses another RoPE, EVA-02's: EvaRope in section 6.)
     """
 
     def __init__(self, head_dim, base=100.0):
@@ -131,22 +136,26 @@ class DinoRope(nn.Module):
         assert head_dim % 4 == 0, "RoPE needs a head dim divisible by 4"
         n = head_dim // 4
         periods = base ** (2 * torch.arange(n, dtype=torch.float32) / (head_dim // 2))
-        self.register_buffer('periods', periods.to(torch.bfloat16), persistent=True)  # in the official ckpt
+        # in the official ckpt
+        self.register_buffer('periods', periods.to(torch.bfloat16), persistent=True)
 
     def forward(self, H, W):
         dt, dev = torch.bfloat16, self.periods.device
         ch = torch.arange(0.5, H, dtype=dt, device=dev) / H
         cw = torch.arange(0.5, W, dtype=dt, device=dev) / W
-        coords = torch.stack(torch.meshgrid(ch, cw, indexing='ij'), -1).flatten(0, 1)  # (HW, 2) [y, x]
+        # (HW, 2) [y, x]
+        coords = torch.stack(torch.meshgrid(ch, cw, indexing='ij'), -1).flatten(0, 1)
         coords = 2 * coords - 1
-        angles = 2 * math.pi * coords[:, :, None] / self.periods[None, None, :]  # (HW, 2, Dh/4), bf16
+        # (HW, 2, Dh/4), bf16
+        angles = 2 * math.pi * coords[:, :, None] / self.periods[None, None, :]
         angles = angles.flatten(1, 2).tile(2)  # (HW, Dh): [y, x, y, x]
         return angles.sin(), angles.cos()
 
 
 def rope_rotate(x, sin, cos):
-    """Apply DINOv3 RoPE to the last HW tokens of x (B, h, N, Dh); earlier tokens (cls) pass unrotated.
-    rotate_half pairs dim i with dim i + Dh/2. Done in the table's dtype (bf16), as the official code."""
+    """Apply DINOv3 RoPE to the last HW tokens of x (B, h, N, Dh); earlier tokens (cls) pass
+    unrotated. rotate_half pairs dim i with dim i + Dh/2. Done in the table's dtype (bf16), as the
+    official code."""
     dtype = x.dtype
     x = x.to(sin.dtype)
     prefix, x_rot = x[:, :, : x.shape[2] - sin.shape[0]], x[:, :, x.shape[2] - sin.shape[0]:]
@@ -156,8 +165,8 @@ def rope_rotate(x, sin, cos):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention around F.scaled_dot_product_attention (flash / memory-efficient kernels).
-    `rope(t)` rotates q and k after the optional QK-norm, as in the official code."""
+    """Multi-head self-attention around F.scaled_dot_product_attention (flash / memory-efficient
+    kernels). `rope(t)` rotates q and k after the optional QK-norm, as in the official code."""
 
     def __init__(self, dim, num_heads, qk_norm=False, qk_norm_eps=1e-5):
         super().__init__()
@@ -171,7 +180,8 @@ class Attention(nn.Module):
 
     def forward(self, x, rope=None):
         B, N, C = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)  # [q | k | v], head-major
+        # [q | k | v], head-major
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, h, N, Dh)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -181,8 +191,8 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm ViT block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))). With `drop_path` > 0
-    (set by the training script on the student), each residual branch is dropped per sample."""
+    """Pre-norm ViT block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))). With `drop_path` >
+    0 (set by the training script on the student), each residual branch is dropped per sample."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, ffn='swiglu', norm='rmsnorm', qk_norm=False,
                  init_values=None, hidden=None):
@@ -202,7 +212,8 @@ class Block(nn.Module):
         attn = lambda t: self.ls1(self.attn(self.norm1(t), rope))
         mlp = lambda t: self.ls2(self.mlp(self.norm2(t)))
         if self.training and self.drop_path > 0:
-            return drop_add_residual(drop_add_residual(x, attn, self.drop_path), mlp, self.drop_path)
+            return drop_add_residual(drop_add_residual(x, attn, self.drop_path), mlp,
+                                     self.drop_path)
         x = x + attn(x)
         return x + mlp(x)
 
@@ -218,9 +229,9 @@ def drop_add_residual(x, branch, p):
 
 
 def run_block(block, x, *args, checkpointing=False):
-    """block(x, *args), or with activation checkpointing: only x is kept for backward and the block is
-    recomputed then (~1/3 more compute, activations of one block at a time). The RNG state is replayed,
-    so drop path draws the same samples in the recomputation."""
+    """block(x, *args), or with activation checkpointing: only x is kept for backward and the block
+    is recomputed then (~1/3 more compute, activations of one block at a time). The RNG state is
+    replayed, so drop path draws the same samples in the recomputation."""
     if checkpointing and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False)
     return block(x, *args)
@@ -254,7 +265,8 @@ class VTPConfig:
     init_values: float = 0.0          # LayerScale init; 0 = no LayerScale (official default)
     qk_norm: bool = True              # the paper trains with QK-norm (§4.1); optional upstream
     bottleneck_dim: int = 64          # d: the latent channels (§3.1)
-    bottleneck_ae_only: bool = True   # CLIP/SSL read the D-dim features, only reconstruction the d-dim
+    # CLIP/SSL read the D-dim features, only reconstruction the d-dim
+    bottleneck_ae_only: bool = True
     clip_feat: str = 'cls'            # cls | pooled
     # pixel decoder
     decoder_embed_dim: int = 768
@@ -265,7 +277,8 @@ class VTPConfig:
     decoder_norm_layer: str = 'layernorm'
     decoder_init_values: float = 0.0
     decoder_qk_norm: bool = True
-    # text tower (OpenCLIP text transformer) and the tokenizer its ids come from (data.text_tokenizer)
+    # text tower (OpenCLIP text transformer) and the tokenizer its ids come from
+    # (data.text_tokenizer)
     text_embed_dim: int = 768
     text_depth: int = 12
     text_num_heads: int = 12
@@ -285,17 +298,22 @@ class VTPConfig:
     train_ssl: bool = True
 
 
-# Size presets. S/B/L: "symmetric" ViTs (paper §6), decoder of the encoder's shape, 12x768 text tower,
+# Size presets. S/B/L: "symmetric" ViTs (paper §6), decoder of the encoder's shape, 12x768 text
+# tower,
 # d = 64, patch 16 (../shared/design/README.md). tiny runs on a laptop CPU.
 VTP_CONFIGS = {
-    # ~3M parameters with text tower and heads, for 64 px synthetic images and word-level text. Patch 16
+    # ~3M parameters with text tower and heads, for 64 px synthetic images and word-level text.
+    # Patch 16
     # and d = 64 are the paper's f16d64 at a quarter of the resolution (4x4 latents). 4 heads of 32
-    # rather than 2 of 64: a supervised probe of this ViT learnt the shapes to 94 % in 600 steps, 87 %
+    # rather than 2 of 64: a supervised probe of this ViT learnt the shapes to 94 % in 600 steps, 87
+    # %
     # with 2 heads, 65 % at patch 8 (measured; README "Tests").
-    'tiny': VTPConfig(image_size=64, patch_size=16, embed_dim=128, depth=4, num_heads=4, bottleneck_dim=64,
+    'tiny': VTPConfig(image_size=64, patch_size=16, embed_dim=128, depth=4, num_heads=4,
+                      bottleneck_dim=64,
                       decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
                       text_embed_dim=128, text_depth=2, text_num_heads=4, text_context_length=32,
-                      text_vocab_size=4094, text_tokenizer='word', dino_out_dim=64, dino_hidden_dim=256,
+                      text_vocab_size=4094, text_tokenizer='word', dino_out_dim=64,
+                      dino_hidden_dim=256,
                       dino_bottleneck_dim=64),
     'S': VTPConfig(embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=384, decoder_depth=12,
                    decoder_num_heads=6),
@@ -317,7 +335,8 @@ class PatchEmbed(nn.Module):
 
 class VisionTransformer(nn.Module):
     """The encoder (official `trunk`): patch embedding, cls token, no position table (RoPE), no
-    registers, a mask token for iBOT, final norm, then the bias-free bottleneck Linear D -> d (§3.1)."""
+    registers, a mask token for iBOT, final norm, then the bias-free bottleneck Linear D -> d
+    (§3.1)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -335,8 +354,9 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, images, masks=None, collect=()):
-        """images (B, 3, H, W) -> pre-norm tokens (B, 1 + N, D), and the pre-norm outputs of the blocks
-        whose indices are in `collect`. masks (B, N) bool replace patch tokens by the mask token (iBOT)."""
+        """images (B, 3, H, W) -> pre-norm tokens (B, 1 + N, D), and the pre-norm outputs of the
+        blocks whose indices are in `collect`. masks (B, N) bool replace patch tokens by the mask
+        token (iBOT)."""
         x = self.patch_embed(images)
         B, D, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)  # (B, N, D), row-major
@@ -356,8 +376,9 @@ class VisionTransformer(nn.Module):
 
 
 class PixelDecoder(nn.Module):
-    """ViT pixel decoder (official `pixel_decoder`): 1x1 conv d -> Dd, RoPE blocks, norm, 1x1 conv to
-    3*p*p, pixel shuffle. Output in ImageNet-normalised space, no activation (vtp_architecture.md §2)."""
+    """ViT pixel decoder (official `pixel_decoder`): 1x1 conv d -> Dd, RoPE blocks, norm, 1x1 conv
+    to 3*p*p, pixel shuffle. Output in ImageNet-normalised space, no activation (vtp_architecture.md
+    §2)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -365,7 +386,8 @@ class PixelDecoder(nn.Module):
         self.proj_in = nn.Conv2d(cfg.bottleneck_dim, Dd, kernel_size=1)
         self.rope_embed = DinoRope(Dd // cfg.decoder_num_heads)
         self.blocks = nn.ModuleList([
-            Block(Dd, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.decoder_ffn_layer, cfg.decoder_norm_layer,
+            Block(Dd, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.decoder_ffn_layer,
+                  cfg.decoder_norm_layer,
                   cfg.decoder_qk_norm, cfg.decoder_init_values, cfg.decoder_ffn_hidden or None)
             for _ in range(cfg.decoder_depth)])
         self.norm = make_norm(cfg.decoder_norm_layer, Dd)
@@ -424,9 +446,10 @@ class TextBlock(nn.Module):
 
 
 class WeightNormLinear(nn.Module):
-    """Bias-free Linear with weight = g * v / ||v|| per output row (the DINO prototypes; keys as torch's
-    weight_norm: weight_g (out, 1) filled with 1, weight_v (out, in)). Always computed in fp32: under
-    bf16 the logits carry ~4e-3 of rounding error, ~0.1 nat after the teacher's 1/0.04."""
+    """Bias-free Linear with weight = g * v / ||v|| per output row (the DINO prototypes; keys as
+    torch's weight_norm: weight_g (out, 1) filled with 1, weight_v (out, in)). Always computed in
+    fp32: under bf16 the logits carry ~4e-3 of rounding error, ~0.1 nat after the teacher's
+    1/0.04."""
 
     def __init__(self, in_dim, out_dim):
         super().__init__()
@@ -445,13 +468,15 @@ class DINOHead(nn.Module):
 
     def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim,
+            hidden_dim),
                                  nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
         init_vit_weights(self.mlp)
 
     def forward(self, x):
-        x = F.normalize(self.mlp(x).float(), dim=-1)  # fp32: normalising in bf16 is a known NaN source
+        # fp32: normalising in bf16 is a known NaN source
+        x = F.normalize(self.mlp(x).float(), dim=-1)
         return self.last_layer(x)
 
 
@@ -480,7 +505,8 @@ class VTP(nn.Module):
         if cfg.train_reconstruction:
             self.pixel_decoder = PixelDecoder(cfg)
         if cfg.train_ssl:
-            head = lambda: DINOHead(feat_dim, cfg.dino_out_dim, cfg.dino_hidden_dim, cfg.dino_bottleneck_dim)
+            head = lambda: DINOHead(feat_dim, cfg.dino_out_dim, cfg.dino_hidden_dim,
+                                    cfg.dino_bottleneck_dim)
             self.dino_head = head()
             if cfg.ibot_separate_head:
                 self.ibot_head = head()
@@ -508,7 +534,8 @@ class VTP(nn.Module):
 
     def set_grad_checkpointing(self, on=True):
         """Activation checkpointing of every transformer block (encoder, decoder, text tower)."""
-        for m in (self.trunk, getattr(self, 'pixel_decoder', None), getattr(self, 'text_transformer', None)):
+        for m in (self.trunk, getattr(self, 'pixel_decoder', None), getattr(self,
+            'text_transformer', None)):
             if m is not None:
                 m.grad_checkpointing = on
 
@@ -546,13 +573,14 @@ class VTP(nn.Module):
         return self.clip_image_features(self.features(images), normalize)
 
     def text_features(self, tokens, normalize=True, return_tokens=False):
-        """tokens (B, L) int64, EOT = the largest id (argmax pooling) -> (B, W); with return_tokens also
-        the final-normed per-token features (B, L, W) (the text conditioning of section 6)."""
+        """tokens (B, L) int64, EOT = the largest id (argmax pooling) -> (B, W); with return_tokens
+        also the final-normed per-token features (B, L, W) (the text conditioning of section 6)."""
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
         for blk in self.text_transformer.resblocks:
             x = run_block(blk, x, checkpointing=self.text_transformer.grad_checkpointing)
         x = self.ln_final(x)
-        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(-1)] @ self.text_projection
+        pooled = x[torch.arange(x.shape[0], device=x.device),
+                   tokens.argmax(-1)] @ self.text_projection
         pooled = F.normalize(pooled.float(), dim=-1) if normalize else pooled
         return (pooled, x) if return_tokens else pooled
 
@@ -568,8 +596,9 @@ class VTP(nn.Module):
     @classmethod
     def from_official(cls, state_dict, config=None):
         """Build and load a model from an official VTPModel (or legacy VTP) state dict, an HF folder
-        (config.json + model.safetensors) or a file. Sizes come from the tensor shapes (§7.2); `config`
-        (an official config dict, or read from config.json) gives what shapes cannot: the text heads."""
+        (config.json + model.safetensors) or a file. Sizes come from the tensor shapes (§7.2);
+        `config` (an official config dict, or read from config.json) gives what shapes cannot: the
+        text heads."""
         if isinstance(state_dict, (str, os.PathLike)):
             state_dict, file_config = read_official(str(state_dict))
             config = config or file_config
@@ -578,7 +607,8 @@ class VTP(nn.Module):
             for old, new in OFFICIAL_RENAMES:
                 if k.startswith(old):
                     k = new + k[len(old):]
-            if not k.startswith(('teacher_', 'dino_head.', 'logit_bias')):  # legacy training-only parts
+            # legacy training-only parts
+            if not k.startswith(('teacher_', 'dino_head.', 'logit_bias')):
                 sd[k] = v
         model = cls(config_from_official(sd, config if isinstance(config, dict) else None))
         model.load_state_dict(sd, strict=True)
@@ -588,10 +618,12 @@ class VTP(nn.Module):
     def forward(self, images=None, tokens=None, n_rec=0, global_crops=None, local_crops=None,
                 masks=None, ibot_index=None):
         """The student's raw outputs; the losses live outside (section 4).
-        images (B, 3, H, W): main views. With tokens (B, L) (captions) all B rows go to CLIP; the first
-          n_rec rows (a random subset, the batch being shuffled: §3.6) are reconstructed from the same
-          encoder pass. Without CLIP, the caller passes only the n_rec rows.
-        global_crops (2n, ...) with masks (2n, N), local_crops (L n, ...), ibot_index (M,): flat indices
+        images (B, 3, H, W): main views. With tokens (B, L) (captions) all B rows go to CLIP; the
+        first
+          n_rec rows (a random subset, the batch being shuffled: §3.6) are reconstructed from the
+          same encoder pass. Without CLIP, the caller passes only the n_rec rows.
+        global_crops (2n, ...) with masks (2n, N), local_crops (L n, ...), ibot_index (M,): flat
+        indices
           of the masked global patches, padded to a fixed M (data.py) so shapes stay static."""
         out = {}
         if images is not None:
@@ -603,10 +635,12 @@ class VTP(nn.Module):
             if n_rec:
                 out['reconstruction'] = self.decode(self.latents(x[:n_rec], images.shape[-2:]))
         if global_crops is not None:
-            feats = lambda crops, m=None: self.features(crops, m, not self.config.bottleneck_ae_only)
+            bottleneck = not self.config.bottleneck_ae_only
+            feats = lambda crops, m=None: self.features(crops, m, bottleneck)
             g = feats(global_crops, masks)  # (2n, 1 + N, F)
             cls = g[:, 0] if local_crops is None else torch.cat((g[:, 0], feats(local_crops)[:, 0]))
-            out['dino_logits'], out['ibot_logits'] = self.ssl_heads(cls, g[:, 1:].flatten(0, 1)[ibot_index])
+            out['dino_logits'], out['ibot_logits'] = self.ssl_heads(cls, g[:, 1:].flatten(0,
+                1)[ibot_index])
             out['global_cls'] = g[:, 0]  # for KoLeo
         return out
 
@@ -619,8 +653,8 @@ class VTP(nn.Module):
 
     @torch.no_grad()
     def teacher_logits(self, global_crops, ibot_index):
-        """Teacher side of SSL (unmasked global crops): DINO logits of the cls tokens, iBOT logits of
-        the patches the student saw masked."""
+        """Teacher side of SSL (unmasked global crops): DINO logits of the cls tokens, iBOT logits
+        of the patches the student saw masked."""
         g = self.features(global_crops, bottleneck=not self.config.bottleneck_ae_only)
         return self.ssl_heads(g[:, 0], g[:, 1:].flatten(0, 1)[ibot_index])
 
@@ -629,24 +663,28 @@ class VTP(nn.Module):
 # 3. official checkpoints
 
 # legacy training meta-arch (vtp.models.vtp.VTP) -> HF VTPModel names (vtp_architecture.md §7.3)
-OFFICIAL_RENAMES = (('proj.', 'visual_proj.'), ('transformer.resblocks.', 'text_transformer.resblocks.'))
+OFFICIAL_RENAMES = (('proj.', 'visual_proj.'), ('transformer.resblocks.',
+                                                'text_transformer.resblocks.'))
 # official config.json field -> VTPConfig field
 OFFICIAL_CONFIG_FIELDS = {
     'image_size': 'image_size', 'vision_patch_size': 'patch_size', 'vision_mlp_ratio': 'mlp_ratio',
-    'vision_ffn_layer': 'ffn_layer', 'vision_clip_feat': 'clip_feat', 'text_num_heads': 'text_num_heads',
+    'vision_ffn_layer': 'ffn_layer', 'vision_clip_feat': 'clip_feat',
+                          'text_num_heads': 'text_num_heads',
     'text_mlp_ratio': 'text_mlp_ratio', 'decoder_num_heads': 'decoder_num_heads',
     'decoder_ffn_layer': 'decoder_ffn_layer', 'decoder_norm_layer': 'decoder_norm_layer',
     'vision_norm_layer': 'norm_layer',
 }
 
-_SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+_SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16,
+                       'BF16': torch.bfloat16,
                        'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
                        'U8': torch.uint8, 'BOOL': torch.bool}
 
 
 def load_safetensors(path):
-    """Read a .safetensors file into a dict of tensors. The format is an 8-byte little-endian header size,
-    a JSON header {name: {dtype, shape, data_offsets}} and raw bytes: data only, no code is executed."""
+    """Read a .safetensors file into a dict of tensors. The format is an 8-byte little-endian header
+    size, a JSON header {name: {dtype, shape, data_offsets}} and raw bytes: data only, no code is
+    executed."""
     with open(path, 'rb') as f:
         n = int.from_bytes(f.read(8), 'little')
         header = json.loads(f.read(n))
@@ -657,15 +695,17 @@ def load_safetensors(path):
             continue
         start, end = info['data_offsets']
         dtype = _SAFETENSORS_DTYPES[info['dtype']]
-        t = torch.frombuffer(data, dtype=torch.uint8, count=end - start, offset=start) if end > start \
+        t = torch.frombuffer(data, dtype=torch.uint8, count=end - start,
+                             offset=start) if end > start \
             else torch.empty(0, dtype=torch.uint8)
         out[name] = t.view(dtype).reshape(info['shape']).clone()
     return out
 
 
 def read_official(path):
-    """An official checkpoint given as an HF folder (config.json + model.safetensors), a .safetensors file,
-    or a torch file with a state dict -> (state_dict, official config dict or None)."""
+    """An official checkpoint given as an HF folder (config.json + model.safetensors), a
+    .safetensors file, or a torch file with a state dict -> (state_dict, official config dict or
+    None)."""
     config = None
     if os.path.isdir(path):
         cfg_path = os.path.join(path, 'config.json')
@@ -677,7 +717,8 @@ def read_official(path):
                 path = os.path.join(path, name)
                 break
         else:
-            raise FileNotFoundError(f"{path}: no model.safetensors (or pytorch_model.bin) in this folder")
+            raise FileNotFoundError(f"{path}: no model.safetensors (or pytorch_model.bin) in this "
+                                    "folder")
     if path.endswith('.safetensors'):
         return load_safetensors(path), config
     sd = torch.load(path, map_location='cpu', weights_only=True)
@@ -689,13 +730,17 @@ def read_official(path):
 
 
 def config_from_official(sd, config=None):
-    """Derive a VTPConfig from an official state dict's tensor shapes (vtp_architecture.md §7.2). The text
-    head count cannot be read from shapes; it comes from `config` (an official config dict), default 12."""
+    """Derive a VTPConfig from an official state dict's tensor shapes (vtp_architecture.md §7.2).
+    The text head count cannot be read from shapes; it comes from `config` (an official config
+    dict), default
+    12."""
     config = dict(config or {})
     count = lambda prefix: len({k[len(prefix):].split('.')[0] for k in sd if k.startswith(prefix)})
     D = sd['trunk.cls_token'].shape[-1]
-    kw = {new: config[old] for old, new in OFFICIAL_CONFIG_FIELDS.items() if config.get(old) is not None}
-    kw.update(embed_dim=D, depth=count('trunk.blocks.'), patch_size=sd['trunk.patch_embed.proj.weight'].shape[-1],
+    kw = {new: config[old] for old,
+          new in OFFICIAL_CONFIG_FIELDS.items() if config.get(old) is not None}
+    kw.update(embed_dim=D, depth=count('trunk.blocks.'),
+              patch_size=sd['trunk.patch_embed.proj.weight'].shape[-1],
               num_heads=D // (4 * len(sd['trunk.rope_embed.periods'])),
               bottleneck_dim=sd['trunk.feature_bottleneck.weight'].shape[0],
               norm_layer=config.get('vision_norm_layer') or
@@ -733,10 +778,11 @@ def config_from_official(sd, config=None):
 
 
 def load_tokenizer(path, map_location='cpu'):
-    """A VTP tokenizer from one of our checkpoints (stage 1 or 2 `ckpt.pt`: {'model', 'config', ...}),
-    or from an official checkpoint (HF folder, .safetensors or a state-dict file). Returns the model in
-    eval mode; what it was trained for (CLIP, SSL heads) is kept so features remain available. A path
-    that is missing, empty, unreadable or holds something else raises an error of one line."""
+    """A VTP tokenizer from one of our checkpoints (stage 1 or 2 `ckpt.pt`: {'model', 'config',
+    ...}), or from an official checkpoint (HF folder, .safetensors or a state-dict file). Returns
+    the model in eval mode; what it was trained for (CLIP, SSL heads) is kept so features remain
+    available. A path that is missing, empty, unreadable or holds something else raises an error of
+    one line."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
     if os.path.isfile(path) and not path.endswith('.safetensors'):
@@ -752,9 +798,11 @@ def load_tokenizer(path, map_location='cpu'):
             model = VTP(VTPConfig(**{k: v for k, v in ckpt['config'].items() if k in known}))
             model.load_state_dict(ckpt['model'])
             return model.eval()
-        if not isinstance(ckpt, dict) or (not any(str(k).startswith('trunk.') for k in ckpt) and not any(
+        if not isinstance(ckpt,
+                          dict) or (not any(str(k).startswith('trunk.') for k in ckpt) and not any(
                 isinstance(v, dict) and 'trunk.cls_token' in v for v in ckpt.values())):
-            raise ValueError(f"{path} is not a VTP tokenizer checkpoint (no 'trunk.*' weights in it)")
+            raise ValueError(f"{path} is not a VTP tokenizer checkpoint (no 'trunk.*' weights in "
+                             "it)")
     return VTP.from_official(path).eval()
 
 
@@ -771,8 +819,9 @@ def _rank_world():
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums the gradient over ranks (every rank's loss reads every slice) and
-    returns each rank its own slice. Plain all_gather / all_reduce: works on nccl and gloo alike."""
+    """all_gather whose backward sums the gradient over ranks (every rank's loss reads every slice)
+    and returns each rank its own slice. Plain all_gather / all_reduce: works on nccl and gloo
+    alike."""
 
     @staticmethod
     def forward(ctx, x):
@@ -804,20 +853,21 @@ def all_gather(x):
 
 
 def clip_loss(image_features, text_features, logit_scale, cache=None, chunk=0):
-    """Symmetric InfoNCE (OpenCLIP; paper §3.3) on L2-normalised features (b, W). Each rank scores its
-    own rows against the columns of all ranks (OpenCLIP's local loss + gather with grad): with DDP's
-    gradient averaging this equals the single-process loss on the concatenated batch.
+    """Symmetric InfoNCE (OpenCLIP; paper §3.3) on L2-normalised features (b, W). Each rank scores
+    its own rows against the columns of all ranks (OpenCLIP's local loss + gather with grad): with
+    DDP's gradient averaging this equals the single-process loss on the concatenated batch.
 
-    Gradient accumulation over k micro-batches (OpenCLIP's accum_freq, exact): cache = (images, texts),
-    each (k, world * b, W), the step's features from a first pass without gradient. Micro-batch `chunk`
-    replaces its slice by its live features, and the rank's rows of all k micro-batches are scored
-    against all k * world * b columns, so the contrastive batch is the whole step's. Each of the k
-    backward passes then carries exactly the gradient that flows through its own micro-batch's
-    features, and their sum is the gradient of the whole step's loss (pass the logit scale detached in
-    all but one of them: it would otherwise get k times its gradient)."""
+    Gradient accumulation over k micro-batches (OpenCLIP's accum_freq, exact): cache = (images,
+    texts), each (k, world * b, W), the step's features from a first pass without gradient.
+    Micro-batch `chunk` replaces its slice by its live features, and the rank's rows of all k
+    micro-batches are scored against all k * world * b columns, so the contrastive batch is the
+    whole step's. Each of the k backward passes then carries exactly the gradient that flows through
+    its own micro-batch's features, and their sum is the gradient of the whole step's loss (pass the
+    logit scale detached in all but one of them: it would otherwise get k times its gradient)."""
     rank, world = _rank_world()
     b = len(image_features)
-    img, txt = all_gather_with_grad(image_features), all_gather_with_grad(text_features)  # (world b, W)
+    # (world b, W)
+    img, txt = all_gather_with_grad(image_features), all_gather_with_grad(text_features)
     if cache is None:
         rows_img, rows_txt = image_features, text_features
         labels = torch.arange(b, device=img.device) + rank * b
@@ -826,7 +876,8 @@ def clip_loss(image_features, text_features, logit_scale, cache=None, chunk=0):
         img = torch.cat([img if j == chunk else cache[0][j] for j in range(k)])  # (k world b, W)
         txt = torch.cat([txt if j == chunk else cache[1][j] for j in range(k)])
         labels = (torch.arange(k, device=img.device)[:, None] * world * b + rank * b +
-                  torch.arange(b, device=img.device)[None]).flatten()  # this rank's rows, all chunks
+                  # this rank's rows, all chunks
+                  torch.arange(b, device=img.device)[None]).flatten()
         rows_img, rows_txt = img[labels], txt[labels]
     logits_i2t = logit_scale * rows_img @ txt.t()  # (rows, all columns)
     logits_t2i = logit_scale * rows_txt @ img.t()
@@ -841,11 +892,11 @@ def _all_reduce(x, op=None):
 
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits, temp, n_iters=3):
-    """Teacher targets by Sinkhorn-Knopp centering (DINOv2/SwAV), in fp32, normalised over the samples
-    of all ranks: each prototype gets an equal share of the batch, each sample a distribution.
-    teacher_logits (B, K) -> (B, K) probabilities. A rank may hold no rows (a step with no masked
-    patch for iBOT): its result is empty and, with no rows anywhere, nothing divides 0 by 0 (DINOv2's
-    iBOT loss is 0 then; an unguarded 0/0 would put NaN into the weights)."""
+    """Teacher targets by Sinkhorn-Knopp centering (DINOv2/SwAV), in fp32, normalised over the
+    samples of all ranks: each prototype gets an equal share of the batch, each sample a
+    distribution. teacher_logits (B, K) -> (B, K) probabilities. A rank may hold no rows (a step
+    with no masked patch for iBOT): its result is empty and, with no rows anywhere, nothing divides
+    0 by 0 (DINOv2's iBOT loss is 0 then; an unguarded 0/0 would put NaN into the weights)."""
     logits = teacher_logits.float()
     local_max = logits.max().reshape(1) if logits.numel() else logits.new_full((1,), -math.inf)
     shift = _all_reduce(local_max, dist.ReduceOp.MAX if is_distributed() else None)
@@ -855,21 +906,24 @@ def sinkhorn_knopp(teacher_logits, temp, n_iters=3):
     tiny = torch.finfo(torch.float32).tiny
     Q = Q / _all_reduce(Q.sum().reshape(1)).clamp_min(tiny)
     for _ in range(n_iters):
-        Q = Q / _all_reduce(Q.sum(dim=1, keepdim=True)).clamp_min(tiny) / K  # prototypes: equal shares
+        # prototypes: equal shares
+        Q = Q / _all_reduce(Q.sum(dim=1, keepdim=True)).clamp_min(tiny) / K
         Q = Q / Q.sum(dim=0, keepdim=True).clamp_min(tiny) / B  # samples: each one a distribution
     return (Q * B).t()
 
 
 def dino_loss(student_logits, teacher_probs, student_temp=0.1):
-    """DINO cls-token loss (paper eq. 2, DINOv2): cross-entropy between the teacher's distribution for
-    each global crop and the student's for every other crop. student_logits: crop-major chunks of n
-    rows, [global 0, global 1, local 0, ...]; teacher_probs: [global 0, global 1]. A global crop is never
-    paired with itself. Normalised as DINOv2: the 2 global + 2 n_local pair means are summed and divided
-    by 2 + max(2 n_local, 1), i.e. their mean, except without local crops (then / 3, not / 2)."""
+    """DINO cls-token loss (paper eq. 2, DINOv2): cross-entropy between the teacher's distribution
+    for each global crop and the student's for every other crop. student_logits: crop-major chunks
+    of n rows, [global 0, global 1, local 0, ...]; teacher_probs: [global 0, global 1]. A global
+    crop is never paired with itself. Normalised as DINOv2: the 2 global + 2 n_local pair means are
+    summed and divided by 2 + max(2 n_local, 1), i.e. their mean, except without local crops (then /
+    3, not / 2)."""
     n = teacher_probs.shape[0] // 2
     log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1).split(n)
     t = teacher_probs.split(n)
-    losses = [-(tj * si).sum(-1).mean() for i, si in enumerate(log_p) for j, tj in enumerate(t) if i != j]
+    losses = [-(tj * si).sum(-1).mean() for i, si in enumerate(log_p) for j,
+              tj in enumerate(t) if i != j]
     return sum(losses) / (2 + max(len(losses) - 2, 1))
 
 
@@ -898,12 +952,14 @@ def to_unit_range(x):
 
 
 def reconstruction_loss(recon, target, perceptual=None):
-    """L_rec = L1 + LPIPS (paper eq. 1). L1 in the model's (ImageNet-normalised) space, as the official
-    target is the normalised input; LPIPS on [-1, 1] images. Returns (l1, lpips or a zero tensor)."""
+    """L_rec = L1 + LPIPS (paper eq. 1). L1 in the model's (ImageNet-normalised) space, as the
+    official target is the normalised input; LPIPS on [-1, 1] images. Returns (l1, lpips or a zero
+    tensor)."""
     l1 = (recon.float() - target.float()).abs().mean()
     if perceptual is None:
         return l1, torch.zeros_like(l1)
-    p = perceptual(to_unit_range(recon.float()) * 2 - 1, to_unit_range(target.float()) * 2 - 1).mean()
+    p = perceptual(to_unit_range(recon.float()) * 2 - 1,
+                   to_unit_range(target.float()) * 2 - 1).mean()
     return l1, p
 
 
@@ -912,19 +968,22 @@ VGG_CACHE = os.path.join(torch.hub.get_dir(), 'checkpoints', 'vgg16-397923af.pth
 
 def make_lpips(mode='auto', device='cpu', verbose=True):
     """LPIPS-VGG (the `lpips` package), frozen, outside DDP. It needs torchvision's VGG16 ImageNet
-    weights, downloaded once into the torch hub cache. mode 'lpips': stop with one line without them;
-    'auto': use them if they can be had, else say so once and return None; 'none': None; 'random': a
-    random VGG backbone, offline (tests and FLOPs checks only: the values mean nothing)."""
+    weights, downloaded once into the torch hub cache. mode 'lpips': stop with one line without
+    them; 'auto': use them if they can be had, else say so once and return None; 'none': None;
+    'random': a random VGG backbone, offline (tests and FLOPs checks only: the values mean
+    nothing)."""
     if mode == 'none':
         return None
     try:
         import lpips
         net = lpips.LPIPS(net='vgg', verbose=False, pnet_rand=mode == 'random')
     except Exception as e:  # no cached weights and no network, most often
-        msg = (f"LPIPS unavailable: torchvision's VGG16 weights are not in {VGG_CACHE} and could not be "
+        msg = (f"LPIPS unavailable: torchvision's VGG16 weights are not in {VGG_CACHE} and could "
+               "not be "
                f"downloaded ({type(e).__name__})")
         if mode == 'lpips':
-            raise SystemExit(f"error: {msg}; copy vgg16-397923af.pth there, or pass --perceptual none")
+            raise SystemExit(f"error: {msg}; copy vgg16-397923af.pth there, or pass --perceptual "
+                             "none")
         if verbose:
             print(f"{msg}; going on without LPIPS (--perceptual auto)")
         return None
@@ -945,11 +1004,12 @@ def update_ema(ema, model, decay):
 
 
 def param_groups(model, weight_decay, layer_decay=1.0, patch_embed_lr_mult=1.0):
-    """AdamW groups of a VTP: weight decay on matrices only (not norms, biases, tokens, the logit scale,
-    the prototypes' gains); DINOv2's lr multipliers (`lr_mult`): layer-wise decay d^(L + 1 - layer)
-    over the encoder (patch embedding and tokens are layer 0, block i layer i + 1, all else L + 1, as
-    DINOv2's get_params_groups) and x patch_embed_lr_mult on the patch embedding; the prototypes (the
-    heads' last layer) in groups of their own (`last_layer`), so that they can be frozen early on."""
+    """AdamW groups of a VTP: weight decay on matrices only (not norms, biases, tokens, the logit
+    scale, the prototypes' gains); DINOv2's lr multipliers (`lr_mult`): layer-wise decay d^(L + 1 -
+    layer) over the encoder (patch embedding and tokens are layer 0, block i layer i + 1, all else L
+    + 1, as DINOv2's get_params_groups) and x patch_embed_lr_mult on the patch embedding; the
+    prototypes (the heads' last layer) in groups of their own (`last_layer`), so that they can be
+    frozen early on."""
     L, groups = len(model.trunk.blocks), {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -964,21 +1024,24 @@ def param_groups(model, weight_decay, layer_decay=1.0, patch_embed_lr_mult=1.0):
         decay = p.ndim >= 2 and 'token' not in name and 'weight_g' not in name and \
             'positional_embedding' not in name
         groups.setdefault((mult, decay, '.last_layer.' in name), []).append(p)
-    return [{'params': ps, 'lr_mult': m, 'weight_decay': weight_decay if d else 0.0, 'last_layer': last}
+    return [{'params': ps, 'lr_mult': m, 'weight_decay': weight_decay if d else 0.0,
+             'last_layer': last}
             for (m, d, last), ps in groups.items()]
 
 
 def clip_grad_norms(groups, max_norm):
-    """Clip each group of parameters to max_norm on its own (DINOv2 clips backbone and heads apart, so
-    one part's large gradients do not scale another's down); returns the norm of the whole gradient,
-    before clipping (0-dim tensor, no host sync). max_norm 0: no clipping."""
+    """Clip each group of parameters to max_norm on its own (DINOv2 clips backbone and heads apart,
+    so one part's large gradients do not scale another's down); returns the norm of the whole
+    gradient, before clipping (0-dim tensor, no host sync). max_norm 0: no clipping."""
     norms = [torch.nn.utils.clip_grad_norm_(ps, max_norm or float('inf')) for ps in groups]
     return torch.stack(norms).square().sum().sqrt()
 
 
 # FLOPs are counted from the shapes, 2 per multiply-add, for the matrix products (linear layers,
-# convolutions, attention), which is what torch.utils.flop_counter counts; tests/test_flops.py checks
-# the stage-1 count against it on the real train step. Training = forward + backward = 3x the forward
+# convolutions, attention), which is what torch.utils.flop_counter counts; tests/test_flops.py
+# checks
+# the stage-1 count against it on the real train step. Training = forward + backward = 3x the
+# forward
 # (the backward computes input and weight gradients), 2x for a layer whose input needs no gradient.
 
 def vit_flops(dim, depth, hidden, n_tokens, mlp_mats=3):
@@ -1026,18 +1089,21 @@ def vgg16_lpips_flops(size):
 
 
 def train_flops_per_sample(cfg, image_size, *, clip=True, text_len=0, batch=1, ssl_frac=0.0,
-                           global_size=0, local_size=0, n_local=0, ibot_rows=0.0, ibot_rows_teacher=0.0,
+                           global_size=0, local_size=0, n_local=0, ibot_rows=0.0,
+                           ibot_rows_teacher=0.0,
                            rec_frac=0.0, lpips=False):
     """Training FLOPs per image-text pair of the stage-1 step, counting what runs (the x-axis of the
     paper's scaling plots, §4.3, and the numerator of MFU):
       CLIP (clip=True): the encoder on the main view of every sample, the text tower on text_len
         tokens, projections and the (batch x batch) logits of the per-rank batch;
-      reconstruction (a rec_frac of the samples): the encoder on their main view if CLIP is off (else it
+      reconstruction (a rec_frac of the samples): the encoder on their main view if CLIP is off
+      (else it
         is shared), the decoder, and LPIPS-VGG (forward on both images, backward through one);
       SSL (a ssl_frac of the samples): the student on 2 global + n_local local crops, the teacher on
-        the 2 global crops (forward only), the heads on the cls tokens and on `ibot_rows` masked-patch
-        rows per sample (the padded buffer; the teacher runs on `ibot_rows_teacher`, the masked ones),
-        and KoLeo's (n x n) products (n = the per-rank SSL batch, batch * ssl_frac).
+        the 2 global crops (forward only), the heads on the cls tokens and on `ibot_rows`
+        masked-patch rows per sample (the padded buffer; the teacher runs on `ibot_rows_teacher`,
+        the masked ones), and KoLeo's (n x n) products (n = the per-rank SSL batch, batch *
+        ssl_frac).
     Not counted: the no-grad CLIP pass of gradient accumulation and the recomputation of activation
     checkpointing (costs of the implementation, not of the objective), norms and other elementwise
     work."""
@@ -1045,14 +1111,17 @@ def train_flops_per_sample(cfg, image_size, *, clip=True, text_len=0, batch=1, s
     enc = lambda size: (lambda blocks, embed: 3 * blocks + 2 * embed)(*encoder_flops(cfg, size))
     if cfg.train_clip and clip:
         W = cfg.text_embed_dim
-        flops += enc(image_size) + 3 * vit_flops(W, cfg.text_depth, int(W * cfg.text_mlp_ratio), text_len, 2)
+        flops += enc(image_size) + 3 * vit_flops(W, cfg.text_depth, int(W * cfg.text_mlp_ratio),
+                                                 text_len, 2)
         feat = cfg.embed_dim if cfg.bottleneck_ae_only else cfg.bottleneck_dim
         flops += 3 * 2 * (feat * W + W * W)  # visual_proj, text_projection
         flops += 3 * 2 * 2 * batch * W  # logits i2t and t2i, per row
     if cfg.train_reconstruction and rec_frac:
-        per = 3 * decoder_flops(cfg, image_size) + (0 if cfg.train_clip and clip else enc(image_size))
+        per = 3 * decoder_flops(cfg,
+                                image_size) + (0 if cfg.train_clip and clip else enc(image_size))
         if lpips:
-            per += 3 * vgg16_lpips_flops(image_size)  # forward on recon and target, backward on recon
+            # forward on recon and target, backward on recon
+            per += 3 * vgg16_lpips_flops(image_size)
         flops += rec_frac * per
     if cfg.train_ssl and ssl_frac:
         g, gemb = encoder_flops(cfg, global_size)
@@ -1065,7 +1134,8 @@ def train_flops_per_sample(cfg, image_size, *, clip=True, text_len=0, batch=1, s
     return flops
 
 
-# dense bf16 peak FLOP/s per GPU, for MFU; an unknown GPU gets no MFU rather than a wrong one. Matched
+# dense bf16 peak FLOP/s per GPU, for MFU; an unknown GPU gets no MFU rather than a wrong one.
+# Matched
 # in order: the PCIe / NVL variants before the SXM name they contain.
 PEAK_BF16_FLOPS = (('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H200', 989e12),
                    ('H800', 989e12), ('GH200', 989e12), ('A100', 312e12), ('A800', 312e12),
@@ -1078,16 +1148,16 @@ def gpu_peak_flops(device):
 
 
 def psnr(x, y):
-    """Per-image PSNR (B,) of images in [0, 1], computed on 0-255 floats as the official reconstruction
-    script: 20 log10(255 / sqrt(MSE)). Identical images give inf."""
+    """Per-image PSNR (B,) of images in [0, 1], computed on 0-255 floats as the official
+    reconstruction script: 20 log10(255 / sqrt(MSE)). Identical images give inf."""
     mse = ((x.float() * 255 - y.float() * 255) ** 2).flatten(1).mean(1)  # (B,)
     return 20 * torch.log10(255 / mse.sqrt())
 
 
 @torch.no_grad()
 def zeroshot_classifier(model, tokenizer, class_names, templates, device='cpu'):
-    """(W, C) zero-shot classifier: per class, embed every template filled with its name, L2-normalise,
-    average, re-normalise (OpenAI CLIP / OpenCLIP). templates: strings with '{}'."""
+    """(W, C) zero-shot classifier: per class, embed every template filled with its name,
+    L2-normalise, average, re-normalise (OpenAI CLIP / OpenCLIP). templates: strings with '{}'."""
     weights = []
     for c in class_names:
         tokens = tokenizer([t.format(c) for t in templates]).to(device)  # (T, L)
@@ -1133,8 +1203,10 @@ class DiTConfig:
     use_rmsnorm: bool = True
     wo_shift: bool = False
     learn_sigma: bool = False
-    # text-to-image (paper §5; ours, no public code has it): > 0 conditions on the frozen VTP text tower's
-    # features, (1 + text_len) vectors of text_dim: its pooled embedding, then its per-token features
+    # text-to-image (paper §5; ours, no public code has it): > 0 conditions on the frozen VTP text
+    # tower's
+    # features, (1 + text_len) vectors of text_dim: its pooled embedding, then its per-token
+    # features
     text_dim: int = 0
     text_len: int = 0
 
@@ -1181,10 +1253,11 @@ def rotate_pairs(x):
 
 class EvaRope(nn.Module):
     """EVA-02's 2-D RoPE (VisionRotaryEmbeddingFast) as LightningDiT uses it, applied to q or k
-    (B, h, N, Dh): integer positions and interleaved pairs, unlike the VTP encoder's DinoRope. The tables are persistent buffers because the
-    official checkpoints carry them (feat_rope.freqs_cos / freqs_sin). The rotation runs with the fp32
-    tables, then returns to x's dtype: under autocast that is the cast SDPA would make anyway, and a
-    model cast to bf16 then gets q, k and v of one dtype."""
+    (B, h, N, Dh): integer positions and interleaved pairs, unlike the VTP encoder's DinoRope. The
+    tables are persistent buffers because the official checkpoints carry them (feat_rope.freqs_cos /
+    freqs_sin). The rotation runs with the fp32 tables, then returns to x's dtype: under autocast
+    that is the cast SDPA would make anyway, and a model cast to bf16 then gets q, k and v of one
+    dtype."""
 
     def __init__(self, head_dim, grid):
         super().__init__()
@@ -1243,7 +1316,8 @@ def modulate(x, shift, scale):
 
 class DiTBlock(nn.Module):
     """Pre-norm block with adaLN-Zero (DiT §3.2): the condition c gives shift, scale and gate for
-    the attention and the MLP branch; the gates start at zero so every block starts as the identity."""
+    the attention and the MLP branch; the gates start at zero so every block starts as the
+    identity."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -1260,7 +1334,8 @@ class DiTBlock(nn.Module):
             self.mlp = SwiGLU(D, int(2 / 3 * int(D * cfg.mlp_ratio)), fused=True)
         else:  # timm's Mlp with tanh GELU
             self.mlp = Mlp(D, int(D * cfg.mlp_ratio), approximate='tanh')
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, (4 if cfg.wo_shift else 6) * D))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D,
+            (4 if cfg.wo_shift else 6) * D))
         if cfg.text_dim:  # text-to-image: a cross-attention to the caption's tokens (PixArt-style)
             self.norm_cross = make_norm(norm, D, 1e-6)
             self.cross_attn = CrossAttention(D, cfg.num_heads)
@@ -1279,8 +1354,9 @@ class DiTBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Image tokens (queries) attend to the caption's token features (keys, values); no RoPE: text has no
-    2-D position. The output projection starts at zero, so a new block starts as the class-free DiT's."""
+    """Image tokens (queries) attend to the caption's token features (keys, values); no RoPE: text
+    has no 2-D position. The output projection starts at zero, so a new block starts as the
+    class-free DiT's."""
 
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -1292,20 +1368,22 @@ class CrossAttention(nn.Module):
     def forward(self, x, context):
         B, N, C = x.shape
         q = self.q(x).view(B, N, self.num_heads, -1).transpose(1, 2)  # (B, h, N, Dh)
-        k, v = self.kv(context).view(B, context.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        k, v = self.kv(context).view(B, context.shape[1], 2, self.num_heads, -1).permute(2, 0, 3,
+            1, 4)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
 class TextEmbedder(nn.Module):
-    """The text condition of a text-to-image DiT (paper §5): y (B, 1 + L, W) holds the frozen VTP text
-    tower's pooled embedding (row 0) and per-token features. The pooled one joins the timestep in adaLN
-    (global content: which shape, which colour), the tokens feed each block's cross-attention (where,
-    how many, the words' detail). Why not joint attention over image and text tokens (SD3)? It needs
-    its own modulation and MLP for text tokens and would change LightningDiT's blocks; cross-attention
-    adds one branch and leaves the class-conditional path, and its official parity, untouched.
-    Classifier-free guidance: a caption is replaced by the empty caption's features (`null`, set once
-    from the text tower and saved with the model) with probability dropout_prob."""
+    """The text condition of a text-to-image DiT (paper §5): y (B, 1 + L, W) holds the frozen VTP
+    text tower's pooled embedding (row 0) and per-token features. The pooled one joins the timestep
+    in adaLN (global content: which shape, which colour), the tokens feed each block's
+    cross-attention (where, how many, the words' detail). Why not joint attention over image and
+    text tokens (SD3)? It needs its own modulation and MLP for text tokens and would change
+    LightningDiT's blocks; cross-attention adds one branch and leaves the class-conditional path,
+    and its official parity, untouched. Classifier-free guidance: a caption is replaced by the empty
+    caption's features (`null`, set once from the text tower and saved with the model) with
+    probability dropout_prob."""
 
     def __init__(self, text_dim, text_len, dim, dropout_prob):
         super().__init__()
@@ -1444,8 +1522,9 @@ class DiT(nn.Module):
 
 
 def dit_config_from_state_dict(sd):
-    """Read a DiTConfig off an official state dict's shapes (dit_full.md §1.10). The head count comes
-    from the RoPE tables (head_dim wide), so a checkpoint without RoPE needs an explicit config."""
+    """Read a DiTConfig off an official state dict's shapes (dit_full.md §1.10). The head count
+    comes from the RoPE tables (head_dim wide), so a checkpoint without RoPE needs an explicit
+    config."""
     if 'pos_embed' not in sd or 'x_embedder.proj.weight' not in sd:
         raise ValueError("not a LightningDiT state dict (no pos_embed / x_embedder.proj.weight)")
     if 'feat_rope.freqs_cos' not in sd:
@@ -1455,7 +1534,8 @@ def dit_config_from_state_dict(sd):
     swiglu = 'blocks.0.mlp.w12.weight' in sd
     if swiglu:  # hidden = int(2/3 * int(D * mlp_ratio)): find the int(D * mlp_ratio) that gives it
         hidden = sd['blocks.0.mlp.w3.weight'].shape[1]
-        m = next(m for m in range(int(1.5 * hidden), int(1.5 * hidden) + 3) if int(2 / 3 * m) == hidden)
+        m = next(m for m in range(int(1.5 * hidden),
+                                  int(1.5 * hidden) + 3) if int(2 / 3 * m) == hidden)
         mlp_ratio = 4.0 if int(2 / 3 * 4 * D) == hidden else m / D  # prefer the official ratio
     else:
         mlp_ratio = sd['blocks.0.mlp.fc1.weight'].shape[0] / D
@@ -1471,7 +1551,8 @@ def dit_config_from_state_dict(sd):
 
 
 # --- flow matching (SiT "Linear" path, velocity prediction; dit_full.md §2) ---------------------
-# t = 0 is noise x0 ~ N(0, I), t = 1 is data x1: x_t = t x1 + (1 - t) x0, target velocity u = x1 - x0.
+# t = 0 is noise x0 ~ N(0, I), t = 1 is data x1: x_t = t x1 + (1 - t) x0, target velocity u = x1 -
+# x0.
 
 def sample_t(n, device=None, lognorm=(0.0, 1.0)):
     """Training times (n,): logit-normal sigmoid(N(mu, sigma)) (as in SD3), or uniform if lognorm is
@@ -1490,9 +1571,9 @@ def interpolate(x0, x1, t):
 
 
 def flow_loss_terms(pred, x0, x1):
-    """Per-sample loss terms (B,), in fp32 (upstream's loss sees fp32 outputs under autocast): the MSE
-    to u over (C, H, W), and the cosine term 1 - cos(v, u) along channels, averaged over positions
-    (LightningDiT's use_cosine_loss)."""
+    """Per-sample loss terms (B,), in fp32 (upstream's loss sees fp32 outputs under autocast): the
+    MSE to u over (C, H, W), and the cosine term 1 - cos(v, u) along channels, averaged over
+    positions (LightningDiT's use_cosine_loss)."""
     u, pred = (x1 - x0).float(), pred.float()
     mse = (pred - u).pow(2).flatten(1).mean(1)
     cos = (1 - F.cosine_similarity(pred, u, dim=1)).flatten(1).mean(1)
@@ -1501,9 +1582,9 @@ def flow_loss_terms(pred, x0, x1):
 
 def flow_loss(model, x1, y, lognorm=(0.0, 1.0), use_cosine=True):
     """One flow-matching loss evaluation on data latents x1 (B, C, H, W) with labels y (B,).
-    Returns (loss, {'loss_mse', 'loss_cos'}), the dict holding detached 0-dim tensors (no host sync).
-    lognorm: (mu, sigma) of the logit-normal t (VTP: (-0.75, 1.0) for L, (-0.5, 1.25) for S/B;
-    hustvl's code (0, 1)), or None for uniform t. Noise and t come from the torch RNG."""
+    Returns (loss, {'loss_mse', 'loss_cos'}), the dict holding detached 0-dim tensors (no host
+    sync). lognorm: (mu, sigma) of the logit-normal t (VTP: (-0.75, 1.0) for L, (-0.5, 1.25) for
+    S/B; hustvl's code (0, 1)), or None for uniform t. Noise and t come from the torch RNG."""
     x0 = torch.randn_like(x1)
     t = sample_t(x1.shape[0], x1.device, lognorm).to(x1)
     xt, _ = interpolate(x0, x1, t)
@@ -1512,7 +1593,8 @@ def flow_loss(model, x1, y, lognorm=(0.0, 1.0), use_cosine=True):
     return loss, {'loss_mse': mse.mean().detach(), 'loss_cos': cos.mean().detach()}
 
 
-# --- sampling ----------------------------------------------------------------------------------------
+# --- sampling
+# ----------------------------------------------------------------------------------------
 
 def time_grid(num_steps, shift=0.0):
     """num_steps points from 0 (noise) to 1 (data): num_steps - 1 solver steps. A shift s > 0 maps
@@ -1528,9 +1610,10 @@ def guided_velocity(model_fn, x, t, y, cfg_scale=1.0, cfg_interval_start=0.0, nu
                     cfg_channels=None):
     """Classifier-free guided velocity v_u + s (v_c - v_u) at time t (a float) for x (B, C, H, W).
     The conditional and null-class passes run as one batch of 2B rows; null_class is the null label
-    (an int), or a text DiT's null condition (a (1, ...) tensor: DiT.null_condition()). No guidance (one conditional
-    pass) when s == 1 or t < cfg_interval_start, the guidance interval (Kynkaanniemi et al., 2024).
-    cfg_channels=3 guides channels 0..2 only, as the official LightningDiT (dit.md, CFG quirk)."""
+    (an int), or a text DiT's null condition (a (1, ...) tensor: DiT.null_condition()). No guidance
+    (one conditional pass) when s == 1 or t < cfg_interval_start, the guidance interval
+    (Kynkaanniemi et al., 2024). cfg_channels=3 guides channels 0..2 only, as the official
+    LightningDiT (dit.md, CFG quirk)."""
     tt = torch.full((x.shape[0],), t, device=x.device)
     if cfg_scale == 1.0 or t < cfg_interval_start:
         return model_fn(x, tt, y)
@@ -1544,12 +1627,13 @@ def guided_velocity(model_fn, x, t, y, cfg_scale=1.0, cfg_interval_start=0.0, nu
 
 
 @torch.no_grad()
-def euler_sample(model_fn, noise, y, num_steps=250, shift=0.0, cfg_scale=1.0, cfg_interval_start=0.0,
+def euler_sample(model_fn, noise, y, num_steps=250, shift=0.0, cfg_scale=1.0,
+                 cfg_interval_start=0.0,
                  null_class=1000, cfg_channels=None, heun=False, return_trajectory=False):
-    """Integrate dx/dt = v(x, t, y) from noise (t = 0) to data (t = 1) on time_grid(num_steps, shift)
-    with Euler, x <- x + dt v (upstream: torchdiffeq 'euler'), or Heun's trapezoid (2 calls a step).
-    model_fn(x, t, y) -> v, e.g. the EMA DiT. Returns the final x, or with return_trajectory every grid
-    state (num_steps, B, C, H, W)."""
+    """Integrate dx/dt = v(x, t, y) from noise (t = 0) to data (t = 1) on time_grid(num_steps,
+    shift) with Euler, x <- x + dt v (upstream: torchdiffeq 'euler'), or Heun's trapezoid (2 calls a
+    step). model_fn(x, t, y) -> v, e.g. the EMA DiT. Returns the final x, or with return_trajectory
+    every grid state (num_steps, B, C, H, W)."""
     grid = time_grid(num_steps, shift)
     dts = (grid[1:] - grid[:-1]).to(noise.device)  # fp32 steps, as upstream
     ts = grid.tolist()
@@ -1567,14 +1651,16 @@ def euler_sample(model_fn, noise, y, num_steps=250, shift=0.0, cfg_scale=1.0, cf
 
 
 # -----------------------------------------------------------------------------
-# 7. stage-2 GAN losses: PatchGAN discriminator, hinge loss, adaptive weight (paper §3.2; LDM/taming recipe)
+# 7. stage-2 GAN losses: PatchGAN discriminator, hinge loss, adaptive weight (paper §3.2; LDM/taming
+# recipe)
 
 
 class NLayerDiscriminator(nn.Module):
-    """pix2pix PatchGAN (as in LDM / taming / VA-VAE): 4x4 convs, stride 2 n_layers times then stride 1,
-    LeakyReLU 0.2, one logit per overlapping patch (30x30 for 256 px input with n_layers 3, ~70 px receptive
-    field). norm 'batch' is the reference recipe (the training script converts it to SyncBatchNorm under DDP
-    on CUDA); 'group' makes D independent of the batch (micro-batch size, rank count, grad accumulation)."""
+    """pix2pix PatchGAN (as in LDM / taming / VA-VAE): 4x4 convs, stride 2 n_layers times then
+    stride 1, LeakyReLU 0.2, one logit per overlapping patch (30x30 for 256 px input with n_layers
+    3, ~70 px receptive field). norm 'batch' is the reference recipe (the training script converts
+    it to SyncBatchNorm under DDP on CUDA); 'group' makes D independent of the batch (micro-batch
+    size, rank count, grad accumulation)."""
 
     def __init__(self, in_ch=3, ndf=64, n_layers=3, norm='batch'):
         super().__init__()
@@ -1586,7 +1672,8 @@ class NLayerDiscriminator(nn.Module):
         ch = ndf
         for i in range(1, n_layers + 1):  # the last of these keeps the resolution (stride 1)
             out = ndf * min(2 ** i, 8)
-            layers += [nn.Conv2d(ch, out, 4, stride=2 if i < n_layers else 1, padding=1, bias=False),
+            layers += [nn.Conv2d(ch, out, 4, stride=2 if i < n_layers else 1, padding=1,
+                                 bias=False),
                        norm_layer(out), nn.LeakyReLU(0.2, True)]
             ch = out
         layers.append(nn.Conv2d(ch, 1, 4, stride=1, padding=1))
@@ -1613,10 +1700,11 @@ def generator_loss(logits_fake):
 
 
 def adaptive_weight(rec_loss, g_loss, last_layer_weight, max=1e4):
-    """λ_adv = ||∇_W L_rec|| / (||∇_W L_G|| + 1e-4), W = the decoder's last layer, clamped to [0, max] and
-    detached (LDM's calculate_adaptive_weight): the adversarial gradient is scaled to the size of the
-    reconstruction gradient, whatever the loss scales. Under DDP the gradients are averaged over ranks first,
-    so λ is that of the global batch and N ranks match one process. Graphs are kept for the backward."""
+    """λ_adv = ||∇_W L_rec|| / (||∇_W L_G|| + 1e-4), W = the decoder's last layer, clamped to [0,
+    max] and detached (LDM's calculate_adaptive_weight): the adversarial gradient is scaled to the
+    size of the reconstruction gradient, whatever the loss scales. Under DDP the gradients are
+    averaged over ranks first, so λ is that of the global batch and N ranks match one process.
+    Graphs are kept for the backward."""
     g_rec = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)[0]
     g_adv = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True)[0]
     if is_distributed():
@@ -1626,22 +1714,25 @@ def adaptive_weight(rec_loss, g_loss, last_layer_weight, max=1e4):
 
 
 # -----------------------------------------------------------------------------
-# 8. run plumbing shared by the stage scripts: launch, flags, run folder, checkpoints, log, benchmark
+# 8. run plumbing shared by the stage scripts: launch, flags, run folder, checkpoints, log,
+# benchmark
 
 
 def init_distributed(device='auto'):
-    """What every stage script does first. torchrun's environment decides: with RANK set, one process
-    per device and a process group (nccl on CUDA, gloo on CPU); without it, one process. TF32 on for
-    CUDA. Returns (ddp, rank, world_size, local_rank, device)."""
+    """What every stage script does first. torchrun's environment decides: with RANK set, one
+    process per device and a process group (nccl on CUDA, gloo on CPU); without it, one process.
+    TF32 on for CUDA. Returns (ddp, rank, world_size, local_rank, device)."""
     ddp = 'RANK' in os.environ
     cuda = device == 'cuda' or (device == 'auto' and torch.cuda.is_available())
     if device == 'cuda' and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but torch sees no CUDA device")
     if ddp:
-        if sys.platform == 'linux':  # a killed torchrun must not leave its ranks training unattended
+        # a killed torchrun must not leave its ranks training unattended
+        if sys.platform == 'linux':
             ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM when it dies
         dist.init_process_group('nccl' if cuda else 'gloo')
-    # SIGTERM (a scheduler, the line above) ends the run like Ctrl-C: exit handlers run, the lock goes
+    # SIGTERM (a scheduler, the line above) ends the run like Ctrl-C: exit handlers run, the lock
+    # goes
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
@@ -1655,7 +1746,8 @@ def init_distributed(device='auto'):
 
 def teardown():
     """End of a run on every rank: wait for the others, then close the process group (call after
-    releasing the DDP wrappers: they hold the group, and gloo may abort at exit if they outlive it)."""
+    releasing the DDP wrappers: they hold the group, and gloo may abort at exit if they outlive
+    it)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -1678,21 +1770,27 @@ def autocast(device, dtype='bfloat16'):
 TOKENIZER_HELP = "a VTP checkpoint, ours (ckpt.pt of stage 1 or 2) or an official one (HF folder, .safetensors)"
 
 
-def add_run_flags(parser, out_dir, tokenizer, tokenizer_default=None, batch_help=None, resume_help=None):
+def add_run_flags(parser, out_dir, tokenizer, tokenizer_default=None, batch_help=None,
+                  resume_help=None):
     """The flags every stage script shares, defined once so that they mean the same everywhere."""
-    parser.add_argument('--tokenizer', default=tokenizer_default, help=f"{TOKENIZER_HELP}: {tokenizer}")
+    parser.add_argument('--tokenizer', default=tokenizer_default,
+                        help=f"{TOKENIZER_HELP}: {tokenizer}")
     parser.add_argument('--batch-size', type=int, default=None,
-                        help=batch_help or "global batch: samples per optimizer step over all ranks and "
+                        help=batch_help or "global batch: samples per optimizer step over all "
+                                           "ranks and "
                         "--grad-accum micro-steps (the per-rank sizes are derived and printed)")
     parser.add_argument('--resume', default=None, help=resume_help or
                         "a ckpt.pt to continue, or 'auto': OUT_DIR/ckpt.pt if there is one")
-    parser.add_argument('--out-dir', default=out_dir, help="where the run writes (one run per folder)")
+    parser.add_argument('--out-dir', default=out_dir,
+                        help="where the run writes (one run per folder)")
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'],
                         help="auto: CUDA if available, else CPU")
-    parser.add_argument('--seed', type=int, default=0, help="seed of the initialisation and of every "
+    parser.add_argument('--seed', type=int, default=0,
+                        help="seed of the initialisation and of every "
                         "random choice of the data (they depend on (seed, sample position) only)")
     parser.add_argument('--compile', action='store_true', help="torch.compile the model (CUDA)")
-    parser.add_argument('--bench', type=int, default=0, help="time this many steps on cached inputs, print "
+    parser.add_argument('--bench', type=int, default=0,
+                        help="time this many steps on cached inputs, print "
                         "throughput, peak memory and MFU, and exit (no data, logs or checkpoints)")
 
 
@@ -1726,7 +1824,8 @@ def open_run(out_dir, resume, master):
             except FileExistsError:
                 owner = _lock_owner(lock)
                 if owner is not None:
-                    raise SystemExit(f"error: {out_dir} is in use by {owner} (its .lock); wait for it, "
+                    raise SystemExit(f"error: {out_dir} is in use by {owner} (its .lock); wait for "
+                                     "it, "
                                      f"or choose another --out-dir") from None
                 os.remove(lock)  # left behind by a killed run
         with os.fdopen(fd, 'w') as f:
@@ -1734,8 +1833,10 @@ def open_run(out_dir, resume, master):
     except OSError as e:
         raise SystemExit(f"error: cannot write to --out-dir {out_dir} ({e.strerror or e})") from None
     atexit.register(lambda: os.path.exists(lock) and os.remove(lock))
-    if path is None and any(os.path.exists(os.path.join(out_dir, f)) for f in ('ckpt.pt', 'log.jsonl')):
-        raise SystemExit(f"error: {out_dir} holds a run already; pass --resume auto to continue it, or "
+    if path is None and any(os.path.exists(os.path.join(out_dir, f)) for f in ('ckpt.pt',
+        'log.jsonl')):
+        raise SystemExit(f"error: {out_dir} holds a run already; pass --resume auto to continue "
+                         "it, or "
                          f"another --out-dir")
     return path
 
@@ -1764,13 +1865,15 @@ def load_checkpoint(path, what='--resume', stage=None):
         except RuntimeError as e:
             if 'mmap' not in str(e):
                 raise
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)  # legacy (non-zip) format
+            # legacy (non-zip) format
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated zip, a pickle of arbitrary objects, random bytes
         raise SystemExit(f"error: {what} {path} is not a readable PyTorch checkpoint "
                          f"({type(e).__name__}: {_first_line(e)[:120]})") from None
     if stage is not None and not (isinstance(ckpt, dict) and ckpt.get('stage') == stage):
         found = ckpt.get('stage') if isinstance(ckpt, dict) else None
-        raise SystemExit(f"error: {what} {path} is not a stage-{stage} checkpoint of this repository "
+        raise SystemExit(f"error: {what} {path} is not a stage-{stage} checkpoint of this "
+                         "repository "
                          f"({f'stage {found}' if found else 'no stage recorded'})")
     return ckpt
 
@@ -1790,8 +1893,8 @@ def load_state(module, state, what):
 
 
 def file_sha256(path):
-    """sha256 of a checkpoint file, or of the files of an HF folder: a DiT checkpoint records the one of
-    its tokenizer, so that sampling can tell when the file at that path changed."""
+    """sha256 of a checkpoint file, or of the files of an HF folder: a DiT checkpoint records the
+    one of its tokenizer, so that sampling can tell when the file at that path changed."""
     h = hashlib.sha256()
     for name in sorted(os.listdir(path)) if os.path.isdir(path) else [None]:
         with open(os.path.join(path, name) if name else path, 'rb') as f:
@@ -1812,18 +1915,18 @@ def set_rng_state(state, device):
 
 
 def make_checkpoint(stage, model, ema, optimizer, step, args, config, device, data, **extra):
-    """The checkpoint of every stage, with the same keys: model, ema (stage-1 teacher, stage-3 EMA DiT,
-    or None), optimizer, step, args, config, rng (CPU and CUDA), data (position and skip counts), and
-    whatever the stage adds."""
+    """The checkpoint of every stage, with the same keys: model, ema (stage-1 teacher, stage-3 EMA
+    DiT, or None), optimizer, step, args, config, rng (CPU and CUDA), data (position and skip
+    counts), and whatever the stage adds."""
     return {'stage': stage, 'model': model.state_dict(), 'ema': ema.state_dict() if ema else None,
             'optimizer': optimizer.state_dict(), 'step': step, 'args': vars(args),
             'config': asdict(config), 'rng': rng_state(device), 'data': data, **extra}
 
 
 def save_checkpoint(ckpt, path):
-    """Write atomically (a temp file, then a rename): a kill never leaves a half-written checkpoint. An
-    unwritable folder or a full disk stops the run with one line; the temp file is removed and the
-    previous checkpoint stays."""
+    """Write atomically (a temp file, then a rename): a kill never leaves a half-written checkpoint.
+    An unwritable folder or a full disk stops the run with one line; the temp file is removed and
+    the previous checkpoint stays."""
     tmp = path + '.tmp'
     try:
         torch.save(ckpt, tmp)
@@ -1856,8 +1959,8 @@ def append_log(log_path, record):
 
 
 class Meter:
-    """Running sums of 0-dim tensors between log steps (no host sync in the loop), turned into floats
-    averaged over steps and ranks at a log step: one all-reduce and one host sync."""
+    """Running sums of 0-dim tensors between log steps (no host sync in the loop), turned into
+    floats averaged over steps and ranks at a log step: one all-reduce and one host sync."""
 
     def __init__(self):
         self.sums = {}
@@ -1878,9 +1981,9 @@ class Meter:
 
 
 def check_finite(values, step, ckpt_path):
-    """Stop (on every rank alike) when a logged value is not finite, saying which ones and what is on
-    disk. Steps with a non-finite loss or gradient were skipped by the optimizer (found_inf), so the
-    weights, and the last checkpoint, are still finite."""
+    """Stop (on every rank alike) when a logged value is not finite, saying which ones and what is
+    on disk. Steps with a non-finite loss or gradient were skipped by the optimizer (found_inf), so
+    the weights, and the last checkpoint, are still finite."""
     bad = [k for k, v in values.items() if not math.isfinite(v)]
     if values.get('skipped_steps', 0) > 0:
         bad.append(f"{values['skipped_steps']:.0f} step(s) skipped")
@@ -1890,14 +1993,15 @@ def check_finite(values, step, ckpt_path):
             kept = f"the last checkpoint ({ckpt_path}, step {saved}) is intact"
         else:
             kept = "no checkpoint was written yet"
-        fail(f"non-finite values by step {step}: {', '.join(bad)}; no non-finite update was applied "
+        fail(f"non-finite values by step {step}: {', '.join(bad)}; no non-finite update was "
+             "applied "
              f"and {kept}. Lower --lr, or try --dtype float32")
 
 
 def skip_if_not_finite(optimizer, *values):
     """Make optimizer.step() a no-op, without a host sync, when any value (loss, grad norm) is not
-    finite: fused Adam(W) reads `found_inf` on the device, as it does under a GradScaler. Returns the
-    flag (0-dim float, 1 = skipped) for the log."""
+    finite: fused Adam(W) reads `found_inf` on the device, as it does under a GradScaler. Returns
+    the flag (0-dim float, 1 = skipped) for the log."""
     found = sum((~torch.isfinite(v.detach().float())).float() for v in values).clamp(max=1)
     optimizer.found_inf = found
     return found
@@ -1917,8 +2021,8 @@ def count_over_ranks(counts):
 
 
 def flop_counter():
-    """torch's FlopCounterMode, also counting the CPU flash-attention kernel (which it does not know)
-    by the formula it uses for the CUDA kernels."""
+    """torch's FlopCounterMode, also counting the CPU flash-attention kernel (which it does not
+    know) by the formula it uses for the CUDA kernels."""
     from torch.utils import flop_counter as fc
     aten = torch.ops.aten
     return fc.FlopCounterMode(display=False, custom_mapping={
@@ -1928,10 +2032,12 @@ def flop_counter():
             lambda g, q, k, v, *_, out_shape=None, **__: fc.sdpa_backward_flop_count(g, q, k, v)})
 
 
-def bench(step, n, samples_per_step, flops_per_sample, device, world_size, what, measure_flops=True):
-    """`--bench`: time n calls of step() after 3 untimed warm-up calls (compile, allocator) and print
-    samples/s, peak memory and MFU. The first warm-up call runs under torch's FlopCounterMode, so the
-    FLOPs counted from the shapes (flops_per_sample) are checked against what actually ran."""
+def bench(step, n, samples_per_step, flops_per_sample, device, world_size, what,
+          measure_flops=True):
+    """`--bench`: time n calls of step() after 3 untimed warm-up calls (compile, allocator) and
+    print samples/s, peak memory and MFU. The first warm-up call runs under torch's FlopCounterMode,
+    so the FLOPs counted from the shapes (flops_per_sample) are checked against what actually
+    ran."""
     device = torch.device(device)
     sync = lambda: torch.cuda.synchronize(device) if device.type == 'cuda' else None
     measured = None

@@ -1,23 +1,30 @@
 """
-The ablation of paper §4.3 (fig. 2, 4, 5) at toy scale, as one command: does understanding drive generation?
+The ablation of paper §4.3 (fig. 2, 4, 5) at toy scale, as one command: does understanding drive
+generation?
 
-For each objective set (AE, CLIP+AE, SSL+AE, CLIP+SSL+AE) one tokenizer is pre-trained (train_tokenizer.py;
-its checkpoints at each of --budgets steps are kept), and on each checkpoint:
+For each objective set (AE, CLIP+AE, SSL+AE, CLIP+SSL+AE) one tokenizer is pre-trained
+(train_tokenizer.py; its checkpoints at each of --budgets steps are kept), and on each checkpoint:
   understanding   zero-shot top-1 and the bottleneck linear probe (evaluate.py zeroshot / linprobe)
   reconstruction  PSNR (evaluate.py recon) and rFD: the judge's Fréchet distance of reconstructions
-  generation      the same DiT at equal compute (train_dit.py, --dit-steps), samples (sample.py), judged
-                  by a CNN trained on real synthetic images (evaluate.py synthetic: FD, class accuracy)
+  generation      the same DiT at equal compute (train_dit.py, --dit-steps), samples (sample.py),
+  judged
+                  by a CNN trained on real synthetic images (evaluate.py synthetic: FD, class
+                  accuracy)
   compute         the pre-training FLOPs of the checkpoint
-The last budget's DiTs are trained with --dit-seeds seeds, to compare differences with the spread between
-seeds. Results: OUT_DIR/results.jsonl (one line per checkpoint and DiT seed), fig. 2 (generation vs
-understanding) and fig. 5 (generation vs pre-training FLOPs, a line per objective set) in ablation.png. A killed run
-continues where it stopped (finished stages are skipped).
+The last budget's DiTs are trained with --dit-seeds seeds, to compare differences with the spread
+between seeds. Results: OUT_DIR/results.jsonl (one line per checkpoint and DiT seed), fig. 2
+(generation vs understanding) and fig. 5 (generation vs pre-training FLOPs, a line per objective
+set) in ablation.png. A killed run continues where it stopped (finished stages are skipped).
 
-    python scripts/ablation.py                     # tiny on the synthetic data, CPU (README: the figures)
+    python scripts/ablation.py                     # tiny on the synthetic data, CPU (README: the
+    figures)
     python scripts/ablation.py --size S --data /data/datacomp/{00000..00999}.tar \\
-        --dit-data /data/imagenet/train --budgets 5000,10000,20000 --tokenizer-args "--batch-size 4096" \\
-        --dit-args "--model DiT-B/1 --batch-size 256" --dit-steps 20000 --launch "torchrun --nproc_per_node 8"
-(S/B/L on real data: the `synthetic` judge only knows the toy world; use evaluate.py fid on the samples.)
+        --dit-data /data/imagenet/train --budgets 5000,10000,20000 --tokenizer-args "--batch-size
+        4096" \\
+        --dit-args "--model DiT-B/1 --batch-size 256" --dit-steps 20000 --launch "torchrun
+        --nproc_per_node 8"
+(S/B/L on real data: the `synthetic` judge only knows the toy world; use evaluate.py fid on the
+samples.)
 """
 import argparse
 import json
@@ -42,13 +49,17 @@ parser.add_argument('--size', default='tiny', help="tokenizer preset (train_toke
 parser.add_argument('--data', default='synthetic', help="tokenizer pre-training data")
 parser.add_argument('--dit-data', default='synthetic', help="generation data (class-labelled)")
 parser.add_argument('--objectives', default=','.join(OBJECTIVES), help="objective sets to compare")
-parser.add_argument('--budgets', default='300,600,900', help="pre-training steps at which checkpoints are "
-                    "compared, comma-separated, multiples of the first (the last is the run's length)")
+parser.add_argument('--budgets', default='300,600,900',
+                    help="pre-training steps at which checkpoints are "
+                    "compared, comma-separated, multiples of the first (the last is the run's "
+                    "length)")
 parser.add_argument('--dit-steps', type=int, default=0, help="DiT steps, equal for every tokenizer "
                     "(default: train_dit.py's recipe)")
 parser.add_argument('--dit-seeds', type=int, default=2, help="DiT seeds at the last budget")
-parser.add_argument('--num-samples', type=int, default=400, help="samples per DiT (20 per class on tiny)")
-parser.add_argument('--cfg-scale', type=float, default=1.0, help="sampling guidance (1 = none, as the "
+parser.add_argument('--num-samples', type=int, default=400,
+                    help="samples per DiT (20 per class on tiny)")
+parser.add_argument('--cfg-scale', type=float, default=1.0,
+                    help="sampling guidance (1 = none, as the "
                     "paper's gFID)")
 parser.add_argument('--sample-steps', type=int, default=50, help="Euler time points of the samples")
 parser.add_argument('--tokenizer-args', default='', help="more flags for train_tokenizer.py")
@@ -94,9 +105,11 @@ def reconstruction_fd(ckpt, n=1000):
     rec = []
     for xb in x.split(100):
         z = tok.encode(data.normalize(list(xb.permute(0, 2, 3, 1).numpy())))
-        rec.append((vtp.to_unit_range(tok.decode(z)).clamp(0, 1) * 255).to(torch.uint8))  # truncation
+        # truncation
+        rec.append((vtp.to_unit_range(tok.decode(z)).clamp(0, 1) * 255).to(torch.uint8))
     judge = E.synthetic_judge(S)
-    return E.fid_from_features(E.judge_features(judge, torch.cat(rec))[0], E.judge_features(judge, x)[0])[0]
+    return E.fid_from_features(E.judge_features(judge, torch.cat(rec))[0], E.judge_features(judge,
+        x)[0])[0]
 
 
 # -----------------------------------------------------------------------------
@@ -105,7 +118,8 @@ budgets = [int(b) for b in args.budgets.split(',')]
 for name in args.objectives.split(','):
     out = os.path.join(args.out_dir, name.replace('+', '_'))
     if not os.path.exists(os.path.join(out, 'done')):
-        flags = ['--size', args.size, '--data', args.data, '--out-dir', out, '--max-steps', max(budgets),
+        flags = ['--size', args.size, '--data', args.data, '--out-dir', out, '--max-steps',
+                 max(budgets),
                  '--keep-every', min(budgets)] + OBJECTIVES[name] + shlex.split(args.tokenizer_args)
         run('train_tokenizer.py', *flags, *(['--resume', 'auto'] if os.path.exists(out) else []))
         open(os.path.join(out, 'done'), 'w').close()
@@ -127,24 +141,31 @@ for name in args.objectives.split(','):
             meta = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True)
             rec['pretrain_flops'] = meta['flops']
             if 'CLIP' in name:
-                rec['zeroshot_top1'] = evaluate('zeroshot', '--tokenizer', ckpt, '--data', args.data)['top1']
-            rec['linprobe_top1'] = evaluate('linprobe', '--tokenizer', ckpt, '--train', args.dit_data,
+                rec['zeroshot_top1'] = evaluate('zeroshot', '--tokenizer', ckpt, '--data',
+                                                args.data)['top1']
+            rec['linprobe_top1'] = evaluate('linprobe', '--tokenizer', ckpt, '--train',
+                                            args.dit_data,
                                             '--val', args.dit_data)['top1']
-            rec['psnr'] = evaluate('recon', '--tokenizer', ckpt, '--data', args.dit_data, '--no-fid',
+            rec['psnr'] = evaluate('recon', '--tokenizer', ckpt, '--data', args.dit_data,
+                                   '--no-fid',
                                    '--lpips', 'none', '--num-images', 1000)['psnr']
             if args.dit_data == 'synthetic':
                 rec['rfd_judge'] = reconstruction_fd(ckpt)
             dit = os.path.join(out, f'dit_{step:06d}_seed{seed}')
-            dit_flags = ['--tokenizer', ckpt, '--data', args.dit_data, '--out-dir', dit, '--seed', seed,
-                         '--sample-every', 0, '--latent-dir', os.path.join(out, f'latents_{step:06d}')]
+            dit_flags = ['--tokenizer', ckpt, '--data', args.dit_data, '--out-dir', dit, '--seed',
+                         seed,
+                         '--sample-every', 0, '--latent-dir', os.path.join(out,
+                             f'latents_{step:06d}')]
             if args.dit_steps:
                 dit_flags += ['--max-steps', args.dit_steps]
             if not os.path.exists(os.path.join(dit, 'ckpt.pt')):
                 run('train_dit.py', *dit_flags, *shlex.split(args.dit_args))
             samples = os.path.join(dit, 'samples')
             if not os.path.exists(os.path.join(samples, 'samples.npz')):
-                run('sample.py', '--ckpt', os.path.join(dit, 'ckpt.pt'), '--num-samples', args.num_samples,
-                    '--cfg-scale', args.cfg_scale, '--num-steps', args.sample_steps, '--out-dir', samples,
+                run('sample.py', '--ckpt', os.path.join(dit, 'ckpt.pt'), '--num-samples',
+                    args.num_samples,
+                    '--cfg-scale', args.cfg_scale, '--num-steps', args.sample_steps, '--out-dir',
+                    samples,
                     '--resume', 'auto')
             if args.dit_data == 'synthetic':
                 g = evaluate('synthetic', '--samples', os.path.join(samples, 'samples.npz'))
@@ -168,13 +189,15 @@ if gen is None:
     raise SystemExit(f"results in {results_path} (no synthetic generation metric to plot)")
 fig, ax = plt.subplots(1, 2, figsize=(10, 4))
 for name in args.objectives.split(','):
-    rs = sorted((r for r in rows if r['objectives'] == name), key=lambda r: (r['step'], r['dit_seed']))
+    rs = sorted((r for r in rows if r['objectives'] == name), key=lambda r: (r['step'],
+        r['dit_seed']))
     ax[0].scatter([r['linprobe_top1'] for r in rs], [r[gen] for r in rs], label=name)
     steps = sorted({r['step'] for r in rs})
     mean = lambda s: sum(r[gen] for r in rs if r['step'] == s) / sum(r['step'] == s for r in rs)
     flops = {r['step']: r['pretrain_flops'] for r in rs}
     ax[1].plot([flops[s] for s in steps], [mean(s) for s in steps], marker='o', label=name)
-ax[0].set(xlabel='understanding: bottleneck linear probe (%)', ylabel='generation: class accuracy (%)',
+ax[0].set(xlabel='understanding: bottleneck linear probe (%)',
+          ylabel='generation: class accuracy (%)',
           title='fig. 2: generation vs understanding')
 ax[1].set(xlabel='pre-training FLOPs', ylabel='generation: class accuracy (%)', xscale='log',
           title='fig. 5: generation vs pre-training compute')

@@ -1,5 +1,5 @@
-"""Tests for data.py: tokenizers, synthetic data, broken-file handling, tar shards, and the training loader's
-position-only determinism (workers, resume, ranks)."""
+"""Tests for data.py: tokenizers, synthetic data, broken-file handling, tar shards, and the training
+loader's position-only determinism (workers, resume, ranks)."""
 import io
 import itertools
 import math
@@ -19,7 +19,8 @@ SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
 BPE = SHARED / 'data' / 'bpe_simple_vocab_16e6.txt.gz'
 
 # tiny loader settings: 32 px main view, 32 px global crops (2x2 patches), 16 px locals
-KW = dict(image_size=32, global_size=32, local_size=16, n_local=2, global_batch=16, ssl_batch=8, rec_batch=4)
+KW = dict(image_size=32, global_size=32, local_size=16, n_local=2, global_batch=16, ssl_batch=8,
+          rec_batch=4)
 
 
 def take(loader, n):
@@ -35,7 +36,8 @@ def assert_batches_equal(a, b):
             assert a[k] == b[k], k
 
 
-# --- tokenizers -------------------------------------------------------------------------------------------
+# --- tokenizers
+# -------------------------------------------------------------------------------------------
 
 
 def test_byte_tokenizer():
@@ -44,7 +46,8 @@ def test_byte_tokenizer():
     t = tok(['hi', 'hello world', 'é'])
     assert t.shape == (3, 8) and t.dtype == torch.long
     assert t[0].tolist() == [257, ord('h') + 1, ord('i') + 1, 258, 0, 0, 0, 0]
-    assert t[1].tolist() == [257] + [b + 1 for b in b'hello '] + [258]  # truncated, last forced to EOT
+    # truncated, last forced to EOT
+    assert t[1].tolist() == [257] + [b + 1 for b in b'hello '] + [258]
     assert t[2].tolist()[:4] == [257, 0xC3 + 1, 0xA9 + 1, 258]
     assert (t.argmax(-1) == torch.tensor([3, 7, 3])).all()  # the text tower pools at EOT = argmax
 
@@ -55,14 +58,17 @@ def test_bpe_tokenizer():
     t = tok(['a photo of a dog.', 'A  Photo of a &amp;amp; DOG.', 'x ' * 100])
     assert t.shape == (3, 77)
     assert t[0, :10].tolist() == [49406, 320, 1125, 539, 320, 1929, 269, 49407, 0, 0]
-    assert t[1, :3].tolist() == [49406, 320, 1125]  # lowercase, spaces collapsed, html unescaped twice
+    # lowercase, spaces collapsed, html unescaped twice
+    assert t[1, :3].tolist() == [49406, 320, 1125]
     assert tok.encode('&amp;amp;') == tok.encode('&')
     assert t[2, -1] == 49407 and (t[2] != 0).all()  # truncation keeps EOT last
-    assert tok.encode("it's") == tok.encode('it') + tok.encode("'s")  # contraction split as the regex does
+    # contraction split as the regex does
+    assert tok.encode("it's") == tok.encode('it') + tok.encode("'s")
     assert len(tok.encode('2024')) == 4  # digits are single pre-tokens
 
 
-# --- synthetic data ---------------------------------------------------------------------------------------
+# --- synthetic data
+# ---------------------------------------------------------------------------------------
 
 
 def test_synthetic_deterministic_disjoint_consistent():
@@ -99,7 +105,8 @@ def test_synthetic_deterministic_disjoint_consistent():
 def test_center_crop_arr_matches_adm():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (301, 533, 3), dtype=np.uint8))
     out = data.center_crop_arr(img, 64)
-    ref = img  # ADM: BOX-halve while the short side >= 2 size, bicubic resize (round), centre crop via numpy
+    # ADM: BOX-halve while the short side >= 2 size, bicubic resize (round), centre crop via numpy
+    ref = img
     while min(*ref.size) >= 128:
         ref = ref.resize(tuple(x // 2 for x in ref.size), resample=Image.BOX)
     s = 64 / min(*ref.size)
@@ -108,7 +115,8 @@ def test_center_crop_arr_matches_adm():
     assert np.array_equal(np.asarray(out), arr[y:y + 64, x:x + 64])
 
 
-# --- masks and permutations -------------------------------------------------------------------------------
+# --- masks and permutations
+# -------------------------------------------------------------------------------
 
 
 def test_block_mask_and_permutation():
@@ -125,7 +133,8 @@ def test_block_mask_and_permutation():
         [data.permute_index(i, 1000, 3, 6) for i in range(20)]  # a new shuffle every epoch
 
 
-# --- training loader --------------------------------------------------------------------------------------
+# --- training loader
+# --------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope='module')
@@ -138,7 +147,8 @@ def test_loader_batch_layout_and_masks(synth):
     b = take(data.TrainLoader(synth, data.ByteTokenizer(24), mask_ratio=(0.1, 0.5), **kw), 1)[0]
     N, n = 16, 8
     assert b['images'].shape == (16, 3, 48, 48) and b['tokens'].shape == (16, 24)
-    assert b['global_crops'].shape == (2 * n, 3, 64, 64) and b['local_crops'].shape == (2 * n, 3, 32, 32)
+    assert b['global_crops'].shape == (2 * n, 3, 64, 64) and b['local_crops'].shape == (2 * n, 3,
+        32, 32)
     assert b['masks'].shape == (2 * n, N) and b['n_rec'] == 4 and b['n_ssl'] == n
     assert b['step'] == 0 and b['micro'] == 0 and b['skipped'] == {}
     pos = b['positions']
@@ -182,10 +192,12 @@ def per_position(batches):
     for b in batches:
         n = b['n_ssl']
         for row, p in enumerate(b['positions'].tolist()):
-            ssl = row < n  # rec (every 4th) is a subset of SSL (every 2nd) here, so SSL rows come first
+            # rec (every 4th) is a subset of SSL (every 2nd) here, so SSL rows come first
+            ssl = row < n
             crops = (b['global_crops'][[row, n + row]], b['local_crops'][[row, n + row]],
                      b['masks'][[row, n + row]]) if ssl else None
-            out[p] = (b['images'][row], b['tokens'][row], b['labels'][row], ssl, row < b['n_rec'], crops)
+            out[p] = (b['images'][row], b['tokens'][row], b['labels'][row], ssl, row < b['n_rec'],
+                      crops)
     return out
 
 
@@ -194,8 +206,10 @@ def test_one_rank_equals_two_ranks(synth):
     one = per_position(take(data.TrainLoader(synth, tok, **KW), 2))
     two = {}
     for rank in range(2):
-        two.update(per_position(take(data.TrainLoader(synth, tok, world_size=2, rank=rank, **KW), 2)))
-    acc = per_position(take(data.TrainLoader(synth, tok, grad_accum=2, world_size=2, rank=1, **KW), 4))
+        two.update(per_position(take(data.TrainLoader(synth, tok, world_size=2, rank=rank, **KW),
+                                     2)))
+    acc = per_position(take(data.TrainLoader(synth, tok, grad_accum=2, world_size=2, rank=1, **KW),
+                            4))
     assert sorted(one) == sorted(two) == list(range(32))
     for p in one:
         a, b = one[p], two[p]
@@ -225,7 +239,8 @@ def test_eval_batches_synthetic():
     assert torch.cat([x['labels'] for x in a]).tolist() == [val[i][2] for i in range(20)]
 
 
-# --- real data: broken files, folders, tar shards ---------------------------------------------------------
+# --- real data: broken files, folders, tar shards
+# ---------------------------------------------------------
 
 
 def jpeg_bytes(img, **kw):
@@ -284,15 +299,19 @@ def test_broken_folder_counts_and_converts(tmp_path):
             assert s[0].mode == 'RGB' and s[2] == -1
             ok[os.path.basename(path)] = s
     assert sorted(ok) == ['cmyk.jpg', 'good.jpg', 'i16.png', 'la.png', 'latin1.jpg', 'ptrans.png']
-    assert counts == {'empty_file': 1, 'truncated': 1, 'unreadable': 1, 'too_small': 1, 'no_caption': 1,
-                      'empty_caption': 1, 'caption_not_utf8': 1, 'converted_CMYK': 1, 'converted_I;16': 1,
+    assert counts == {'empty_file': 1, 'truncated': 1, 'unreadable': 1, 'too_small': 1,
+                      'no_caption': 1,
+                      'empty_caption': 1, 'caption_not_utf8': 1, 'converted_CMYK': 1,
+                      'converted_I;16': 1,
                       'converted_P': 1, 'converted_LA': 1}
     px = lambda name: tuple(np.asarray(ok[name][0])[0, 0])
     assert px('i16.png') == (255, 255, 255)  # 16-bit white stays white
-    assert px('la.png') == (255, 255, 255) and px('ptrans.png') == (255, 255, 255)  # alpha over white
+    # alpha over white
+    assert px('la.png') == (255, 255, 255) and px('ptrans.png') == (255, 255, 255)
     assert px('cmyk.jpg')[0] > 200 and max(px('cmyk.jpg')[1:]) < 60  # C=0 M=Y=255 is red
     assert ok['latin1.jpg'][1] == 'caf\ufffd au lait'
-    for bs in (4, 7):  # with batches of 4 the last one is all bad: no images, its skips still counted
+    # with batches of 4 the last one is all bad: no images, its skips still counted
+    for bs in (4, 7):
         ev, ev_counts = list(data.eval_batches(ds, bs, 16)), {}
         for b in ev:
             data.add_counts(ev_counts, b['skipped'])
@@ -338,8 +357,8 @@ def color_of(k):
 
 
 def write_shards(root, n_shards=4, per_shard=4):
-    """Shards of solid-colour images whose colour encodes the sample id, caption 'sample <id>'; every shard
-    also holds one sample without caption and one corrupt image in the middle."""
+    """Shards of solid-colour images whose colour encodes the sample id, caption 'sample <id>';
+    every shard also holds one sample without caption and one corrupt image in the middle."""
     paths, k = [], 0
     for s in range(n_shards):
         path = root / f'shard-{s:04d}.tar'
@@ -391,7 +410,8 @@ def test_tar_shards_two_ranks(tmp_path):
     kw = dict(KW, global_batch=8, ssl_batch=4, rec_batch=2)
     seen, skipped = [], {}
     for rank in range(2):
-        batches = take(data.TrainLoader(ds, tok, world_size=2, rank=rank, shuffle_buffer=0, **kw), 2)
+        batches = take(data.TrainLoader(ds, tok, world_size=2, rank=rank, shuffle_buffer=0, **kw),
+                       2)
         ids = [k for b in batches for k in decode_ids(b)]
         assert len(set(ids)) == 8  # its two shards, each sample once
         seen.append(set(ids))

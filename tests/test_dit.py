@@ -1,5 +1,5 @@
-"""LightningDiT, flow-matching loss and ODE sampler: parity with the official code (golden data made by
-hustvl/LightningDiT and the authors' fork, ../shared/golden/README.md) and behaviour checks."""
+"""LightningDiT, flow-matching loss and ODE sampler: parity with the official code (golden data made
+by hustvl/LightningDiT and the authors' fork, ../shared/golden/README.md) and behaviour checks."""
 from dataclasses import replace
 from pathlib import Path
 
@@ -7,12 +7,14 @@ import pytest
 import torch
 
 # the DiT, its flow-matching loss and sampler live in vtp.py (section 6)
-from vtp import (DiT, DiTConfig, DIT_CONFIGS, flow_loss, flow_loss_terms, interpolate, sample_t, time_grid,
+from vtp import (DiT, DiTConfig, DIT_CONFIGS, flow_loss, flow_loss_terms, interpolate, sample_t,
+                 time_grid,
                        guided_velocity, euler_sample, sincos_pos_embed, rope_tables)
 
 SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
 GOLDEN = SHARED / 'golden'
-needs_golden = pytest.mark.skipif(not (GOLDEN / 'ldit_tiny.pt').exists(), reason='../shared/golden absent')
+needs_golden = pytest.mark.skipif(not (GOLDEN / 'ldit_tiny.pt').exists(),
+                                  reason='../shared/golden absent')
 
 
 def close(ours, official):
@@ -23,7 +25,8 @@ def close(ours, official):
 
 def tiny_config(**kw):
     # the golden shape: 8x8x8 latents, patch 1, 64 wide, 2 deep, 2 heads, 10 classes
-    return replace(DiTConfig(input_size=8, in_channels=8, hidden_size=64, depth=2, num_heads=2, num_classes=10),
+    return replace(DiTConfig(input_size=8, in_channels=8, hidden_size=64, depth=2, num_heads=2,
+                             num_classes=10),
                    **kw)
 
 
@@ -37,7 +40,8 @@ def randomize(model, seed=0, std=0.2):
     return model
 
 
-# --- parity with the official code ---------------------------------------------------------------------
+# --- parity with the official code
+# ---------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
 def golden():
@@ -57,14 +61,16 @@ def test_official_forward_cfg_and_ode(golden):
     g, model = golden
     i, o = g['inputs'], g['outputs']
     close(model(i['x'], i['t'], i['y']), o['forward'])
-    # the official CFG call takes 2B rows [x; x] with labels [y; null]; the sampler keeps the first half,
+    # the official CFG call takes 2B rows [x; x] with labels [y; null]; the sampler keeps the first
+    # half,
     # which our guided velocity (B rows) must equal, the official 3-channel quirk included
     B, want = len(i['cfg_x']) // 2, o['forward_with_cfg_scale4']
     assert torch.equal(i['cfg_x'][:B], i['cfg_x'][B:])
     v = guided_velocity(model, i['cfg_x'][:B], i['cfg_t'][0].item(), i['cfg_y'][:B], 4.0,
                         null_class=model.config.num_classes, cfg_channels=3)
     close(v, want[:B])
-    close(euler_sample(model, i['ode_noise'], i['ode_y'], num_steps=10, shift=0.3), o['ode_euler10_shift0.3'])
+    close(euler_sample(model, i['ode_noise'], i['ode_y'], num_steps=10, shift=0.3),
+          o['ode_euler10_shift0.3'])
 
 
 @needs_golden
@@ -91,7 +97,8 @@ def test_fixed_tables_equal_official(golden):
     g, model = golden
     sd, cfg = g['state_dict'], model.config
     hd, grid = cfg.hidden_size // cfg.num_heads, cfg.input_size
-    assert torch.allclose(sincos_pos_embed(cfg.hidden_size, grid).float()[None], sd['pos_embed'], atol=1e-6)
+    assert torch.allclose(sincos_pos_embed(cfg.hidden_size, grid).float()[None], sd['pos_embed'],
+                          atol=1e-6)
     cos, sin = rope_tables(hd, grid)
     assert torch.allclose(cos, sd['feat_rope.freqs_cos'], atol=1e-6)
     assert torch.allclose(sin, sd['feat_rope.freqs_sin'], atol=1e-6)
@@ -160,8 +167,10 @@ def test_official_trajectories(detailed):
     close(time_grid(n, shift), o['sample_t_grid'])
     traj = euler_sample(m, i['z_noise'], i['y_sample'], n, shift, return_trajectory=True)
     close(traj, o['sample_nocfg_traj'])
-    traj = euler_sample(m, i['z_noise'], i['y_sample'], n, shift, cfg['cfg_scale'], cfg['cfg_interval_start'],
-                        cfg['null_class'], cfg_channels=cfg['guided_channels'], return_trajectory=True)
+    traj = euler_sample(m, i['z_noise'], i['y_sample'], n, shift, cfg['cfg_scale'],
+                        cfg['cfg_interval_start'],
+                        cfg['null_class'], cfg_channels=cfg['guided_channels'],
+                        return_trajectory=True)
     close(traj, o['sample_cfg_traj'][:, :2])  # the official batch is [guided half, its copy]
     close(traj[-1], o['sample_cfg_final'])
 
@@ -179,7 +188,8 @@ def test_official_init_is_zero_output(detailed):
             assert abs(mine.std() / v.std() - 1) < 0.1, k
 
 
-# --- model behaviour -------------------------------------------------------------------------------------
+# --- model behaviour
+# -------------------------------------------------------------------------------------
 
 def test_zero_init_outputs_exactly_zero():
     torch.manual_seed(0)
@@ -190,8 +200,10 @@ def test_zero_init_outputs_exactly_zero():
     assert torch.equal(m(x, t, y), torch.zeros_like(x))
 
 
-@pytest.mark.parametrize('kw', [dict(patch_size=2), dict(use_swiglu=False, use_rmsnorm=False, use_qknorm=True),
-                                dict(use_qknorm=True, wo_shift=True, learn_sigma=True), dict(use_rope=False),
+@pytest.mark.parametrize('kw', [dict(patch_size=2), dict(use_swiglu=False, use_rmsnorm=False,
+                                                         use_qknorm=True),
+                                dict(use_qknorm=True, wo_shift=True, learn_sigma=True),
+                                dict(use_rope=False),
                                 dict(mlp_ratio=2.0, num_heads=4)])
 def test_variants_roundtrip_through_state_dict(kw):
     torch.manual_seed(0)
@@ -200,7 +212,8 @@ def test_variants_roundtrip_through_state_dict(kw):
     out = m(x, t, y)
     assert out.shape == x.shape and out.abs().max() > 0
     sd = {k: v.clone() for k, v in m.state_dict().items()}
-    m2 = DiT.from_official(sd, None if m.config.use_rope else m.config).eval()  # else: sizes from shapes
+    # else: sizes from shapes
+    m2 = DiT.from_official(sd, None if m.config.use_rope else m.config).eval()
     assert m2.config == m.config
     assert torch.equal(m2(x, t, y), out)
 
@@ -222,11 +235,13 @@ def test_rope_is_a_rotation_of_relative_position():
     cos, sin = rope_tables(16, 4)
     rot = lambda x, n: x * cos[n] + torch.stack((-x[1::2], x[0::2]), -1).flatten() * sin[n]
     q, k = torch.randn(16), torch.randn(16)
-    assert torch.allclose(rot(q, 0) @ rot(k, 1), rot(q, 4) @ rot(k, 5), atol=1e-5)  # (0,0)-(0,1) ~ (1,0)-(1,1)
+    # (0,0)-(0,1) ~ (1,0)-(1,1)
+    assert torch.allclose(rot(q, 0) @ rot(k, 1), rot(q, 4) @ rot(k, 5), atol=1e-5)
     assert torch.allclose(rot(q, 5).norm(), q.norm(), atol=1e-5)
 
 
-# --- flow matching -----------------------------------------------------------------------------------
+# --- flow matching
+# -----------------------------------------------------------------------------------
 
 def test_flow_loss_terms_match_direct_computation():
     g = torch.Generator().manual_seed(0)
@@ -238,7 +253,8 @@ def test_flow_loss_terms_match_direct_computation():
         assert torch.allclose(xt[b], t[b] * x1[b] + (1 - t[b]) * x0[b])
         assert torch.equal(u[b], x1[b] - x0[b])
         assert torch.allclose(mse[b], ((pred[b] - u[b]) ** 2).sum() / u[b].numel())
-        c = [1 - (pred[b, :, h, w] @ u[b, :, h, w]) / (pred[b, :, h, w].norm() * u[b, :, h, w].norm())
+        c = [1 - (pred[b, :, h, w] @ u[b, :, h, w]) / (pred[b, :, h, w].norm() * u[b, :, h,
+            w].norm())
              for h in range(2) for w in range(5)]
         assert torch.allclose(cos[b], torch.stack(c).mean(), atol=1e-6)
 
@@ -252,8 +268,10 @@ def test_flow_loss_replays_the_torch_rng():
     torch.manual_seed(7)
     x0 = torch.randn_like(x1)
     t = torch.sigmoid(torch.randn(4) * 1.25 - 0.5)
-    mse, cos = flow_loss_terms(m(t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * x0, t, y), x0, x1)
-    assert torch.allclose(logs['loss_mse'], mse.mean()) and torch.allclose(logs['loss_cos'], cos.mean())
+    mse, cos = flow_loss_terms(m(t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * x0,
+                                 t, y), x0, x1)
+    assert torch.allclose(logs['loss_mse'], mse.mean()) and torch.allclose(logs['loss_cos'],
+        cos.mean())
     assert torch.allclose(loss, mse.mean() + cos.mean())
     torch.manual_seed(7)
     loss_nocos, _ = flow_loss(m, x1, y, lognorm=(-0.5, 1.25), use_cosine=False)
@@ -269,7 +287,8 @@ def test_sample_t_distributions():
     assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
 
 
-# --- sampling -----------------------------------------------------------------------------------------
+# --- sampling
+# -----------------------------------------------------------------------------------------
 
 def test_time_grid():
     assert torch.equal(time_grid(7, 0.0), torch.linspace(0, 1, 7))
@@ -277,8 +296,10 @@ def test_time_grid():
         grid = time_grid(250, s)
         want = [s * (i / 249) / (1 + (s - 1) * i / 249) for i in range(250)]
         assert torch.allclose(grid, torch.tensor(want), atol=1e-6)
-        assert grid[0] == 0 and abs(grid[-1] - 1) < 1e-6 and (grid.diff() > 0).all()  # fp32 as upstream
-    assert (time_grid(250, 0.075)[:-1] < 0.5).sum() == 232  # 232 of 249 steps start below t = 0.5 (dit_full.md)
+        # fp32 as upstream
+        assert grid[0] == 0 and abs(grid[-1] - 1) < 1e-6 and (grid.diff() > 0).all()
+    # 232 of 249 steps start below t = 0.5 (dit_full.md)
+    assert (time_grid(250, 0.075)[:-1] < 0.5).sum() == 232
     assert (time_grid(250, 0.3)[:-1] < 0.11).sum() == 73
 
 
@@ -286,14 +307,16 @@ def test_guidance():
     torch.manual_seed(0)
     m = randomize(DiT(tiny_config())).eval()
     calls = []
-    near = lambda a, b: torch.allclose(a, b, atol=1e-4)  # a 2B batch rounds differently from a B batch
+    # a 2B batch rounds differently from a B batch
+    near = lambda a, b: torch.allclose(a, b, atol=1e-4)
     fn = lambda x, t, y: calls.append(len(x)) or m(x, t, y)
     x, y = torch.randn(2, 8, 8, 8), torch.tensor([3, 4])
     with torch.no_grad():
         tt = torch.full((2,), 0.5)
         cond, uncond = m(x, tt, y), m(x, tt, torch.full_like(y, 10))
         # scale 1 is the conditional path, in one B-row call
-        assert torch.equal(guided_velocity(fn, x, 0.5, y, 1.0, null_class=10), cond) and calls == [2]
+        assert torch.equal(guided_velocity(fn, x, 0.5, y, 1.0, null_class=10),
+                           cond) and calls == [2]
         # all channels by default, cond and uncond batched in one 2B-row call
         v = guided_velocity(fn, x, 0.5, y, 4.0, null_class=10)
         assert calls[-1] == 4 and near(v, uncond + 4 * (cond - uncond))
@@ -323,7 +346,8 @@ def test_tiny_dit_learns_a_toy_distribution():
     cfg = replace(DIT_CONFIGS['DiT-T/1'], input_size=4, in_channels=4, num_classes=4, depth=2)
     m = DiT(cfg).train()
     means = torch.randn(4, 4, 4, 4)
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-3, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-3, betas=(0.9,
+        0.95))
     losses = []
     for step in range(60):
         y = torch.randint(0, 4, (64,))

@@ -1,6 +1,6 @@
-"""Stage 3 (generation): the latent cache, DiT training (the loss falls, resume is exact), sampling over 2 gloo
-ranks, and end to end: decoded class-conditional samples are recognised as their class by a small CNN trained on
-real synthetic images, more often with guidance than without."""
+"""Stage 3 (generation): the latent cache, DiT training (the loss falls, resume is exact), sampling
+over 2 gloo ranks, and end to end: decoded class-conditional samples are recognised as their class
+by a small CNN trained on real synthetic images, more often with guidance than without."""
 import contextlib
 import io
 import json
@@ -19,24 +19,31 @@ import evaluate
 import vtp
 
 ROOT = Path(__file__).resolve().parents[1]
-# tiny models gain nothing from a second thread, and an oversubscribed CI box makes OpenMP spin-waits ~50x slower
+# tiny models gain nothing from a second thread, and an oversubscribed CI box makes OpenMP spin-
+# waits ~50x slower
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
 N_IMAGES = 2000       # cached synthetic images (x2 with flips)
-TRAIN_STEPS = 400     # DiT-T/1 at batch 32 (~20 s on one core): class-conditional colours, rough shapes
+# DiT-T/1 at batch 32 (~20 s on one core): class-conditional colours, rough shapes
+TRAIN_STEPS = 400
 BATCH = 32
 N_SAMPLES = 400       # 20 per class for the end-to-end check
-CLASS_ACC_CFG1, CLASS_ACC_CFG4, TEXT_ACC_CFG4 = 5.0, 10.0, 10.0  # percent, set from measurement (README)
-# the toy recipe's defaults (DiT-T/1, lr 2e-3, EMA 0.99: what a tiny tokenizer gets) but the run length
-TRAIN_FLAGS = ['--batch-size', str(BATCH), '--num-images', str(N_IMAGES), '--log-every', '10', '--sample-every', '0',
+# percent, set from measurement (README)
+CLASS_ACC_CFG1, CLASS_ACC_CFG4, TEXT_ACC_CFG4 = 5.0, 10.0, 10.0
+# the toy recipe's defaults (DiT-T/1, lr 2e-3, EMA 0.99: what a tiny tokenizer gets) but the run
+# length
+TRAIN_FLAGS = ['--batch-size', str(BATCH), '--num-images', str(N_IMAGES), '--log-every', '10',
+               '--sample-every', '0',
                '--num-workers', '0']
 
 
 def run(script, *args, nproc=1):
-    """Run a stage script: in this process when nproc == 1 (saves the ~3 s of imports a process costs; the
-    scripts keep no state between runs), else under torchrun with gloo. Returns its stdout."""
+    """Run a stage script: in this process when nproc == 1 (saves the ~3 s of imports a process
+    costs; the scripts keep no state between runs), else under torchrun with gloo. Returns its
+    stdout."""
     argv = [str(ROOT / script), *map(str, args)]
     if nproc > 1:
-        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc), *argv]
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
+               str(nproc), *argv]
         p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
         assert p.returncode == 0, f"{script} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
         return p.stdout
@@ -66,7 +73,8 @@ def build_cache(tokenizer_path, latent_dir, n):
     torch.set_num_threads(1)
     try:
         tok = vtp.load_tokenizer(str(tokenizer_path))
-        return data.build_latent_cache(tok, 'synthetic', str(latent_dir), 64, n, num_workers=0, log=lambda *a: None)
+        return data.build_latent_cache(tok, 'synthetic', str(latent_dir), 64, n, num_workers=0,
+                                       log=lambda *a: None)
     finally:
         torch.set_num_threads(threads)
 
@@ -82,13 +90,16 @@ def latent_dir(tiny_tokenizer, tmp_path_factory):
 def trained_dit(tiny_tokenizer, latent_dir, tmp_path_factory):
     """One DiT-T/1 run on the cached latents, shared by the tests below: its out-dir."""
     out = tmp_path_factory.mktemp('dit')
-    stdout = run('train_dit.py', '--tokenizer', tiny_tokenizer, '--latent-dir', latent_dir, '--out-dir', out,
+    stdout = run('train_dit.py', '--tokenizer', tiny_tokenizer, '--latent-dir', latent_dir,
+                 '--out-dir', out,
                  '--max-steps', TRAIN_STEPS, '--ckpt-every', TRAIN_STEPS, *TRAIN_FLAGS)
-    assert 'reusing the latent cache' in stdout  # same tokenizer, data, size and count as the fixture's build
+    # same tokenizer, data, size and count as the fixture's build
+    assert 'reusing the latent cache' in stdout
     return out
 
 
-# --- latent cache ---------------------------------------------------------------------------------------
+# --- latent cache
+# ---------------------------------------------------------------------------------------
 
 def test_latent_cache_matches_direct_encoding_and_normalises(tiny_tokenizer, latent_dir):
     meta, built = build_cache(tiny_tokenizer, latent_dir, N_IMAGES)
@@ -101,7 +112,8 @@ def test_latent_cache_matches_direct_encoding_and_normalises(tiny_tokenizer, lat
     x = data.normalize([np.asarray(data.center_crop_arr(ds[i][0], 64)) for i in rows])
     with torch.no_grad():
         torch.testing.assert_close(shard['latents'][rows], tok.encode(x), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(shard['latents_flip'][rows], tok.encode(x.flip(3)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(shard['latents_flip'][rows], tok.encode(x.flip(3)), atol=1e-5,
+                                   rtol=1e-5)
     assert shard['labels'][rows].tolist() == [ds[i][2] for i in rows]
     assert [shard['captions'][i] for i in rows] == [ds[i][1] for i in rows]
     # stats: all 2000 (< 10k) plain latents, per channel, unbiased std
@@ -109,16 +121,19 @@ def test_latent_cache_matches_direct_encoding_and_normalises(tiny_tokenizer, lat
     z = shard['latents'].double()
     torch.testing.assert_close(stats['mean'], z.mean((0, 2, 3), keepdim=True).float())
     torch.testing.assert_close(stats['std'], z.std((0, 2, 3), keepdim=True).float())
-    # one epoch of the dataset: every latent once, about half flipped, normalised to mean 0 / std 1 per channel
+    # one epoch of the dataset: every latent once, about half flipped, normalised to mean 0 / std 1
+    # per channel
     lds = data.LatentDataset(latent_dir, seed=0)
     where = [lds.locate(p) for p in range(len(lds))]
     assert sorted(lds.starts[k] + j for k, j, _ in where) == list(range(N_IMAGES))
     assert 0.45 < np.mean([f for _, _, f in where]) < 0.55
-    assert not any(f for _, _, f in (data.LatentDataset(latent_dir, flip=False).locate(p) for p in range(100)))
+    assert not any(f for _, _, f in (data.LatentDataset(latent_dir,
+                                                        flip=False).locate(p) for p in range(100)))
     zn = torch.stack([lds[p][0] for p in range(len(lds))])  # (N, C, h, w)
     assert zn.mean((0, 2, 3)).abs().max() < 0.05
     assert (zn.std((0, 2, 3)) - 1).abs().max() < 0.05
-    # positions decide everything: a fresh instance gives the same items, another epoch another order
+    # positions decide everything: a fresh instance gives the same items, another epoch another
+    # order
     again = data.LatentDataset(latent_dir, seed=0)
     assert all(torch.equal(lds[p][0], again[p][0]) for p in (0, 5, 4321))
     assert [lds.locate(p)[:2] for p in range(8)] != [lds.locate(N_IMAGES + p)[:2] for p in range(8)]
@@ -147,7 +162,8 @@ def test_latent_cache_reused_and_rebuilt_for_another_encoder(tiny_tokenizer, tmp
     assert not torch.allclose(torch.load(shard, weights_only=True)['latents'], old)
 
 
-# --- training --------------------------------------------------------------------------------------------
+# --- training
+# --------------------------------------------------------------------------------------------
 
 def test_dit_loss_falls(trained_dit):
     log = read_log(trained_dit)
@@ -161,9 +177,11 @@ def test_dit_loss_falls(trained_dit):
 
 
 def test_resume_gives_the_same_loss_curve(tiny_tokenizer, latent_dir, trained_dit, tmp_path):
-    common = ['--tokenizer', tiny_tokenizer, '--latent-dir', latent_dir, '--out-dir', tmp_path, *TRAIN_FLAGS]
+    common = ['--tokenizer', tiny_tokenizer, '--latent-dir', latent_dir, '--out-dir', tmp_path,
+              *TRAIN_FLAGS]
     run('train_dit.py', *common, '--max-steps', 20, '--ckpt-every', 20)  # stops at a checkpoint ...
-    out = run('train_dit.py', *common, '--max-steps', 40, '--ckpt-every', 40, '--resume', 'auto')  # ... resumes
+    # ... resumes
+    out = run('train_dit.py', *common, '--max-steps', 40, '--ckpt-every', 40, '--resume', 'auto')
     assert 'resumed from' in out and 'at step 20' in out
     keys = ('step', 'loss', 'loss_mse', 'loss_cos', 'grad_norm')
     resumed = [{k: r[k] for k in keys} for r in read_log(tmp_path)]
@@ -172,7 +190,8 @@ def test_resume_gives_the_same_loss_curve(tiny_tokenizer, latent_dir, trained_di
 
 
 def test_bench_and_bad_input(tiny_tokenizer, tmp_path):
-    out = run('train_dit.py', '--tokenizer', tiny_tokenizer, '--batch-size', 16, '--bench', 2, '--out-dir', tmp_path)
+    out = run('train_dit.py', '--tokenizer', tiny_tokenizer, '--batch-size', 16, '--bench', 2,
+              '--out-dir', tmp_path)
     assert 'per device' in out and not (tmp_path / 'latents').exists()  # no data touched
     bad = [('train_dit.py', '--tokenizer', tmp_path / 'missing.pt', '--out-dir', tmp_path),
            ('sample.py', '--ckpt', tiny_tokenizer)]  # a tokenizer is not a DiT checkpoint
@@ -181,10 +200,12 @@ def test_bench_and_bad_input(tiny_tokenizer, tmp_path):
             run(script, *args)
 
 
-# --- sampling ----------------------------------------------------------------------------------------------
+# --- sampling
+# ----------------------------------------------------------------------------------------------
 
 def test_sampling_is_the_same_on_one_and_two_ranks(trained_dit, tmp_path):
-    flags = ['--ckpt', trained_dit / 'ckpt.pt', '--num-samples', 10, '--batch-size', 4, '--num-steps', 10,
+    flags = ['--ckpt', trained_dit / 'ckpt.pt', '--num-samples', 10, '--batch-size', 4,
+             '--num-steps', 10,
              '--cfg-scale', 2]
     run('sample.py', *flags, '--out-dir', tmp_path / 'one')
     run('sample.py', *flags, '--out-dir', tmp_path / 'two', nproc=2)
@@ -197,11 +218,13 @@ def test_sampling_is_the_same_on_one_and_two_ranks(trained_dit, tmp_path):
 
 @pytest.mark.slow
 def test_samples_are_recognised_as_their_class(trained_dit, tmp_path):
-    """The judge of evaluate.py synthetic (a CNN trained on real synthetic images) recognises the class
-    each decoded sample was asked for, above chance, and more often with guidance than without."""
+    """The judge of evaluate.py synthetic (a CNN trained on real synthetic images) recognises the
+    class each decoded sample was asked for, above chance, and more often with guidance than
+    without."""
     acc = {}
     for cfg in (1, 4):
-        run('sample.py', '--ckpt', trained_dit / 'ckpt.pt', '--num-samples', N_SAMPLES, '--batch-size', 200,
+        run('sample.py', '--ckpt', trained_dit / 'ckpt.pt', '--num-samples', N_SAMPLES,
+            '--batch-size', 200,
             '--num-steps', 25, '--cfg-scale', cfg, '--out-dir', tmp_path / f'cfg{cfg}')
         r = evaluate.main(['synthetic', '--samples', str(tmp_path / f'cfg{cfg}' / 'samples.npz'),
                            '--num-real', '400'])
@@ -210,7 +233,8 @@ def test_samples_are_recognised_as_their_class(trained_dit, tmp_path):
     assert acc[4] > CLASS_ACC_CFG4 and acc[1] > CLASS_ACC_CFG1 and acc[4] > acc[1] + 5, acc
 
 
-# --- text-to-image (paper §5) -------------------------------------------------------------------------------
+# --- text-to-image (paper §5)
+# -------------------------------------------------------------------------------
 
 TEXT_STEPS = 400
 
@@ -232,7 +256,8 @@ def test_text_guidance_paths(text_dit):
     dit.load_state_dict(ckpt['ema'])
     tok = vtp.load_tokenizer(ckpt['text_encoder']['path'])
 
-    def enc(prompts):  # as train_dit.py encodes captions: the pooled embedding, then the token features
+    # as train_dit.py encodes captions: the pooled embedding, then the token features
+    def enc(prompts):
         pooled, feats = tok.text_features(data.text_tokenizer(tok.config)(prompts), True, True)
         return torch.cat((pooled[:, None].float(), feats.float()), 1)
 
@@ -241,44 +266,50 @@ def test_text_guidance_paths(text_dit):
     x, t = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size), 0.5
     cond = dit(x, torch.full((2,), t), y)
     uncond = dit(x, torch.full((2,), t), dit.null_condition().expand_as(y))
-    assert torch.equal(vtp.guided_velocity(dit, x, t, y, 1.0, null_class=dit.null_condition()), cond)
+    assert torch.equal(vtp.guided_velocity(dit, x, t, y, 1.0, null_class=dit.null_condition()),
+                       cond)
     guided = vtp.guided_velocity(dit, x, t, y, 3.0, null_class=dit.null_condition())
     torch.testing.assert_close(guided, uncond + 3 * (cond - uncond), atol=1e-4, rtol=1e-4)
     assert (cond - uncond).abs().max() > 1e-3  # the caption matters
 
 
 def test_text_resume_and_ranks(tiny_tokenizer, latent_dir, text_dit, tmp_path):
-    common = ['--tokenizer', tiny_tokenizer, '--latent-dir', latent_dir, '--out-dir', tmp_path / 'r',
+    common = ['--tokenizer', tiny_tokenizer, '--latent-dir', latent_dir, '--out-dir',
+              tmp_path / 'r',
               '--condition', 'text', *TRAIN_FLAGS]
     run('train_dit.py', *common, '--max-steps', 20, '--ckpt-every', 20)
     run('train_dit.py', *common, '--max-steps', 40, '--ckpt-every', 40, '--resume', 'auto')
     keys = ('step', 'loss', 'grad_norm')
     assert [{k: r[k] for k in keys} for r in read_log(tmp_path / 'r')] == \
         [{k: r[k] for k in keys} for r in read_log(text_dit)[:4]]
-    flags = ['--ckpt', text_dit / 'ckpt.pt', '--num-samples', 6, '--batch-size', 4, '--num-steps', 8,
+    flags = ['--ckpt', text_dit / 'ckpt.pt', '--num-samples', 6, '--batch-size', 4, '--num-steps',
+             8,
              '--cfg-scale', 3, '--prompt', 'a red star.', '--prompt', 'a green cross on the left']
     run('sample.py', *flags, '--out-dir', tmp_path / 'one')
     run('sample.py', *flags, '--out-dir', tmp_path / 'two', nproc=2)
     one, two = (np.load(tmp_path / d / 'samples.npz')['arr_0'] for d in ('one', 'two'))
     assert np.array_equal(one, two) and one.shape[0] == 6
     assert (tmp_path / 'one' / 'prompts.txt').read_text().splitlines() == ['a red star.',
-                                                                           'a green cross on the left'] * 3
+                                                                           'a green cross on the '
+                                                                           'left'] * 3
 
 
 @pytest.mark.slow
 def test_text_to_image_follows_the_prompt(text_dit, tiny_tokenizer, tmp_path):
-    """Prompts "a {colour} {shape}." for the 20 classes: the judge recognises the prompted class above
-    chance, more often with guidance than without."""
+    """Prompts "a {colour} {shape}." for the 20 classes: the judge recognises the prompted class
+    above chance, more often with guidance than without."""
     prompts = tmp_path / 'prompts.txt'
     prompts.write_text(''.join(f"a {c}.\n" for c in data.SyntheticDataset.class_names))
     acc = {}
     for cfg in (1, 4):
         out = tmp_path / f'cfg{cfg}'
-        run('sample.py', '--ckpt', text_dit / 'ckpt.pt', '--prompts', prompts, '--num-samples', N_SAMPLES,
+        run('sample.py', '--ckpt', text_dit / 'ckpt.pt', '--prompts', prompts, '--num-samples',
+            N_SAMPLES,
             '--batch-size', 200, '--num-steps', 25, '--cfg-scale', cfg, '--out-dir', out)
         r = evaluate.main(['synthetic', '--samples', str(out / 'samples.npz'), '--num-real', '400',
                            '--tokenizer', str(tiny_tokenizer)])
         acc[cfg] = r['class_accuracy']
-        assert r['clip_similarity'] > r['clip_similarity_other']  # samples match their own prompts best
+        # samples match their own prompts best
+        assert r['clip_similarity'] > r['clip_similarity_other']
     print(f"prompt-following class accuracy: {acc} (chance 5 %)")
     assert acc[4] > TEXT_ACC_CFG4 and acc[4] > acc[1] + 5, acc

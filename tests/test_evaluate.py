@@ -1,5 +1,5 @@
-"""evaluate.py: metric formulas against closed forms and direct computations, the FID Inception (random
-weights, offline), and the CLI on a random tiny tokenizer, including its one-line errors."""
+"""evaluate.py: metric formulas against closed forms and direct computations, the FID Inception
+(random weights, offline), and the CLI on a random tiny tokenizer, including its one-line errors."""
 import dataclasses
 import json
 import math
@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import evaluate as E
@@ -36,8 +35,10 @@ def test_frechet_diagonal_closed_form_and_symmetry():
     expect = 1 + 4 + 0 + (1 + 1 + 1)
     assert E.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expect, abs=1e-9)
     rng = np.random.default_rng(1)
-    m1, m2, s1, s2 = rng.standard_normal(6), rng.standard_normal(6), random_cov(rng, 6), random_cov(rng, 6)
-    assert E.frechet_distance(m1, s1, m2, s2) == pytest.approx(E.frechet_distance(m2, s2, m1, s1), rel=1e-8)
+    m1, m2, s1, s2 = rng.standard_normal(6), rng.standard_normal(6), random_cov(rng,
+        6), random_cov(rng, 6)
+    assert E.frechet_distance(m1, s1, m2, s2) == pytest.approx(E.frechet_distance(m2, s2, m1, s1),
+        rel=1e-8)
 
 
 def fid_by_eigh(f1, f2):
@@ -52,11 +53,13 @@ def fid_by_eigh(f1, f2):
 
 def test_fid_from_features_low_rank_and_full_rank():
     rng = np.random.default_rng(2)
-    f1, f2 = rng.standard_normal((6, 16)), rng.standard_normal((7, 16)) * 2 + 0.5  # fewer samples than dims
+    # fewer samples than dims
+    f1, f2 = rng.standard_normal((6, 16)), rng.standard_normal((7, 16)) * 2 + 0.5
     fid, method = E.fid_from_features(f1, f2)
     assert 'low-rank' in method
     assert fid == pytest.approx(fid_by_eigh(f1, f2), rel=1e-6)
-    g1, g2 = rng.standard_normal((40, 5)), rng.standard_normal((50, 5)) + 1  # more samples: sqrtm route
+    # more samples: sqrtm route
+    g1, g2 = rng.standard_normal((40, 5)), rng.standard_normal((50, 5)) + 1
     fid, method = E.fid_from_features(g1, g2)
     assert 'sqrtm' in method and fid == pytest.approx(fid_by_eigh(g1, g2), rel=1e-6)
 
@@ -75,7 +78,8 @@ def test_precision_recall():
     assert E.precision_recall(real, real.copy(), k=3) == (1.0, 1.0)
     precision, recall = E.precision_recall(real, real + 100.0, k=3)  # far away: no overlap at all
     assert precision == 0.0 and recall == 0.0
-    # fakes collapsed onto one real point: perfect precision, tiny recall (only that point's neighbourhood)
+    # fakes collapsed onto one real point: perfect precision, tiny recall (only that point's
+    # neighbourhood)
     collapsed = np.repeat(real[:1], 10, 0) + 1e-3 * rng.standard_normal((10, 4))
     precision, recall = E.precision_recall(real, collapsed)
     assert precision == 1.0 and recall < 0.2
@@ -114,7 +118,8 @@ def test_ssim_identical_constant_and_by_hand():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 16, 16, generator=g)
     assert torch.allclose(E.ssim(x, x), torch.ones(2), atol=1e-5)
-    a, b = 0.2, 0.6  # flat images: only the luminance term is left (fp64: E[x^2] - E[x]^2 cancels exactly)
+    # flat images: only the luminance term is left (fp64: E[x^2] - E[x]^2 cancels exactly)
+    a, b = 0.2, 0.6
     flat = lambda v: torch.full((1, 3, 16, 16), v, dtype=torch.float64)
     s = E.ssim(flat(a), flat(b))
     assert s.item() == pytest.approx((2 * a * b + 1e-4) / (a * a + b * b + 1e-4), rel=1e-6)
@@ -122,7 +127,9 @@ def test_ssim_identical_constant_and_by_hand():
     got, got32 = E.ssim(x.double(), y.double()), E.ssim(x, y)
     for i in range(2):
         ref = ssim_by_hand(x[i].double().numpy(), y[i].double().numpy())
-        assert got[i].item() == pytest.approx(ref, abs=1e-9) and got32[i].item() == pytest.approx(ref, abs=1e-4)
+        assert got[i].item() == pytest.approx(ref,
+                                              abs=1e-9) and got32[i].item() == pytest.approx(ref,
+                                                  abs=1e-4)
 
 
 # -----------------------------------------------------------------------------
@@ -148,7 +155,8 @@ def test_inception_state_dict_loads_strict(inception_file):
     x = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
     feats, logits = E.inception_features([x], loaded)
     assert feats.shape == (2, 2048) and logits.shape == (2, 1008) and np.isfinite(feats).all()
-    # the logits are pool3 @ fc.weight^T without the bias (what IS reads); the pool is the FID feature
+    # the logits are pool3 @ fc.weight^T without the bias (what IS reads); the pool is the FID
+    # feature
     ref = torch.from_numpy(feats).float() @ sd['fc.weight'].t()
     assert torch.allclose(torch.from_numpy(logits).float(), ref, atol=1e-3)
     bad = {k: v for k, v in sd.items() if k != 'fc.bias'}
@@ -166,17 +174,20 @@ def save_pngs(folder, arrays):
 def test_fid_cli_folder_vs_npz(tmp_path, inception_file):
     rng = np.random.default_rng(0)
     save_pngs(tmp_path / 'samples', rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
-    (tmp_path / 'samples' / 'broken.png').write_bytes(b'not a png')  # a corrupt file: skipped and counted
+    # a corrupt file: skipped and counted
+    (tmp_path / 'samples' / 'broken.png').write_bytes(b'not a png')
     np.savez(tmp_path / 'ref.npz', arr_0=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
     out = tmp_path / 'fid.json'
     E.main(['fid', '--samples', str(tmp_path / 'samples'), '--ref', str(tmp_path / 'ref.npz'),
-            '--inception-weights', inception_file[1], '--num-workers', '0', '--device', 'cpu', '--out', str(out),
+            '--inception-weights', inception_file[1], '--num-workers', '0', '--device', 'cpu',
+            '--out', str(out),
             '--save-ref-stats', str(tmp_path / 'stats.npz')])
     r = json.loads(out.read_text())
     assert r['num_samples'] == 4 and r['samples_skipped'] == 1 and r['reference_images'] == 4
     assert r['fid'] >= -1e-6 and 1.0 - 1e-6 <= r['inception_score'] <= 1008
     assert 0 <= r['precision'] <= 1 and 0 <= r['recall'] <= 1
-    assert r['weights_sha256'] and '299' in r['resize'] and 'pool3' in r['features']  # how it was computed
+    # how it was computed
+    assert r['weights_sha256'] and '299' in r['resize'] and 'pool3' in r['features']
     stats = np.load(tmp_path / 'stats.npz')
     assert stats['mu'].shape == (2048,) and stats['sigma'].shape == (2048, 2048)
 
@@ -197,7 +208,8 @@ def tiny_ckpt(tmp_path_factory):
 
 def test_recon_cli_on_tiny_checkpoint(tmp_path, tiny_ckpt, inception_file):
     out = tmp_path / 'recon.json'
-    E.main(['recon', '--tokenizer', tiny_ckpt, '--data', 'synthetic', '--num-images', '3', '--batch-size', '2',
+    E.main(['recon', '--tokenizer', tiny_ckpt, '--data', 'synthetic', '--num-images', '3',
+            '--batch-size', '2',
             '--num-workers', '0', '--device', 'cpu', '--lpips', 'none',
             '--inception-weights', inception_file[1], '--out', str(out)])
     r = json.loads(out.read_text())
@@ -224,7 +236,8 @@ class PassThrough(torch.nn.Module):
 def test_reconstruction_metrics_known_values():
     x01 = 0.2 + 0.5 * torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     mean, std = [torch.tensor(v).view(1, 3, 1, 1) for v in (vtp.IMAGENET_MEAN, vtp.IMAGENET_STD)]
-    batches = [{'images': (x01 - mean) / std, 'labels': torch.zeros(3), 'skipped': {'unreadable': 1}}]
+    batches = [{'images': (x01 - mean) / std, 'labels': torch.zeros(3),
+                'skipped': {'unreadable': 1}}]
     r = E.reconstruction_metrics(PassThrough(), batches)
     assert r['psnr'] == pytest.approx(20 * math.log10(255 / 10), abs=1e-2)
     assert r['num_images'] == 3 and r['skipped'] == {'unreadable': 1} and r['rfid'] is None
@@ -241,7 +254,8 @@ def test_zeroshot_on_tiny_checkpoint(tmp_path, tiny_ckpt):
     # a classifier made of the images' own features classifies every image as itself
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     own = model.image_features(x).t()  # (W, 4)
-    batches = [(x[:2], torch.tensor([0, 1])), {'images': x[2:], 'labels': torch.tensor([2, 3])}]  # both forms
+    # both forms
+    batches = [(x[:2], torch.tensor([0, 1])), {'images': x[2:], 'labels': torch.tensor([2, 3])}]
     r = E.zeroshot_accuracy(model, own, batches)
     assert r['top1'] == 100.0 and r['num_images'] == 4
     out = tmp_path / 'zs.json'
@@ -268,7 +282,8 @@ def test_linprobe_cli_and_feature_sources(tmp_path, tiny_ckpt):
     assert E.probe_features(model, x, 'bottleneck').shape == (2, 2 * cfg.bottleneck_dim)
     assert E.probe_features(model, x, 'multilayer', 4).shape == (2, 5 * cfg.embed_dim)
     out = tmp_path / 'lp.json'
-    E.main(['linprobe', '--tokenizer', tiny_ckpt, '--num-train', '32', '--num-val', '16', '--batch-size', '16',
+    E.main(['linprobe', '--tokenizer', tiny_ckpt, '--num-train', '32', '--num-val', '16',
+            '--batch-size', '16',
             '--epochs', '2', '--num-workers', '0', '--device', 'cpu', '--out', str(out)])
     r = json.loads(out.read_text())
     assert 0 <= r['top1'] <= 100 and r['feature_dim'] == 2 * cfg.bottleneck_dim
@@ -292,20 +307,24 @@ def test_cli_errors(tmp_path, tiny_ckpt):
     garbage = tmp_path / 'garbage.pt'
     garbage.write_bytes(bytes(range(256)) * 4)
     dit = tmp_path / 'dit.pt'
-    torch.save({'model': {'x_embedder.proj.weight': torch.zeros(2)}, 'ema': {}, 'config': {}, 'args': {}}, dit)
+    torch.save({'model': {'x_embedder.proj.weight': torch.zeros(2)}, 'ema': {}, 'config': {},
+                'args': {}}, dit)
     assert 'no such file' in run_error(['recon', '--tokenizer', str(tmp_path / 'missing.pt')])
     assert 'not a readable PyTorch checkpoint' in run_error(['recon', '--tokenizer', str(garbage)])
     assert 'not a VTP tokenizer' in run_error(['zeroshot', '--tokenizer', str(dit)])
-    assert 'not found' in run_error(['recon', '--tokenizer', tiny_ckpt, '--data', str(tmp_path / 'nowhere')])
+    assert 'not found' in run_error(['recon', '--tokenizer', tiny_ckpt, '--data',
+                                     str(tmp_path / 'nowhere')])
     empty_file = tmp_path / 'empty.pt'
     empty_file.write_bytes(b'')
     assert 'is empty' in run_error(['linprobe', '--tokenizer', str(empty_file)])
-    assert 'no images' in run_error(['recon', '--tokenizer', tiny_ckpt, '--data', str(tmp_path / 'empty')])
+    assert 'no images' in run_error(['recon', '--tokenizer', tiny_ckpt, '--data',
+                                     str(tmp_path / 'empty')])
     empty = str(tmp_path / 'empty')
     assert 'no images' in run_error(['fid', '--samples', empty, '--ref', empty])
     assert 'not found' in run_error(['fid', '--samples', str(tmp_path / 'nope'), '--ref', empty])
     assert 'npz' in run_error(['fid', '--samples', str(garbage), '--ref', str(tmp_path / 'empty')])
-    assert 'multiple of the patch size' in run_error(['recon', '--tokenizer', tiny_ckpt, '--image-size', '36'])
+    assert 'multiple of the patch size' in run_error(['recon', '--tokenizer', tiny_ckpt,
+                                                      '--image-size', '36'])
 
 
 def test_fid_rejects_mismatched_sizes(tmp_path):
@@ -315,8 +334,10 @@ def test_fid_rejects_mismatched_sizes(tmp_path):
     save_pngs(tmp_path / 'ref', [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)] * 4)
     np.savez(tmp_path / 'ref32.npz', arr_0=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
     # samples vs reference resolution: caught before any network is built
-    assert '32x32' in run_error(['fid', '--samples', str(tmp_path / 'mixed'), '--ref', str(tmp_path / 'ref')])
+    assert '32x32' in run_error(['fid', '--samples', str(tmp_path / 'mixed'), '--ref',
+                                 str(tmp_path / 'ref')])
     # sizes differing inside one folder
-    msg = run_error(['fid', '--samples', str(tmp_path / 'mixed'), '--ref', str(tmp_path / 'ref32.npz'),
+    msg = run_error(['fid', '--samples', str(tmp_path / 'mixed'), '--ref',
+                     str(tmp_path / 'ref32.npz'),
                      '--random-inception', '--num-workers', '0'])
     assert 'different sizes' in msg

@@ -1,5 +1,5 @@
-"""evaluate.py on a briefly trained tokenizer (the session's tiny stage-1 run): zero-shot and the bottleneck
-linear probe beat chance (1/20), and `recon` PSNR rises after a short stage 2."""
+"""evaluate.py on a briefly trained tokenizer (the session's tiny stage-1 run): zero-shot and the
+bottleneck linear probe beat chance (1/20), and `recon` PSNR rises after a short stage 2."""
 import os
 import subprocess
 import sys
@@ -14,11 +14,14 @@ CHANCE = 5.0  # percent, 20 synthetic classes
 
 
 def test_zeroshot_and_linprobe_beat_chance(tiny_tokenizer, tmp_path):
-    z = evaluate.main(['zeroshot', '--tokenizer', str(tiny_tokenizer), '--num-images', '256', '--device', 'cpu',
+    z = evaluate.main(['zeroshot', '--tokenizer', str(tiny_tokenizer), '--num-images', '256',
+                       '--device', 'cpu',
                        '--num-workers', '0', '--out', str(tmp_path / 'z.json')])
     assert z['top1'] > 2 * CHANCE, z['top1']
-    lp = evaluate.main(['linprobe', '--tokenizer', str(tiny_tokenizer), '--num-train', '1024', '--num-val', '256',
-                        '--epochs', '5', '--device', 'cpu', '--num-workers', '0', '--out', str(tmp_path / 'lp.json')])
+    lp = evaluate.main(['linprobe', '--tokenizer', str(tiny_tokenizer), '--num-train', '1024',
+                        '--num-val', '256',
+                        '--epochs', '5', '--device', 'cpu', '--num-workers', '0', '--out',
+                        str(tmp_path / 'lp.json')])
     assert lp['top1'] > 2 * CHANCE, lp['top1']
     assert lp['feature_source'].startswith('bottleneck')
 
@@ -26,12 +29,18 @@ def test_zeroshot_and_linprobe_beat_chance(tiny_tokenizer, tmp_path):
 @pytest.mark.slow
 def test_recon_psnr_rises_after_stage2(tiny_tokenizer, tmp_path):
     out = tmp_path / 'stage2'
-    cmd = [sys.executable, str(ROOT / 'finetune_decoder.py'), '--tokenizer', str(tiny_tokenizer), '--out-dir',
-           str(out), '--max-steps', '60', '--batch-size', '32', '--disc-start', '30', '--disc-ndf', '16',
-           '--perceptual', 'none', '--num-workers', '0', '--eval-every', '0', '--log-every', '10', '--lr', '3e-4']
+    cmd = [sys.executable, str(ROOT / 'finetune_decoder.py'), '--tokenizer', str(tiny_tokenizer),
+           '--out-dir',
+           str(out), '--max-steps', '60', '--batch-size', '32', '--disc-start', '30', '--disc-ndf',
+           '16',
+           '--perceptual', 'none', '--num-workers', '0', '--eval-every', '0', '--log-every', '10',
+           '--lr', '3e-4']
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    flags = ['--num-images', '128', '--no-fid', '--lpips', 'none', '--device', 'cpu', '--num-workers', '0']
-    before = evaluate.main(['recon', '--tokenizer', str(tiny_tokenizer), '--out', str(tmp_path / 'b.json')] + flags)
-    after = evaluate.main(['recon', '--tokenizer', str(out / 'ckpt.pt'), '--out', str(tmp_path / 'a.json')] + flags)
+    flags = ['--num-images', '128', '--no-fid', '--lpips', 'none', '--device', 'cpu',
+             '--num-workers', '0']
+    before = evaluate.main(['recon', '--tokenizer', str(tiny_tokenizer), '--out',
+                            str(tmp_path / 'b.json')] + flags)
+    after = evaluate.main(['recon', '--tokenizer', str(out / 'ckpt.pt'), '--out',
+                           str(tmp_path / 'a.json')] + flags)
     assert after['psnr'] > before['psnr'] + 0.1, (before['psnr'], after['psnr'])

@@ -1,6 +1,7 @@
-"""Stage 2 (decoder GAN fine-tuning): the GAN losses against their formulas, and finetune_decoder.py end to
-end on a tiny random stage-1 checkpoint: D learns, the encoder stays bit-identical, L1 does not get worse,
-resume is exact, 2 gloo ranks equal one process, the output is a tokenizer, bad input gives one line."""
+"""Stage 2 (decoder GAN fine-tuning): the GAN losses against their formulas, and finetune_decoder.py
+end to end on a tiny random stage-1 checkpoint: D learns, the encoder stays bit-identical, L1 does
+not get worse, resume is exact, 2 gloo ranks equal one process, the output is a tokenizer, bad input
+gives one line."""
 import json
 import os
 import subprocess
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import vtp
 
@@ -18,11 +18,14 @@ from vtp import NLayerDiscriminator, hinge_d_loss, generator_loss, adaptive_weig
 
 ROOT = Path(__file__).resolve().parents[1]
 # a tiny D from step 2, batch 8 at 64 px, every step logged (a flag given again later wins)
-SMALL = ['--batch-size', '8', '--disc-ndf', '8', '--disc-start', '2', '--num-workers', '0', '--perceptual', 'none',
-         '--log-every', '1', '--eval-every', '0', '--ckpt-every', '100', '--lr', '3e-4', '--disc-lr', '3e-4']
+SMALL = ['--batch-size', '8', '--disc-ndf', '8', '--disc-start', '2', '--num-workers', '0',
+         '--perceptual', 'none',
+         '--log-every', '1', '--eval-every', '0', '--ckpt-every', '100', '--lr', '3e-4',
+         '--disc-lr', '3e-4']
 
 
-# --- the losses --------------------------------------------------------------------------------------------
+# --- the losses
+# --------------------------------------------------------------------------------------------
 def test_hinge_and_generator_loss_match_their_formulas():
     torch.manual_seed(0)
     real, fake = torch.randn(4, 1, 6, 6) * 2, torch.randn(4, 1, 6, 6) * 2
@@ -57,17 +60,21 @@ def test_adaptive_weight_equals_hand_computation():
 def test_patchgan_shape_and_init(norm):
     torch.manual_seed(0)
     d = NLayerDiscriminator(3, ndf=16, n_layers=3, norm=norm)
-    assert d(torch.randn(2, 3, 256, 256)).shape == (2, 1, 30, 30)  # pix2pix: 30x30 patches at 256 px
+    # pix2pix: 30x30 patches at 256 px
+    assert d(torch.randn(2, 3, 256, 256)).shape == (2, 1, 30, 30)
     convs = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == 5 and convs[1].bias is None  # bias-free before a norm
     w = torch.cat([c.weight.flatten() for c in convs[1:]])
     assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002
 
 
-# --- the script ------------------------------------------------------------------------------------------
+# --- the script
+# ------------------------------------------------------------------------------------------
 def run(args, out_dir, nproc=1, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS='1' if nproc > 1 else os.environ.get('OMP_NUM_THREADS', '2'))
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
+    env = dict(os.environ, OMP_NUM_THREADS='1' if nproc > 1 else os.environ.get('OMP_NUM_THREADS',
+        '2'))
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                f'--nproc_per_node={nproc}'] \
         if nproc > 1 else [sys.executable]
     cmd = launcher + [str(ROOT / 'finetune_decoder.py'), '--out-dir', str(out_dir)] + args
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -93,7 +100,8 @@ def stage1(tmp_path_factory):
 @pytest.fixture(scope='module')
 def full_run(stage1, tmp_path_factory):
     out = tmp_path_factory.mktemp('full')
-    run(['--tokenizer', str(stage1)] + SMALL + ['--max-steps', '12', '--eval-every', '12', '--num-val', '16'], out)
+    run(['--tokenizer', str(stage1)] + SMALL + ['--max-steps', '12', '--eval-every', '12',
+                                                '--num-val', '16'], out)
     return out
 
 
@@ -101,7 +109,8 @@ def test_discriminator_learns_encoder_frozen_l1_not_worse(stage1, full_run):
     log = read_log(full_run)
     train = [r for r in log if 'loss_l1' in r]
     gan = [r for r in train if 'loss_d' in r]
-    assert [r['step'] for r in train] == list(range(1, 13)) and gan[0]['step'] == 3  # D from --disc-start 2
+    # D from --disc-start 2
+    assert [r['step'] for r in train] == list(range(1, 13)) and gan[0]['step'] == 3
     assert gan[-1]['loss_d'] < gan[0]['loss_d']
     margin = lambda r: r['logits_real'] - r['logits_fake']
     assert margin(gan[-1]) > margin(gan[0]) + 0.1
@@ -109,7 +118,8 @@ def test_discriminator_learns_encoder_frozen_l1_not_worse(stage1, full_run):
     assert train[-1]['loss_l1'] < train[0]['loss_l1']
     print(f"\nstage 2, tiny, CPU, batch 8: {train[-1]['img_per_s']:.0f} img/s with the GAN "
           f"(ndf 8), {train[0]['img_per_s']:.0f} img/s before --disc-start")
-    # val PSNR: logged for the stage-1 decoder (step 0) and at the end, with the input | before | after grid
+    # val PSNR: logged for the stage-1 decoder (step 0) and at the end, with the input | before |
+    # after grid
     evals = [r for r in log if 'val_psnr' in r]
     assert [r['step'] for r in evals] == [0, 12] and evals[-1]['val_psnr'] > evals[0]['val_psnr']
     assert (full_run / 'recon_000012.png').exists()
@@ -120,14 +130,16 @@ def test_discriminator_learns_encoder_frozen_l1_not_worse(stage1, full_run):
     for k, v in before.items():
         if not k.startswith('pixel_decoder.'):
             assert torch.equal(v, after[k]), k
-    assert not torch.equal(before['pixel_decoder.proj_out.weight'], after['pixel_decoder.proj_out.weight'])
+    assert not torch.equal(before['pixel_decoder.proj_out.weight'],
+                           after['pixel_decoder.proj_out.weight'])
 
 
 def test_output_checkpoint_is_a_tokenizer(full_run):
     model = vtp.load_tokenizer(str(full_run / 'ckpt.pt'))
     assert not model.training and model.config == vtp.VTP_CONFIGS['tiny']
     sd = torch.load(full_run / 'ckpt.pt', weights_only=True)
-    torch.testing.assert_close(model.pixel_decoder.proj_out.weight, sd['model']['pixel_decoder.proj_out.weight'])
+    torch.testing.assert_close(model.pixel_decoder.proj_out.weight,
+                               sd['model']['pixel_decoder.proj_out.weight'])
     with torch.no_grad():
         assert model.decode(model.encode(torch.randn(1, 3, 64, 64))).shape == (1, 3, 64, 64)
 
@@ -151,9 +163,11 @@ def test_resumed_run_matches_uninterrupted(stage1, full_run, tmp_path):
 
 
 def test_ddp_two_ranks_equal_one_process(stage1, tmp_path):
-    """Same global batch on 1 and 2 gloo ranks. GroupNorm D: BatchNorm statistics would be per rank on CPU
-    (SyncBatchNorm is CUDA-only). The adaptive weight uses rank-averaged gradients, so it matches too."""
-    args = ['--tokenizer', str(stage1)] + SMALL + ['--max-steps', '3', '--disc-start', '1', '--disc-norm', 'group']
+    """Same global batch on 1 and 2 gloo ranks. GroupNorm D: BatchNorm statistics would be per rank
+    on CPU (SyncBatchNorm is CUDA-only). The adaptive weight uses rank-averaged gradients, so it
+    matches too."""
+    args = ['--tokenizer', str(stage1)] + SMALL + ['--max-steps', '3', '--disc-start', '1',
+                                                   '--disc-norm', 'group']
     run(args, tmp_path / 'one')
     run(args, tmp_path / 'two', nproc=2)
     la = [r for r in read_log(tmp_path / 'one') if 'loss_l1' in r]
@@ -165,7 +179,8 @@ def test_ddp_two_ranks_equal_one_process(stage1, tmp_path):
                 assert abs(ra[k] - rb[k]) < 2e-3 * max(1, abs(ra[k])), (ra['step'], k, ra[k], rb[k])
     a = torch.load(tmp_path / 'one' / 'ckpt.pt', weights_only=True)
     b = torch.load(tmp_path / 'two' / 'ckpt.pt', weights_only=True)
-    for part in ('model', 'discriminator'):  # Adam's first steps move near-zero gradients by ~lr either way
+    # Adam's first steps move near-zero gradients by ~lr either way
+    for part in ('model', 'discriminator'):
         for k, v in a[part].items():
             torch.testing.assert_close(b[part][k], v, atol=3e-3, rtol=0, msg=f"{part}.{k}")
 
@@ -175,7 +190,8 @@ def test_bad_tokenizer_and_nonfinite_loss_stop_with_one_line(stage1, tmp_path):
     assert p.returncode != 0 and 'Traceback' not in p.stderr and 'error: --tokenizer' in p.stderr
     # an absurd lr blows the decoder up after step 1: the run stops, the step-1 checkpoint stays
     out = tmp_path / 'b'
-    p = run(['--tokenizer', str(stage1)] + SMALL + ['--max-steps', '6', '--ckpt-every', '1', '--lr', '1e30'], out,
+    p = run(['--tokenizer', str(stage1)] + SMALL + ['--max-steps', '6', '--ckpt-every', '1',
+                                                    '--lr', '1e30'], out,
             check=False)
     msg = p.stdout + p.stderr
     assert p.returncode == 1 and 'non-finite values by step 2' in msg and 'Traceback' not in msg

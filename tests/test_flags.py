@@ -1,5 +1,6 @@
-"""One meaning per flag: the flags every stage script shares are defined once (vtp.add_run_flags) and say the
-same in every --help; the batch subsets follow --batch-size; defaults follow the tokenizer."""
+"""One meaning per flag: the flags every stage script shares are defined once (vtp.add_run_flags)
+and say the same in every --help; the batch subsets follow --batch-size; defaults follow the
+tokenizer."""
 import os
 import re
 import subprocess
@@ -13,12 +14,14 @@ import vtp
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 TRAINING = ('train_tokenizer.py', 'finetune_decoder.py', 'train_dit.py')
-SHARED = ('--tokenizer', '--batch-size', '--resume', '--out-dir', '--device', '--seed', '--compile', '--bench')
+SHARED = ('--tokenizer', '--batch-size', '--resume', '--out-dir', '--device', '--seed',
+          '--compile', '--bench')
 
 
 def help_of(*argv):
     """{flag: its help text, whitespace collapsed} from a script's --help."""
-    p = subprocess.run([sys.executable, *argv, '--help'], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, *argv, '--help'], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True)
     assert p.returncode == 0, p.stderr
     options = p.stdout.split('options:', 1)[1]
     out = {}
@@ -50,7 +53,8 @@ def test_shared_flags_mean_the_same_everywhere():
             h = flag_help(text, flag)
             if h is not None:
                 assert h.startswith(meaning) or meaning in h, (script, flag, h)
-        h = flag_help(text, '--batch-size')  # the global batch where there is a step, images otherwise
+        # the global batch where there is a step, images otherwise
+        h = flag_help(text, '--batch-size')
         assert 'over all ranks' in h or script.startswith('evaluate'), (script, h)
     # the text tokenizer is not the tokenizer
     assert 'caption tokenizer' in flag_help(helps['train_tokenizer.py'], '--text-tokenizer')
@@ -60,12 +64,16 @@ def test_shared_flags_mean_the_same_everywhere():
 def test_small_batches_take_the_recipe_fractions(tmp_path, batch):
     """--batch-size alone: B_ssl and B_rec follow it (tiny: 1/2 each), as the paper's 1/4 and 1/8 would."""
     out = tmp_path / 'run'
-    p = subprocess.run([sys.executable, 'train_tokenizer.py', '--batch-size', str(batch), '--max-steps', '2',
-                        '--num-workers', '0', '--eval-every', '0', '--out-dir', str(out)], cwd=ROOT, env=ENV,
+    p = subprocess.run([sys.executable, 'train_tokenizer.py', '--batch-size', str(batch),
+                        '--max-steps', '2',
+                        '--num-workers', '0', '--eval-every', '0', '--out-dir', str(out)],
+                       cwd=ROOT, env=ENV,
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert f"batch {batch} (ssl {batch // 2}, rec {batch // 2})" in p.stdout
     # a subset that does not divide the batch is refused in one line
-    p = subprocess.run([sys.executable, 'train_tokenizer.py', '--batch-size', str(batch), '--ssl-batch-size', '3',
-                        '--out-dir', str(tmp_path / 'bad')], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, 'train_tokenizer.py', '--batch-size', str(batch),
+                        '--ssl-batch-size', '3',
+                        '--out-dir', str(tmp_path / 'bad')], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True)
     assert p.returncode != 0 and 'must divide --batch-size' in p.stderr and 'Traceback' not in p.stderr

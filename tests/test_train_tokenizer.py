@@ -1,5 +1,6 @@
-"""Stage 1 end to end on CPU: the tiny run learns, 2-rank DDP equals one process, resume is exact, bad data
-is skipped and counted, a non-finite loss stops the run. Each test runs train_tokenizer.py as a user would."""
+"""Stage 1 end to end on CPU: the tiny run learns, 2-rank DDP equals one process, resume is exact,
+bad data is skipped and counted, a non-finite loss stops the run. Each test runs train_tokenizer.py
+as a user would."""
 import json
 import os
 import re
@@ -17,13 +18,16 @@ import vtp
 
 ROOT = Path(__file__).resolve().parents[1]
 # a small stage-1 run: every objective on, batch 16 (the tiny recipe's halves: 8 SSL, 8 rec)
-SMALL = ['--size', 'tiny', '--batch-size', '16', '--num-workers', '0', '--eval-every', '0', '--log-every', '1',
+SMALL = ['--size', 'tiny', '--batch-size', '16', '--num-workers', '0', '--eval-every', '0',
+         '--log-every', '1',
          '--warmup-steps', '2']
 
 
 def run(args, out_dir, nproc=1, check=True, **kw):
-    env = dict(os.environ, OMP_NUM_THREADS='1' if nproc > 1 else os.environ.get('OMP_NUM_THREADS', '2'))
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
+    env = dict(os.environ, OMP_NUM_THREADS='1' if nproc > 1 else os.environ.get('OMP_NUM_THREADS',
+        '2'))
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                f'--nproc_per_node={nproc}'] \
         if nproc > 1 else [sys.executable]
     cmd = launcher + [str(ROOT / 'train_tokenizer.py'), '--out-dir', str(out_dir)] + args
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, **kw)
@@ -38,14 +42,16 @@ def read_log(out_dir):
 
 @pytest.mark.slow
 def test_tiny_run_learns_every_objective(tiny_tokenizer):
-    """The quick start, shortened (tests/conftest.py trains it once for every stage's tests): every active
-    loss falls, zero-shot top-1 clearly above chance (5 % for 20 classes), val PSNR rises. Thresholds set
-    from measured runs (README, 'Tests')."""
+    """The quick start, shortened (tests/conftest.py trains it once for every stage's tests): every
+    active loss falls, zero-shot top-1 clearly above chance (5 % for 20 classes), val PSNR rises.
+    Thresholds set from measured runs (README, 'Tests')."""
     out = tiny_tokenizer.parent
     log = read_log(out)
     train = [r for r in log if 'loss' in r]
-    # the first log line (mean of steps 1-10) against the mean of the last five: CLIP and reconstruction fall
-    # fast; DINO and iBOT start slowly on the tiny setting (they sit near ln K for hundreds of steps)
+    # the first log line (mean of steps 1-10) against the mean of the last five: CLIP and
+    # reconstruction fall
+    # fast; DINO and iBOT start slowly on the tiny setting (they sit near ln K for hundreds of
+    # steps)
     for k in ('loss_clip', 'loss_rec', 'loss_dino', 'loss_ibot', 'loss_koleo'):
         before, after = train[0][k], sum(r[k] for r in train[-5:]) / 5
         assert after < before, (k, before, after)
@@ -76,7 +82,8 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
     full, resumed = read_log(tmp_path / 'full'), read_log(out)
     assert [r['step'] for r in resumed] == list(range(1, 13))
     for ra, rb in zip(full, resumed):
-        for k in ('loss', 'loss_clip', 'loss_dino', 'loss_ibot', 'loss_koleo', 'loss_rec', 'grad_norm'):
+        for k in ('loss', 'loss_clip', 'loss_dino', 'loss_ibot', 'loss_koleo', 'loss_rec',
+                  'grad_norm'):
             assert ra[k] == rb[k], (ra['step'], k, ra[k], rb[k])
 
 
@@ -85,15 +92,20 @@ def test_objective_off_builds_nothing_and_trains(tmp_path):
     run(SMALL + ['--max-steps', '2', '--lambda-clip', '0', '--lambda-ssl', '0'], tmp_path)
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert ckpt['teacher'] is None
-    assert not any(k.startswith(('text_transformer', 'dino_head', 'visual_proj')) for k in ckpt['model'])
-    assert {'loss_rec', 'loss'} <= set(read_log(tmp_path)[-1]) and 'loss_clip' not in read_log(tmp_path)[-1]
+    assert not any(k.startswith(('text_transformer', 'dino_head',
+                                 'visual_proj')) for k in ckpt['model'])
+    assert {'loss_rec',
+            'loss'} <= set(read_log(tmp_path)[-1]) and 'loss_clip' not in read_log(tmp_path)[-1]
     # resuming it with every objective on is refused in one line
-    p = run(SMALL + ['--max-steps', '3', '--resume', str(tmp_path / 'ckpt.pt')], tmp_path / 'all', check=False)
+    p = run(SMALL + ['--max-steps', '3', '--resume', str(tmp_path / 'ckpt.pt')], tmp_path / 'all',
+            check=False)
     assert p.returncode != 0 and 'does not fit' in p.stdout + p.stderr and 'Traceback' not in p.stderr
-    # AE only: only the B_rec rows are loaded and encoded: a quarter of the rows, a quarter of the work
+    # AE only: only the B_rec rows are loaded and encoded: a quarter of the rows, a quarter of the
+    # work
     # (measured by FlopCounterMode on the real step, not only counted)
     measured = lambda rec: float(re.search(r'([\d.]+) measured', run(
-        SMALL + ['--lambda-clip', '0', '--lambda-ssl', '0', '--rec-batch-size', rec, '--bench', '1'],
+        SMALL + ['--lambda-clip', '0', '--lambda-ssl', '0', '--rec-batch-size', rec, '--bench',
+                 '1'],
         tmp_path / f'bench{rec}').stdout).group(1))
     assert measured('4') == pytest.approx(measured('16') / 4, rel=0.02)
 
@@ -132,7 +144,8 @@ def test_bad_folder_trains_and_reports_skips(tmp_path):
     run(SMALL + ['--data', str(tmp_path / 'data'), '--max-steps', '3'], tmp_path / 'out')
     log = read_log(tmp_path / 'out')
     skipped = log[-1].get('skipped', {})
-    assert sum(skipped.values()) >= 5, skipped  # empty, truncated, not-an-image, tiny, missing/empty caption
+    # empty, truncated, not-an-image, tiny, missing/empty caption
+    assert sum(skipped.values()) >= 5, skipped
     assert all(r['loss'] == r['loss'] for r in log)  # finite
 
 
@@ -149,9 +162,9 @@ def test_non_finite_loss_stops_with_clear_message(tmp_path):
 
 
 def params_close(a, b, lr):
-    """Two runs' parameters agree to float noise: below the step size everywhere, and off by more than
-    1e-5 in at most 0.1 % of the entries (Adam turns summation-order noise on ~zero gradients into a step
-    of either sign); a real difference in the gradient moves a large fraction."""
+    """Two runs' parameters agree to float noise: below the step size everywhere, and off by more
+    than 1e-5 in at most 0.1 % of the entries (Adam turns summation-order noise on ~zero gradients
+    into a step of either sign); a real difference in the gradient moves a large fraction."""
     n = off = 0
     for k, v in a.items():
         if v.is_floating_point():
@@ -162,8 +175,9 @@ def params_close(a, b, lr):
 
 
 def test_grad_accum_is_exact(tmp_path):
-    """--grad-accum 4 and 2 ranks x 2 micro-steps give the un-accumulated step: CLIP over the whole batch
-    (feature cache), Sinkhorn-Knopp over the whole SSL batch. KoLeo is per micro-batch: off here."""
+    """--grad-accum 4 and 2 ranks x 2 micro-steps give the un-accumulated step: CLIP over the whole
+    batch (feature cache), Sinkhorn-Knopp over the whole SSL batch. KoLeo is per micro-batch: off
+    here."""
     args = SMALL + ['--max-steps', '3', '--lambda-koleo', '0', '--lr', '2e-4']
     run(args, tmp_path / 'one')
     run(args + ['--grad-accum', '4'], tmp_path / 'acc')
@@ -175,17 +189,23 @@ def test_grad_accum_is_exact(tmp_path):
         params_close(a['ema'], b['ema'], 2e-4)
         for ra, rb in zip(read_log(tmp_path / 'one'), read_log(tmp_path / other)):
             for k in ('loss_clip', 'loss_dino', 'loss_ibot', 'loss_rec', 'grad_norm'):
-                assert abs(ra[k] - rb[k]) < 1e-4 * max(1, abs(ra[k])), (other, ra['step'], k, ra[k], rb[k])
+                assert abs(ra[k] - rb[k]) < 1e-4 * max(1, abs(ra[k])), (other, ra['step'], k,
+                    ra[k], rb[k])
 
 
 def test_flops_count_matches_flop_counter(tmp_path):
-    """The counted training FLOPs (vtp.train_flops_per_sample, the x-axis of the scaling plots) against
-    torch's FlopCounterMode on the real train step (--bench), for every objective combination."""
-    for name, flags in (('AE', ['--lambda-clip', '0', '--lambda-ssl', '0']), ('CLIP+AE', ['--lambda-ssl', '0']),
+    """The counted training FLOPs (vtp.train_flops_per_sample, the x-axis of the scaling plots)
+    against torch's FlopCounterMode on the real train step (--bench), for every objective
+    combination."""
+    for name, flags in (('AE', ['--lambda-clip', '0', '--lambda-ssl', '0']), ('CLIP+AE',
+        ['--lambda-ssl', '0']),
                         ('SSL+AE', ['--lambda-clip', '0']), ('all', []),
-                        ('AE+LPIPS', ['--lambda-clip', '0', '--lambda-ssl', '0', '--perceptual', 'random'])):
+                        ('AE+LPIPS', ['--lambda-clip', '0', '--lambda-ssl', '0', '--perceptual',
+                                      'random'])):
         out = run(SMALL + flags + ['--bench', '1'], tmp_path / name).stdout
-        counted, measured = map(float, re.search(r'([\d.]+) GFLOPs/sample counted, ([\d.]+) measured', out).groups())
+        counted, measured = map(float,
+                                re.search(r'([\d.]+) GFLOPs/sample counted, ([\d.]+) measured',
+                                          out).groups())
         assert abs(counted - measured) < 0.03 * measured, (name, counted, measured)
 
 
@@ -198,7 +218,8 @@ def test_grad_checkpointing_same_losses_less_memory(tmp_path):
             assert abs(ra[k] - rb[k]) < 1e-5 * max(1, abs(ra[k])), (k, ra[k], rb[k])
     peak = {}
     for flag in ([], ['--grad-checkpointing']):  # a batch large enough for activations to dominate
-        out = run(SMALL + ['--batch-size', '256', '--bench', '1'] + flag, tmp_path / f'b{len(flag)}').stdout
+        out = run(SMALL + ['--batch-size', '256', '--bench', '1'] + flag,
+                  tmp_path / f'b{len(flag)}').stdout
         peak[bool(flag)] = float(re.search(r'peak RSS ([\d.]+) GiB', out).group(1))
     assert peak[True] < peak[False] - 0.1, peak  # GiB
 
@@ -214,4 +235,5 @@ def test_prototypes_frozen_then_trained(tmp_path):
     for k in ('dino_head.last_layer.weight_v', 'dino_head.last_layer.weight_g'):
         assert torch.equal(frozen['model'][k], init[k]), k
         assert not torch.equal(after['model'][k], init[k]), k
-    assert not torch.equal(frozen['model']['dino_head.mlp.0.weight'], init['dino_head.mlp.0.weight'])
+    assert not torch.equal(frozen['model']['dino_head.mlp.0.weight'],
+                           init['dino_head.mlp.0.weight'])

@@ -1,8 +1,7 @@
-"""Models and losses of vtp.py: attention, RoPE, official parity, checkpoint loading, each loss against a
-direct computation, and the distributed losses over 2 gloo ranks against one process."""
+"""Models and losses of vtp.py: attention, RoPE, official parity, checkpoint loading, each loss
+against a direct computation, and the distributed losses over 2 gloo ranks against one process."""
 import json
 import math
-import os
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -22,8 +21,10 @@ GOLDEN = SHARED / 'golden' / 'vtp_tiny.pt'
 def small_config(**kw):
     return replace(vtp.VTP_CONFIGS['tiny'], patch_size=16, bottleneck_dim=32, embed_dim=64, depth=2,
                    num_heads=2, decoder_embed_dim=64,
-                   decoder_depth=1, decoder_num_heads=2, text_embed_dim=32, text_depth=1, text_num_heads=2,
-                   text_context_length=8, dino_out_dim=32, dino_hidden_dim=32, dino_bottleneck_dim=16, **kw)
+                   decoder_depth=1, decoder_num_heads=2, text_embed_dim=32, text_depth=1,
+                   text_num_heads=2,
+                   text_context_length=8, dino_out_dim=32, dino_hidden_dim=32,
+                   dino_bottleneck_dim=16, **kw)
 
 
 def test_attention_equals_naive_softmax():
@@ -76,7 +77,8 @@ def test_rope_preserves_norm_and_depends_on_offsets_only():
 
 def test_rope_periods_match_official_table():
     periods = vtp.DinoRope(64).periods
-    ref = [1.0, 1.3359375, 1.78125, 2.375, 3.15625, 4.21875, 5.625, 7.5, 10.0, 13.3125, 17.75, 23.75,
+    ref = [1.0, 1.3359375, 1.78125, 2.375, 3.15625, 4.21875, 5.625, 7.5, 10.0, 13.3125, 17.75,
+           23.75,
            31.625, 42.25, 56.25, 75.0]  # vtp_architecture.md §1.2
     assert periods.dtype == torch.bfloat16 and periods.float().tolist() == ref
 
@@ -109,7 +111,8 @@ def write_safetensors(path, tensors):
     header, blobs, offset = {}, [], 0
     for k, t in tensors.items():
         raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[k] = {'dtype': names[t.dtype], 'shape': list(t.shape), 'data_offsets': [offset, offset + len(raw)]}
+        header[k] = {'dtype': names[t.dtype], 'shape': list(t.shape), 'data_offsets': [offset,
+            offset + len(raw)]}
         blobs.append(raw)
         offset += len(raw)
     h = json.dumps(header).encode()
@@ -125,7 +128,8 @@ def test_from_official_hf_folder_and_legacy_keys(tmp_path):
     model = vtp.VTP.from_official(str(tmp_path)).eval()
     assert model.config.text_num_heads == 4  # only config.json can tell the text head count
     with torch.no_grad():
-        torch.testing.assert_close(model.text_features(g['inputs']['text']), g['outputs']['clip_text'])
+        torch.testing.assert_close(model.text_features(g['inputs']['text']),
+                                   g['outputs']['clip_text'])
         torch.testing.assert_close(model.encode(g['inputs']['image']), g['outputs']['latents'])
     # the legacy meta-arch names, with its training-only parts, load through the same mapping
     legacy = {('proj.' + k[len('visual_proj.'):] if k.startswith('visual_proj.') else
@@ -144,7 +148,8 @@ def test_our_checkpoint_roundtrip_and_wrong_kind(tmp_path):
     from dataclasses import asdict
     torch.manual_seed(0)
     m = vtp.VTP(small_config()).eval()
-    torch.save({'model': m.state_dict(), 'config': asdict(m.config), 'step': 3}, tmp_path / 'ckpt.pt')
+    torch.save({'model': m.state_dict(), 'config': asdict(m.config), 'step': 3},
+               tmp_path / 'ckpt.pt')
     m2 = vtp.load_tokenizer(str(tmp_path / 'ckpt.pt'))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -184,7 +189,8 @@ def test_sinkhorn_knopp_balances_prototypes():
     logits = torch.randn(64, 8) * 3
     q = vtp.sinkhorn_knopp(logits, 0.5, n_iters=50)
     torch.testing.assert_close(q.sum(1), torch.ones(64))  # each sample a distribution
-    torch.testing.assert_close(q.sum(0), torch.full((8,), 8.0), rtol=1e-3, atol=1e-3)  # equal prototype mass
+    # equal prototype mass
+    torch.testing.assert_close(q.sum(0), torch.full((8,), 8.0), rtol=1e-3, atol=1e-3)
     # a step without any masked patch (iBOT): no rows, no 0/0, and the loss of nothing is 0, not NaN
     empty = vtp.sinkhorn_knopp(torch.zeros(0, 8), 0.07)
     assert empty.shape == (0, 8)
@@ -214,12 +220,14 @@ def test_dino_ibot_koleo_equal_direct_computation():
     sp, tp = torch.randn(4, K), torch.softmax(torch.randn(4, K), -1)
     w = torch.tensor([0.5, 0.5, 1.0, 0.0])  # image A: 2 masked, image B: 1 masked, then padding
     ce = [-(tp[i] * torch.log_softmax(sp[i] / 0.1, -1)).sum() for i in range(3)]
-    torch.testing.assert_close(vtp.ibot_loss(sp, tp, w, n_images=4), ((ce[0] + ce[1]) / 2 + ce[2]) / 4)
+    torch.testing.assert_close(vtp.ibot_loss(sp, tp, w, n_images=4),
+                               ((ce[0] + ce[1]) / 2 + ce[2]) / 4)
 
     x = torch.randn(6, 4)
     xn = F.normalize(x, dim=-1)
     d = torch.cdist(xn, xn) + torch.eye(6) * 10
-    torch.testing.assert_close(vtp.koleo_loss(x), -torch.log(d.min(1).values + 1e-8).mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vtp.koleo_loss(x), -torch.log(d.min(1).values + 1e-8).mean(),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_update_ema_by_name():
@@ -227,7 +235,8 @@ def test_update_ema_by_name():
     student = vtp.VTP(small_config())
     teacher = vtp.VTP(replace(small_config(), train_clip=False, train_reconstruction=False))
     vtp.update_ema(teacher, student, 0.0)
-    assert torch.equal(teacher.trunk.blocks[0].attn.qkv.weight, student.trunk.blocks[0].attn.qkv.weight)
+    assert torch.equal(teacher.trunk.blocks[0].attn.qkv.weight,
+                       student.trunk.blocks[0].attn.qkv.weight)
     before = teacher.dino_head.mlp[0].weight.clone()
     with torch.no_grad():
         student.dino_head.mlp[0].weight.add_(1.0)
@@ -242,7 +251,8 @@ def _free_port():
 
 
 def _distributed_losses(rank, world, port, inputs, results):
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
+                            world_size=world)
     img, txt, t_logits, s_logits = [x.clone() for x in inputs]
     n = len(img) // world
     mine = lambda x: x[rank * n:(rank + 1) * n]
@@ -254,7 +264,8 @@ def _distributed_losses(rank, world, port, inputs, results):
     local = lambda x, crops: torch.cat([c[rank * m:(rank + 1) * m] for c in x.split(len(x) // crops)])
     probs = vtp.sinkhorn_knopp(local(t_logits, 2), 0.07)
     dino = vtp.dino_loss(local(s_logits, 4), probs)
-    # iBOT's masked patches: rank 1 may hold none at all; Sinkhorn-Knopp still agrees with one process
+    # iBOT's masked patches: rank 1 may hold none at all; Sinkhorn-Knopp still agrees with one
+    # process
     ibot = vtp.sinkhorn_knopp(t_logits[:5] if rank == 0 else t_logits[:0], 0.07)
     results[rank] = (loss.detach(), img_r.grad, txt_r.grad, dino, probs, ibot)
     dist.destroy_process_group()
@@ -267,7 +278,8 @@ def test_distributed_clip_and_dino_equal_single_process():
     t_logits, s_logits = torch.randn(2 * N, K), torch.randn(4 * N, K)
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_distributed_losses, args=(2, _free_port(), (img, txt, t_logits, s_logits), results), nprocs=2)
+    mp.spawn(_distributed_losses, args=(2, _free_port(), (img, txt, t_logits, s_logits), results),
+             nprocs=2)
     # single process on the concatenated batch
     img1, txt1 = img.clone().requires_grad_(), txt.clone().requires_grad_()
     loss = vtp.clip_loss(img1, txt1, torch.tensor(10.0))
@@ -276,11 +288,13 @@ def test_distributed_clip_and_dino_equal_single_process():
     dino = vtp.dino_loss(s_logits, probs)
     r0, r1 = results[0], results[1]
     torch.testing.assert_close((r0[0] + r1[0]) / 2, loss.detach())
-    # DDP averages gradients over ranks: the per-rank feature gradients are world_size x the global ones
+    # DDP averages gradients over ranks: the per-rank feature gradients are world_size x the global
+    # ones
     torch.testing.assert_close(torch.cat([r0[1], r1[1]]) / 2, img1.grad)
     torch.testing.assert_close(torch.cat([r0[2], r1[2]]) / 2, txt1.grad)
     torch.testing.assert_close((r0[3] + r1[3]) / 2, dino)
-    local_probs = torch.cat([r0[4][:4], r1[4][:4], r0[4][4:], r1[4][4:]])  # back to crop-major order
+    # back to crop-major order
+    local_probs = torch.cat([r0[4][:4], r1[4][:4], r0[4][4:], r1[4][4:]])
     torch.testing.assert_close(local_probs, probs)
     assert r1[5].shape == (0, K)
     torch.testing.assert_close(r0[5], vtp.sinkhorn_knopp(t_logits[:5], 0.07))
@@ -292,7 +306,8 @@ def test_flops_count_matches_a_direct_count():
     per_block = 2 * n * (3 * 768 * 768 + 768 * 768 + 3 * 768 * 2048) + 2 * 2 * n * n * 768
     blocks, embed = vtp.encoder_flops(cfg, 256)
     assert blocks == 12 * per_block and embed == 2 * 256 * 3 * 16 * 16 * 768
-    # LPIPS-VGG16 at 224 px: 15.3 GMACs, the known figure for VGG16's convolutions, + the 1x1 lin layers
+    # LPIPS-VGG16 at 224 px: 15.3 GMACs, the known figure for VGG16's convolutions, + the 1x1 lin
+    # layers
     assert abs(vtp.vgg16_lpips_flops(224) / 2 - 15.35e9) < 0.05e9
     # the objectives add up: CLIP adds the text tower, reconstruction the decoder and LPIPS
     ae = vtp.train_flops_per_sample(cfg, 256, clip=False, rec_frac=1.0)
@@ -303,7 +318,8 @@ def test_flops_count_matches_a_direct_count():
                                  0.125 * 3 * vtp.decoder_flops(cfg, 256))
 
 
-# --- DINOv2's optimisation pieces and the memory lever --------------------------------------------------
+# --- DINOv2's optimisation pieces and the memory lever
+# --------------------------------------------------
 
 
 def test_param_groups_layer_decay_patch_embed_and_prototypes():
@@ -319,7 +335,8 @@ def test_param_groups_layer_decay_patch_embed_and_prototypes():
     assert where[id(m.dino_head.last_layer.weight_v)]['last_layer']
     assert not where[id(m.dino_head.mlp[0].weight)]['last_layer']
     # no weight decay on norms, biases, tokens, the logit scale, the prototypes' gains
-    for p in (m.trunk.norm.weight, m.trunk.blocks[0].attn.qkv.bias, m.trunk.cls_token, m.logit_scale,
+    for p in (m.trunk.norm.weight, m.trunk.blocks[0].attn.qkv.bias, m.trunk.cls_token,
+              m.logit_scale,
               m.dino_head.last_layer.weight_g, m.positional_embedding):
         assert where[id(p)]['weight_decay'] == 0.0
     assert where[id(m.trunk.blocks[0].attn.qkv.weight)]['weight_decay'] == 0.05
@@ -328,12 +345,15 @@ def test_param_groups_layer_decay_patch_embed_and_prototypes():
 
 def test_clip_grad_norms_per_module():
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))
-    a.grad, b.grad = torch.tensor([30.0, 40.0, 0.0]), torch.tensor([0.3, 0.4, 0.0, 0.0])  # norms 50, 0.5
+    # norms 50, 0.5
+    a.grad, b.grad = torch.tensor([30.0, 40.0, 0.0]), torch.tensor([0.3, 0.4, 0.0, 0.0])
     total = vtp.clip_grad_norms([[a], [b]], 1.0)
-    assert total.item() == pytest.approx((50 ** 2 + 0.5 ** 2) ** 0.5)  # logged: the whole norm, unclipped
+    # logged: the whole norm, unclipped
+    assert total.item() == pytest.approx((50 ** 2 + 0.5 ** 2) ** 0.5)
     assert a.grad.norm().item() == pytest.approx(1.0)  # the large part clipped to 1 ...
     assert torch.equal(b.grad, torch.tensor([0.3, 0.4, 0.0, 0.0]))  # ... the small one untouched
-    # a global clip would have scaled the small part down 50x: that is what per-module clipping avoids
+    # a global clip would have scaled the small part down 50x: that is what per-module clipping
+    # avoids
 
 
 def test_drop_path_runs_the_branch_on_a_subset():
