@@ -691,6 +691,14 @@ def open_dataset(spec, split='train', image_size=64, seed=0, length=None):
     raise DataError(f"unknown dataset {spec!r}: use 'synthetic', an image folder, or .tar shards")
 
 
+def open_train_val(spec, val_spec, image_size, seed=0):
+    """The train set of `spec` and the val set: val_spec, or the synthetic val split when training on the
+    synthetic data, else None."""
+    val_spec = val_spec or ('synthetic' if spec == 'synthetic' else None)
+    return (open_dataset(spec, 'train', image_size, seed),
+            open_dataset(val_spec, 'val', image_size, seed) if val_spec else None)
+
+
 def center_crop_arr(pil_image, size):
     """ADM's centre crop (reconstruction eval, generation): halve with BOX while the short side >= 2
     size, BICUBIC-resize the short side to size (rounding), centre crop."""

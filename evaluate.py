@@ -1277,7 +1277,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    args.num_workers = data.worker_count(args.num_workers, print)
+    if hasattr(args, 'num_workers'):
+        args.num_workers = data.worker_count(args.num_workers, print)
     try:
         return args.func(args)
     except SystemExit:

@@ -28,7 +28,6 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.utils import save_image
-from tqdm import tqdm
 
 import data
 import vtp
@@ -79,23 +78,16 @@ parser.add_argument('--disc-start', type=int, default=None,
 # optimisation: Adam betas (0.5, 0.9) for both nets, constant lr (LDM)
 parser.add_argument('--lr', type=float, default=1e-4, help="decoder learning rate (VA-VAE 1e-4)")
 parser.add_argument('--disc-lr', type=float, default=1e-4, help="discriminator learning rate")
-parser.add_argument('--grad-accum', type=int, default=1, help="micro-steps per optimizer step")
 parser.add_argument('--max-steps', type=int, default=None, help="optimizer steps")
 # system
-parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32'],
-                    help="autocast dtype on CUDA (float32 = the stable fallback; CPU runs fp32)")
-parser.add_argument('--log-every', type=int, default=None, help="steps between log lines")
 parser.add_argument('--eval-every', type=int, default=None,
                     help="steps between val PSNR + grid (0 = off)")
-parser.add_argument('--ckpt-every', type=int, default=None,
-                    help="steps between checkpoints (and the end)")
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------
 # distributed setup: torchrun's environment decides (nccl on CUDA, gloo on CPU, one process without)
 ddp, rank, world_size, local_rank, device = vtp.init_distributed(args.device)
-master = rank == 0
-print0 = lambda *a: print(*a, flush=True) if master else None
+master, print0 = rank == 0, vtp.print0
 torch.manual_seed(args.seed)  # the same D init on every rank (DDP broadcasts it too)
 autocast = vtp.autocast(device, args.dtype)
 
@@ -174,13 +166,7 @@ if ddp:
 
 # -----------------------------------------------------------------------------
 # data: images only (no text); deterministic per global sample position, so resume is exact
-try:
-    train_set = data.open_dataset(args.data, split='train', image_size=args.image_size,
-                                  seed=args.seed)
-    val_spec = args.val_data or ('synthetic' if args.data == 'synthetic' else None)
-    val_set = data.open_dataset(val_spec, 'val', args.image_size, args.seed) if val_spec else None
-except (FileNotFoundError, ValueError) as e:
-    raise SystemExit(f"error: {e}")
+train_set, val_set = data.open_train_val(args.data, args.val_data, args.image_size, args.seed)
 val_images = None
 # the first --num-val images
 if master and val_set is not None and args.eval_every and not args.bench:
@@ -314,17 +300,10 @@ if args.bench:  # the train step alone (with the GAN on), one cached step of mic
     del train_decoder, train_disc
     vtp.teardown()
     raise SystemExit(0)
-log_path = os.path.join(args.out_dir, 'log.jsonl')
-if master:
-    # on resume: drops what a killed run logged after its checkpoint
-    vtp.start_log(log_path, start_step)
-    # the stage-1 decoder's PSNR, the baseline to beat
-    if start_step == 0 and val_images is not None:
-        vtp.append_log(log_path, {'step': 0, **evaluate(0)})
+log_path, pbar = vtp.start_log(args.out_dir, start_step, args.max_steps)
+if master and start_step == 0 and val_images is not None:  # the stage-1 decoder: the baseline to beat
+    vtp.append_log(log_path, {'step': 0, **evaluate(0)})
 t0, samples_since = time.time(), 0
-pbar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
-            disable=not master,
-            dynamic_ncols=True)
 for step in pbar:
     micro_batches = []
     for _ in range(args.grad_accum):

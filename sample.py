@@ -43,7 +43,8 @@ vtp.add_run_flags(parser, None,
                   batch_help="samples per batch over all ranks (each rank runs batch-size / world "
                              "of them)",
                   resume_help="'auto': continue an interrupted sampling, keeping the PNGs already "
-                              "written")
+                              "written",
+                  training=False)
 parser.set_defaults(batch_size=32)
 parser.add_argument('--ckpt', required=True,
                     help="train_dit.py ckpt.pt, or an official LightningDiT checkpoint")
@@ -79,8 +80,7 @@ args = parser.parse_args()
 # -----------------------------------------------------------------------------
 # distributed setup: torchrun's environment decides (nccl on CUDA, gloo on CPU, one process without)
 ddp, rank, world_size, local_rank, device = vtp.init_distributed(args.device)
-master = rank == 0
-print0 = lambda *a: print(*a, flush=True) if master else None
+master, print0 = rank == 0, vtp.print0
 per_rank = vtp.split_batch(args.batch_size, world_size, 1)
 
 # -----------------------------------------------------------------------------

@@ -29,7 +29,6 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torchvision.utils import save_image
-from tqdm import tqdm
 
 import data
 import vtp
@@ -89,7 +88,6 @@ parser.add_argument('--uniform-t', action='store_true', help="uniform t instead 
 parser.add_argument('--no-cosine-loss', action='store_true',
                     help="drop LightningDiT's cosine velocity term (on in all VTP configs)")
 # optimisation
-parser.add_argument('--grad-accum', type=int, default=1, help="micro-steps per optimizer step")
 parser.add_argument('--lr', type=float, default=None,
                     help="constant learning rate (no warm-up, no decay)")
 parser.add_argument('--beta2', type=float, default=0.95, help="AdamW beta2 (beta1 0.9)")
@@ -112,20 +110,13 @@ parser.add_argument('--sample-steps', type=int, default=250,
 parser.add_argument('--timestep-shift', type=float, default=0.075,
                     help="preview time shift (VTP 0.075)")
 # system
-parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32'],
-                    help="autocast dtype on CUDA (CPU runs fp32)")
 parser.add_argument('--num-workers', type=int, default=None, help="data loader processes per rank")
-parser.add_argument('--log-every', type=int, default=None,
-                    help="steps between log lines (host syncs)")
-parser.add_argument('--ckpt-every', type=int, default=None,
-                    help="steps between checkpoints (and the end)")
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------
 # distributed setup: torchrun's environment decides (nccl on CUDA, gloo on CPU, one process without)
 ddp, rank, world_size, local_rank, device = vtp.init_distributed(args.device)
-master = rank == 0
-print0 = lambda *a: print(*a, flush=True) if master else None
+master, print0 = rank == 0, vtp.print0
 autocast = vtp.autocast(device, args.dtype)
 text = args.condition == 'text'
 
@@ -349,14 +340,8 @@ positions = data.latent_positions(start_step, G, world_size, rank, args.grad_acc
 loader = DataLoader(train_set, batch_size=b, sampler=positions, num_workers=workers,
                     pin_memory=device.type == 'cuda', persistent_workers=workers > 0)
 batches = iter(loader)
-log_path = os.path.join(args.out_dir, 'log.jsonl')
-if master:
-    # on resume: drops what a killed run logged after its checkpoint
-    vtp.start_log(log_path, start_step)
+log_path, pbar = vtp.start_log(args.out_dir, start_step, args.max_steps)
 t0, samples_since = time.time(), 0
-pbar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
-            disable=not master,
-            dynamic_ncols=True)
 for step in pbar:
     micro_batches = []
     for _ in range(args.grad_accum):

@@ -24,7 +24,6 @@ from dataclasses import replace
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.utils import save_image
-from tqdm import tqdm
 
 import data
 import vtp
@@ -38,7 +37,7 @@ RECIPES = {
     'tiny': dict(image_size=64, global_crop_size=64, local_crop_size=32, n_local_crops=4,
                  batch_size=64,
                  ssl_frac=1 / 2, rec_frac=1 / 2, lr=2e-3, weight_decay=0.05, warmup_steps=50,
-                 max_steps=1000, prototypes=64, teacher_momentum=0.99, teacher_momentum_final=0.99,
+                 max_steps=2000, prototypes=64, teacher_momentum=0.99, teacher_momentum_final=0.99,
                  teacher_temp_warmup_steps=300, color_jitter=0.5, grayscale_p=0.0,
                  perceptual='none',
                  freeze_last_layer_steps=0, patch_embed_lr_mult=1.0, log_every=10, eval_every=100,
@@ -59,7 +58,10 @@ vtp.add_run_flags(parser, 'out/tokenizer',
                   "start from its weights instead of a random init (continued "
                   "pre-training; its sizes win over --size)",
                   batch_help="global batch B_clip (paper 16k): "
-                  "image-text pairs per optimizer step over all ranks and --grad-accum micro-steps")
+                  "image-text pairs per optimizer step over all ranks and --grad-accum micro-steps",
+                  accum_help="micro-steps per optimizer step; exact: CLIP sees the whole step's batch "
+                  "(OpenCLIP accum_freq: one more encoder + text forward), the teacher and Sinkhorn-Knopp "
+                  "too; KoLeo stays per micro-batch")
 # model
 parser.add_argument('--size', default='tiny', choices=list(vtp.VTP_CONFIGS), help="model preset")
 parser.add_argument('--patch-size', type=int, default=None,
@@ -142,12 +144,6 @@ parser.add_argument('--warmup-steps', type=int, default=None,
                     help="linear lr warm-up, then cosine to 0")
 parser.add_argument('--max-steps', type=int, default=None,
                     help="optimizer steps (paper ~1.1B samples)")
-parser.add_argument('--grad-accum', type=int, default=1,
-                    help="micro-steps per optimizer step; exact: "
-                    "CLIP sees the whole step's batch (OpenCLIP accum_freq, which costs one more "
-                    "encoder "
-                    "+ text forward), the teacher and Sinkhorn-Knopp too; KoLeo stays per "
-                    "micro-batch")
 parser.add_argument('--grad-clip', type=float, default=3.0,
                     help="grad-norm clip (DINOv2 3.0); 0 = off")
 parser.add_argument('--clip-per-module', action=argparse.BooleanOptionalAction, default=True,
@@ -170,14 +166,9 @@ parser.add_argument('--grad-checkpointing', action='store_true',
                     help="activation checkpointing of every "
                     "transformer block: ~1/3 more compute, activations of one block at a time")
 # system
-parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32'],
-                    help="autocast dtype on CUDA (CPU runs fp32)")
-parser.add_argument('--log-every', type=int, default=None, help="steps between log lines")
 parser.add_argument('--eval-every', type=int, default=None,
                     help="steps between val PSNR / zero-shot "
                     "(0 = off)")
-parser.add_argument('--ckpt-every', type=int, default=None,
-                    help="steps between checkpoints (and the end)")
 parser.add_argument('--keep-every', type=int, default=0,
                     help="also keep ckpt_STEP.pt every N steps (the "
                     "checkpoints of one run at several budgets, as scripts/ablation.py compares "
@@ -191,8 +182,7 @@ for k, v in recipe.items():
 # -----------------------------------------------------------------------------
 # distributed setup: torchrun's environment decides (nccl on CUDA, gloo on CPU, one process without)
 ddp, rank, world_size, local_rank, device = vtp.init_distributed(args.device)
-master = rank == 0
-print0 = lambda *a: print(*a, flush=True) if master else None
+master, print0 = rank == 0, vtp.print0
 torch.manual_seed(args.seed)  # the same init on every rank (DDP also broadcasts it)
 autocast = vtp.autocast(device, args.dtype)
 
@@ -285,13 +275,7 @@ train_model = DDP(fwd, device_ids=[local_rank] if device.type == 'cuda' else Non
 
 # -----------------------------------------------------------------------------
 # data: every micro-batch is built in workers from the global sample positions it covers
-try:
-    train_set = data.open_dataset(args.data, split='train', image_size=args.image_size,
-                                  seed=args.seed)
-    val_spec = args.val_data or ('synthetic' if args.data == 'synthetic' else None)
-    val_set = data.open_dataset(val_spec, 'val', args.image_size, args.seed) if val_spec else None
-except (FileNotFoundError, ValueError) as e:
-    raise SystemExit(f"error: {e}")
+train_set, val_set = data.open_train_val(args.data, args.val_data, args.image_size, args.seed)
 workers = data.worker_count(args.num_workers, print0)
 loader = data.TrainLoader(train_set, tokenizer, image_size=args.image_size,
                           global_size=args.global_crop_size,
@@ -525,15 +509,9 @@ if args.bench:  # the train step alone, on one cached step of micro-batches
     vtp.teardown()
     raise SystemExit(0)
 
-log_path = os.path.join(args.out_dir, 'log.jsonl')
-if master:
-    # on resume: drops what a killed run logged after its checkpoint
-    vtp.start_log(log_path, start_step)
+log_path, pbar = vtp.start_log(args.out_dir, start_step, args.max_steps)
 meter = vtp.Meter()
 t0, samples_since = time.time(), 0
-pbar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
-            disable=not master,
-            dynamic_ncols=True)
 for step in pbar:
     micro_batches = [to_device(next(batches)) for _ in range(k_acc)]
     for mb in micro_batches:

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 import torch.utils.checkpoint
+from tqdm import tqdm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -1744,6 +1745,12 @@ def init_distributed(device='auto'):
     return ddp, rank, world_size, local_rank, device
 
 
+def print0(*args):
+    """print on rank 0 only (flushed: torchrun interleaves the ranks' output)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
 def teardown():
     """End of a run on every rank: wait for the others, then close the process group (call after
     releasing the DDP wrappers: they hold the group, and gloo may abort at exit if they outlive
@@ -1771,27 +1778,31 @@ TOKENIZER_HELP = "a VTP checkpoint, ours (ckpt.pt of stage 1 or 2) or an officia
 
 
 def add_run_flags(parser, out_dir, tokenizer, tokenizer_default=None, batch_help=None,
-                  resume_help=None):
+                  resume_help=None, accum_help=None, training=True):
     """The flags every stage script shares, defined once so that they mean the same everywhere."""
-    parser.add_argument('--tokenizer', default=tokenizer_default,
-                        help=f"{TOKENIZER_HELP}: {tokenizer}")
-    parser.add_argument('--batch-size', type=int, default=None,
-                        help=batch_help or "global batch: samples per optimizer step over all "
-                                           "ranks and "
-                        "--grad-accum micro-steps (the per-rank sizes are derived and printed)")
+    parser.add_argument('--tokenizer', default=tokenizer_default, help=f"{TOKENIZER_HELP}: {tokenizer}")
+    parser.add_argument('--batch-size', type=int, default=None, help=batch_help or
+                        "global batch: samples per optimizer step over all ranks and --grad-accum "
+                        "micro-steps (the per-rank sizes are derived and printed)")
     parser.add_argument('--resume', default=None, help=resume_help or
                         "a ckpt.pt to continue, or 'auto': OUT_DIR/ckpt.pt if there is one")
-    parser.add_argument('--out-dir', default=out_dir,
-                        help="where the run writes (one run per folder)")
+    parser.add_argument('--out-dir', default=out_dir, help="where the run writes (one run per folder)")
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'],
                         help="auto: CUDA if available, else CPU")
-    parser.add_argument('--seed', type=int, default=0,
-                        help="seed of the initialisation and of every "
+    parser.add_argument('--seed', type=int, default=0, help="seed of the initialisation and of every "
                         "random choice of the data (they depend on (seed, sample position) only)")
     parser.add_argument('--compile', action='store_true', help="torch.compile the model (CUDA)")
-    parser.add_argument('--bench', type=int, default=0,
-                        help="time this many steps on cached inputs, print "
+    parser.add_argument('--bench', type=int, default=0, help="time this many steps on cached inputs, print "
                         "throughput, peak memory and MFU, and exit (no data, logs or checkpoints)")
+    if training:
+        parser.add_argument('--grad-accum', type=int, default=1,
+                            help=accum_help or "micro-steps per optimizer step")
+        parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32'],
+                            help="autocast dtype on CUDA (float32: the stable fallback; CPU runs fp32)")
+        parser.add_argument('--log-every', type=int, default=None,
+                            help="steps between log lines (the only host syncs)")
+        parser.add_argument('--ckpt-every', type=int, default=None,
+                            help="steps between checkpoints (and one at the end)")
 
 
 def split_batch(batch_size, world_size, grad_accum, name='--batch-size'):
@@ -1942,15 +1953,22 @@ def save_checkpoint(ckpt, path):
                          f"checkpoint is untouched") from None
 
 
-def start_log(log_path, start_step):
-    """A fresh log.jsonl for a new run; on resume, drop the lines a killed run wrote after its
-    checkpoint, so the log reads as one uninterrupted run. Rank 0 only."""
-    kept = []
-    if start_step > 0 and os.path.exists(log_path):
-        with open(log_path) as f:
-            kept = [line for line in f if json.loads(line)['step'] <= start_step]
-    with open(log_path, 'w') as f:
-        f.writelines(kept)
+def start_log(out_dir, start_step, max_steps):
+    """OUT_DIR/log.jsonl, fresh for a new run; on resume, without the lines a killed run wrote after its
+    checkpoint, so the log reads as one uninterrupted run (rank 0). Returns its path and the progress
+    bar of the loop (shown on rank 0)."""
+
+    log_path = os.path.join(out_dir, 'log.jsonl')
+    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if rank0:
+        kept = []
+        if start_step > 0 and os.path.exists(log_path):
+            with open(log_path) as f:
+                kept = [line for line in f if json.loads(line)['step'] <= start_step]
+        with open(log_path, 'w') as f:
+            f.writelines(kept)
+    return log_path, tqdm(range(start_step, max_steps), initial=start_step, total=max_steps,
+                          disable=not rank0, dynamic_ncols=True)
 
 
 def append_log(log_path, record):

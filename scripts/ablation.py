@@ -62,6 +62,13 @@ parser.add_argument('--cfg-scale', type=float, default=1.0,
                     help="sampling guidance (1 = none, as the "
                     "paper's gFID)")
 parser.add_argument('--sample-steps', type=int, default=50, help="Euler time points of the samples")
+parser.add_argument('--eval-images', type=int, default=10000, help="images of the linear probe's train set "
+                    "(its val set and the reconstruction metrics use a tenth, at least 64)")
+parser.add_argument('--condition', default='class', choices=['class', 'text'], help="the DiTs: class- or "
+                    "text-conditional (fig. 8: text on the synthetic captions, prompts 'a {class}.')")
+parser.add_argument('--text-encoder', default=None, help="--condition text: one VTP text tower for every "
+                    "DiT, so that only the latents differ (default: the CLIP+SSL+AE tokenizer's last "
+                    "checkpoint; AE-only tokenizers have none)")
 parser.add_argument('--tokenizer-args', default='', help="more flags for train_tokenizer.py")
 parser.add_argument('--dit-args', default='', help="more flags for train_dit.py")
 parser.add_argument('--launch', default=sys.executable, help="how a stage script is started, e.g. "
@@ -126,6 +133,12 @@ for name in args.objectives.split(','):
 
 # -----------------------------------------------------------------------------
 # 2. on every kept checkpoint: understanding, reconstruction, generation at equal DiT compute
+text_encoder = args.text_encoder or os.path.join(args.out_dir, 'CLIP_SSL_AE', f'ckpt_{max(budgets):06d}.pt')
+prompts_file = os.path.join(args.out_dir, 'prompts.txt')
+if args.condition == 'text':
+    import data
+    with open(prompts_file, 'w') as f:
+        f.writelines(f"a {c}.\n" for c in data.SyntheticDataset.class_names)
 for name in args.objectives.split(','):
     out = os.path.join(args.out_dir, name.replace('+', '_'))
     kept = sorted(f for f in os.listdir(out) if f.startswith('ckpt_') and f.endswith('.pt'))
@@ -150,7 +163,7 @@ for name in args.objectives.split(','):
                                    '--no-fid',
                                    '--lpips', 'none', '--num-images', 1000)['psnr']
             if args.dit_data == 'synthetic':
-                rec['rfd_judge'] = reconstruction_fd(ckpt)
+                rec['rfd_judge'] = reconstruction_fd(ckpt, max(64, args.eval_images // 10))
             dit = os.path.join(out, f'dit_{step:06d}_seed{seed}')
             dit_flags = ['--tokenizer', ckpt, '--data', args.dit_data, '--out-dir', dit, '--seed',
                          seed,
@@ -158,6 +171,10 @@ for name in args.objectives.split(','):
                              f'latents_{step:06d}')]
             if args.dit_steps:
                 dit_flags += ['--max-steps', args.dit_steps]
+            sample_flags = []
+            if args.condition == 'text':
+                dit_flags += ['--condition', 'text', '--text-encoder', text_encoder]
+                sample_flags = ['--prompts', prompts_file]
             if not os.path.exists(os.path.join(dit, 'ckpt.pt')):
                 run('train_dit.py', *dit_flags, *shlex.split(args.dit_args))
             samples = os.path.join(dit, 'samples')

@@ -341,3 +341,26 @@ def test_fid_rejects_mismatched_sizes(tmp_path):
                      str(tmp_path / 'ref32.npz'),
                      '--random-inception', '--num-workers', '0'])
     assert 'different sizes' in msg
+
+
+def test_synthetic_judge_ranks_real_below_noised(tmp_path):
+    """The judge's Fréchet distance to real val images: other real images < lightly noised < heavily
+    noised; and the class accuracy of real images labelled as sample.py would label them is ~100 %."""
+    x, y = E.synthetic_images('train', 300, 64)  # other images than the val reference
+    g = torch.Generator().manual_seed(0)
+    noisy = lambda s: (x.float() + s * torch.randn(x.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    fd = {}
+    for name, imgs in (('real', x), ('light', noisy(15)), ('heavy', noisy(60))):
+        np.savez(tmp_path / f'{name}.npz', arr_0=imgs.permute(0, 2, 3, 1).numpy())
+        r = E.main(['synthetic', '--samples', str(tmp_path / f'{name}.npz'), '--num-real', '300',
+                    '--no-targets'])
+        fd[name] = r['fd_judge']
+    assert fd['real'] < fd['light'] < fd['heavy'], fd
+    # sample.py's labels (sample i asks for class i % 20): the first 20 train images sorted by label
+    order = torch.cat([torch.nonzero(y == c)[0] for c in range(20)])
+    (tmp_path / 'cls').mkdir()
+    np.savez(tmp_path / 'cls' / 'samples.npz', arr_0=x[order].permute(0, 2, 3, 1).numpy())
+    (tmp_path / 'cls' / 'sample_args.json').write_text(json.dumps({'labels': None,
+                                                                  'dit_config': {'num_classes': 20}}))
+    r = E.main(['synthetic', '--samples', str(tmp_path / 'cls' / 'samples.npz'), '--num-real', '64'])
+    assert r['class_accuracy'] == 100.0

@@ -44,7 +44,7 @@ def test_shared_flags_mean_the_same_everywhere():
     for script in TRAINING:  # every training script has all of them
         for flag in SHARED:
             assert flag_help(helps[script], flag), (script, flag)
-    canonical = {'--tokenizer': vtp.TOKENIZER_HELP, '--resume': "a ckpt.pt to continue, or 'auto'",
+    canonical = {'--tokenizer': vtp.TOKENIZER_HELP, '--resume': "'auto'",
                  '--out-dir': "where the run writes", '--device': "auto: CUDA if available",
                  '--seed': "seed of the initialisation", '--compile': "torch.compile the model",
                  '--bench': "time this many steps"}
