@@ -34,17 +34,20 @@ import vtp
 # DINOv2 (SSL views, heads, teacher): those values are assumptions, marked "assumed" in --help.
 # tiny: what makes every objective learn within minutes on a CPU (measured, README "Quick start").
 RECIPES = {
-    'tiny': dict(image_size=64, global_crop_size=64, local_crop_size=32, n_local_crops=4, batch_size=64,
+    'tiny': dict(image_size=64, global_crop_size=64, local_crop_size=32, n_local_crops=4,
+                 batch_size=64,
                  ssl_frac=1 / 2, rec_frac=1 / 2, lr=2e-3, weight_decay=0.05, warmup_steps=50,
                  max_steps=2000, prototypes=64, teacher_momentum=0.99, teacher_momentum_final=0.99,
                  teacher_temp=0.04, teacher_temp_warmup_steps=0, color_jitter=0.5, grayscale_p=0.0,
-                 perceptual='none', freeze_last_layer_steps=0, patch_embed_lr_mult=1.0, log_every=10,
+                 perceptual='none', freeze_last_layer_steps=0, patch_embed_lr_mult=1.0,
+                 log_every=10,
                  eval_every=100, ckpt_every=200, num_workers=1, num_val=512),
     'paper': dict(image_size=256, global_crop_size=224, local_crop_size=96, n_local_crops=8,
                   batch_size=16384, ssl_frac=1 / 4, rec_frac=1 / 8, lr=5e-4, weight_decay=0.2,
                   warmup_steps=10000, max_steps=67000, prototypes=65536, teacher_momentum=0.992,
                   teacher_momentum_final=1.0, teacher_temp=0.07, teacher_temp_warmup_steps=37500,
-                  color_jitter=1.0, grayscale_p=0.2, perceptual='lpips', freeze_last_layer_steps=1250,
+                  color_jitter=1.0, grayscale_p=0.2, perceptual='lpips',
+                  freeze_last_layer_steps=1250,
                   patch_embed_lr_mult=0.2, log_every=50, eval_every=2000, ckpt_every=1000,
                   num_workers=8, num_val=10000),
 }
@@ -56,8 +59,10 @@ vtp.add_run_flags(parser, 'out/tokenizer',
                   "pre-training; its sizes win over --size)",
                   batch_help="global batch B_clip (paper 16k): "
                   "image-text pairs per optimizer step over all ranks and --grad-accum micro-steps",
-                  accum_help="micro-steps per optimizer step; exact: CLIP sees the whole step's batch "
-                  "(OpenCLIP accum_freq: one more encoder + text forward), the teacher and Sinkhorn-Knopp "
+                  accum_help="micro-steps per optimizer step; exact: CLIP sees the whole step's "
+                             "batch "
+                  "(OpenCLIP accum_freq: one more encoder + text forward), the teacher and "
+                  "Sinkhorn-Knopp "
                   "too; KoLeo stays per micro-batch")
 # model
 parser.add_argument('--size', default='tiny', choices=list(vtp.VTP_CONFIGS), help="model preset")
@@ -125,7 +130,8 @@ parser.add_argument('--teacher-momentum', type=float, default=None,
                     "cosine to --teacher-momentum-final (DINOv2 0.992 -> 1)")
 parser.add_argument('--teacher-momentum-final', type=float, default=None,
                     help="... at the last step")
-parser.add_argument('--teacher-temp', type=float, default=None, help="teacher temperature after the warm-up "
+parser.add_argument('--teacher-temp', type=float, default=None,
+                    help="teacher temperature after the warm-up "
                     "(DINOv2 0.07; tiny 0.04: DINOv2 is still at 0.04 that early in its warm-up)")
 parser.add_argument('--teacher-temp-warmup', type=float, default=0.04,
                     help="... at step 0 (DINOv2)")
@@ -198,8 +204,7 @@ for name, on, size, frac in (('ssl', use_ssl, args.ssl_batch_size, args.ssl_frac
     n = (size if size is not None else int(B * frac)) if on else 0
     if on and (n < parts or B % n or n % parts):
         raise SystemExit(f"error: --{name}-batch-size {n} must divide --batch-size {B} and split "
-                         "over "
-                         f"{world_size} rank(s) x {k_acc} micro-step(s)")
+                         f"over {world_size} rank(s) x {k_acc} micro-step(s)")
     subset[name] = n
 
 # -----------------------------------------------------------------------------
@@ -218,8 +223,8 @@ for field, value in (('patch_size', args.patch_size), ('bottleneck_dim', args.bo
         cfg = replace(cfg, **{field: value})
 if init is None:
     cfg = replace(cfg, qk_norm=not args.no_qk_norm, decoder_qk_norm=not args.no_qk_norm)
-tokenizer = data.get_tokenizer(cfg.text_tokenizer, cfg.text_context_length,
-                               args.bpe_path) if use_clip else None
+tokenizer = data.get_tokenizer(cfg.text_tokenizer, cfg.text_context_length, args.bpe_path) \
+    if use_clip else None
 cfg = replace(cfg, image_size=args.image_size, train_clip=use_clip, train_ssl=use_ssl,
               train_reconstruction=use_rec, dino_out_dim=args.prototypes,
               text_vocab_size=tokenizer.vocab_size if tokenizer else cfg.text_vocab_size)
@@ -245,8 +250,7 @@ if use_ssl:  # EMA teacher: encoder + heads, started as a copy of the student (D
 perceptual = vtp.make_lpips(args.perceptual, device, verbose=master) if use_rec else None
 groups = vtp.param_groups(model, args.weight_decay, args.layer_decay, args.patch_embed_lr_mult)
 optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6, fused=True)
-# what is clipped together: the encoder, the decoder, the text tower with the CLIP projections, the
-# heads
+# clipped together: the encoder, the decoder, the text tower with the CLIP projections, the heads
 part = lambda n: 'encoder' if n.startswith('trunk.') else 'decoder' if n.startswith('pixel_decoder.') \
     else 'heads' if n.startswith(('dino_head.', 'ibot_head.')) else 'text'
 clip_parts = {}
@@ -280,11 +284,10 @@ loader = data.TrainLoader(train_set, tokenizer, image_size=args.image_size,
                           local_size=args.local_crop_size, n_local=args.n_local_crops,
                           global_batch=B,
                           ssl_batch=subset['ssl'], rec_batch=subset['rec'], world_size=world_size,
-                          rank=rank,
-                          grad_accum=k_acc, seed=args.seed, start_step=start_step,
-                          num_workers=workers,
-                          patch_size=cfg.patch_size, clip=use_clip, jitter=args.color_jitter,
-                          gray_p=args.grayscale_p, shuffle_buffer=args.shuffle_buffer)
+                          rank=rank, grad_accum=k_acc, seed=args.seed, start_step=start_step,
+                          num_workers=workers, patch_size=cfg.patch_size, clip=use_clip,
+                          jitter=args.color_jitter, gray_p=args.grayscale_p,
+                          shuffle_buffer=args.shuffle_buffer)
 batches = iter(loader)
 n_ssl = subset['ssl'] // parts  # per micro-batch
 
