@@ -497,20 +497,21 @@ def reconstruct(model, x, device):
 
 @torch.no_grad()
 def reconstruction_metrics(model, batches, device='cpu', inception=None, lpips_net=None,
-                           max_images=0):
+                           max_images=0, judge=None):
     """Mean PSNR / SSIM / LPIPS and rFID of a tokenizer's reconstructions. batches:
     ImageNet-normalised images (dicts with 'images' as data.eval_batches yields, (images, labels)
     pairs, or tensors). rFID (needs `inception`) compares uint8-truncated originals with
     uint8-truncated reconstructions; LPIPS (needs `lpips_net`, e.g. vtp.make_lpips) runs on [-1, 1].
-    Returns a dict; missing parts are None."""
+    judge (the synthetic world's, labelled batches): the % of reconstructions it recognises as their
+    image's class, i.e. whether the tokenizer keeps what the image is. Missing parts are None."""
     device = torch.device(device)
     if not getattr(model.config, 'train_reconstruction', True) or not hasattr(model,
         'pixel_decoder'):
         raise ValueError("this tokenizer has no pixel decoder (trained without reconstruction)")
     sums, n, skipped = {'psnr': 0.0, 'ssim': 0.0, 'lpips': 0.0}, 0, {}
-    real_f, fake_f = [], []
+    real_f, fake_f, recognised = [], [], 0
     for batch in batches:
-        x, _, skip = unpack(batch)
+        x, labels, skip = unpack(batch)
         data.add_counts(skipped, skip)
         if x is None or len(x) == 0:
             continue
@@ -524,13 +525,17 @@ def reconstruction_metrics(model, batches, device='cpu', inception=None, lpips_n
         if inception is not None:
             real_f.append(inception(to_uint8(x))[0].double().cpu())
             fake_f.append(inception(to_uint8(rec))[0].double().cpu())
+        if judge is not None:
+            pred = judge_features(judge, to_uint8(rec).cpu())[1]
+            recognised += (pred == labels[:len(x)].cpu()).sum().item()
         n += len(x)
         if max_images and n >= max_images:
             break
     if n == 0:
         raise ValueError("no images to reconstruct")
     res = {'num_images': n, 'skipped': skipped, 'psnr': sums['psnr'] / n, 'ssim': sums['ssim'] / n,
-           'lpips': sums['lpips'] / n if lpips_net is not None else None, 'rfid': None}
+           'lpips': sums['lpips'] / n if lpips_net is not None else None, 'rfid': None,
+           'judge_recognised': 100 * recognised / n if judge is not None else None}
     if inception is not None:
         real_f, fake_f = torch.cat(real_f).numpy(), torch.cat(fake_f).numpy()  # (n, 2048) each
         res['rfid'], res['rfid_method'] = fid_from_features(real_f, fake_f)
@@ -718,7 +723,7 @@ class SyntheticJudge(nn.Module):
 def synthetic_images(split, n, image_size=64, seed=0, degrade=False):
     """The first n images of the synthetic split as uint8 (n, 3, S, S) and their labels (n,).
     degrade: half of them blurred or down- and up-sampled (the judge's training augmentation)."""
-    ds = data.SyntheticDataset(split, image_size=image_size, seed=seed)
+    ds = data.SyntheticDataset(split, length=n, image_size=image_size, seed=seed)  # val: any n
     rng = np.random.default_rng(seed)
     xs, ys = [], []
     for i in range(n):
@@ -932,7 +937,9 @@ def cmd_recon(args):
     lpips_net = vtp.make_lpips(args.lpips, device=device)
     batches = data.eval_batches(dataset, args.batch_size, S, limit=args.num_images,
                                 num_workers=args.num_workers)
-    res = reconstruction_metrics(model, batches, device, inception, lpips_net, args.num_images)
+    judge = synthetic_judge(S) if args.data == 'synthetic' else None  # no download: always on
+    res = reconstruction_metrics(model, batches, device, inception, lpips_net, args.num_images,
+                                 judge)
     if lpips_net is None:
         res['lpips'] = 'unavailable' if args.lpips != 'none' else 'off'
     result = {**header(args, 'recon', device), 'tokenizer': os.path.abspath(args.tokenizer),
@@ -947,10 +954,13 @@ def cmd_recon(args):
               'lpips_def': 'LPIPS-VGG (lpips package) on [-1,1]',
               'rfid_def': (None if inception is None else
                            {'images': 'originals vs reconstructions, uint8 by truncation of x*255',
-                            'count': res['num_images'], **inception.info})}
+                            'count': res['num_images'], **inception.info}),
+              'judge_def': 'the synthetic judge (see `synthetic`): % of uint8 reconstructions given '
+                           'their original class' if judge else None}
     print_table(f"reconstruction ({res['num_images']} images, {S}px, skipped {res['skipped'] or 0})",
                 [('rFID', res['rfid'] if res['rfid'] is not None else 'off'), ('PSNR', res['psnr']),
-                 ('SSIM', res['ssim']), ('LPIPS', res['lpips'])])
+                 ('SSIM', res['ssim']), ('LPIPS', res['lpips'])]
+                + ([('judge recognises (%)', res['judge_recognised'])] if judge else []))
     if inception is not None:
         print(f"note: {ADM_NOTE}")
     write_json(result, default_out(args, 'recon'))

@@ -14,8 +14,9 @@ An official LightningDiT checkpoint (its latent stats file and tokenizer given e
     python sample.py --ckpt lightningdit.pt --dit-config DiT-XL/1 --latent-stats latents_stats.pt
     --tokenizer vtp-l
 The noise of sample i comes from a generator seeded by (seed, i) and the samples of batch k are
-split over the ranks, so the images do not depend on the number of ranks. --resume auto keeps the
-PNGs already there.
+split over the ranks, so the images do not depend on the number of ranks (bit for bit when each
+rank runs the same batch shape; a different per-rank batch changes only float rounding in the
+matrix products). --resume auto keeps the PNGs already there.
 """
 import argparse
 import json

@@ -1754,10 +1754,26 @@ def print0(*args):
 def teardown():
     """End of a run on every rank: wait for the others, then close the process group (call after
     releasing the DDP wrappers: they hold the group, and gloo may abort at exit if they outlive
-    it)."""
+    it), and give back the run folder's lock."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    release_locks()
+
+
+_LOCKS = []  # run-folder locks this process holds (see open_run)
+
+
+def release_locks():
+    """Remove our .lock files: at teardown, and at exit for a run that stopped on an exception
+    (a script run twice in one process, as the tests do, must find its folder free)."""
+    while _LOCKS:
+        lock = _LOCKS.pop()
+        if os.path.exists(lock):
+            os.remove(lock)
+
+
+atexit.register(release_locks)
 
 
 def fail(msg):
@@ -1835,20 +1851,19 @@ def open_run(out_dir, resume, master):
             except FileExistsError:
                 owner = _lock_owner(lock)
                 if owner is not None:
-                    raise SystemExit(f"error: {out_dir} is in use by {owner} (its .lock); wait for "
-                                     "it, "
-                                     f"or choose another --out-dir") from None
+                    raise SystemExit(f"error: {out_dir} is in use by {owner} (its .lock); "
+                                     "wait for it, or choose another --out-dir") from None
                 os.remove(lock)  # left behind by a killed run
         with os.fdopen(fd, 'w') as f:
             f.write(f"{socket.gethostname()} {os.getpid()}\n")
     except OSError as e:
         raise SystemExit(f"error: cannot write to --out-dir {out_dir} ({e.strerror or e})") from None
-    atexit.register(lambda: os.path.exists(lock) and os.remove(lock))
-    if path is None and any(os.path.exists(os.path.join(out_dir, f)) for f in ('ckpt.pt',
-        'log.jsonl')):
+    _LOCKS.append(lock)
+    if path is None and any(os.path.exists(os.path.join(out_dir, f))
+                            for f in ('ckpt.pt', 'log.jsonl')):
+        release_locks()
         raise SystemExit(f"error: {out_dir} holds a run already; pass --resume auto to continue "
-                         "it, or "
-                         f"another --out-dir")
+                         "it, or another --out-dir")
     return path
 
 

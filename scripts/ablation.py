@@ -4,25 +4,22 @@ generation?
 
 For each objective set (AE, CLIP+AE, SSL+AE, CLIP+SSL+AE) one tokenizer is pre-trained
 (train_tokenizer.py; its checkpoints at each of --budgets steps are kept), and on each checkpoint:
-  understanding   zero-shot top-1 and the bottleneck linear probe (evaluate.py zeroshot / linprobe)
-  reconstruction  PSNR (evaluate.py recon) and rFD: the judge's Fréchet distance of reconstructions
-  generation      the same DiT at equal compute (train_dit.py, --dit-steps), samples (sample.py),
-  judged
-                  by a CNN trained on real synthetic images (evaluate.py synthetic: FD, class
-                  accuracy)
+  understanding   zero-shot top-1 and the bottleneck linear probe (evaluate.py zeroshot, linprobe)
+  reconstruction  PSNR (evaluate.py recon) and rFD, the judge's Fréchet distance of reconstructions
+  generation      the same DiT at equal compute (train_dit.py --dit-steps), its samples (sample.py)
+                  judged by a CNN trained on real synthetic images (evaluate.py synthetic: FD and
+                  class accuracy)
   compute         the pre-training FLOPs of the checkpoint
 The last budget's DiTs are trained with --dit-seeds seeds, to compare differences with the spread
 between seeds. Results: OUT_DIR/results.jsonl (one line per checkpoint and DiT seed), fig. 2
 (generation vs understanding) and fig. 5 (generation vs pre-training FLOPs, a line per objective
 set) in ablation.png. A killed run continues where it stopped (finished stages are skipped).
 
-    python scripts/ablation.py                     # tiny on the synthetic data, CPU (README: the
-    figures)
+    python scripts/ablation.py        # tiny on the synthetic data, CPU (README: the figures)
     python scripts/ablation.py --size S --data /data/datacomp/{00000..00999}.tar \\
-        --dit-data /data/imagenet/train --budgets 5000,10000,20000 --tokenizer-args "--batch-size
-        4096" \\
-        --dit-args "--model DiT-B/1 --batch-size 256" --dit-steps 20000 --launch "torchrun
-        --nproc_per_node 8"
+        --dit-data /data/imagenet/train --budgets 5000,10000,20000 \\
+        --tokenizer-args "--batch-size 4096" --dit-args "--model DiT-B/1 --batch-size 256" \\
+        --dit-steps 20000 --launch "torchrun --nproc_per_node 8"
 (S/B/L on real data: the `synthetic` judge only knows the toy world; use evaluate.py fid on the
 samples.)
 """
@@ -86,7 +83,7 @@ def run(script, *argv, launch=None):
     """A stage script in its own process; stops the ablation with its last lines if it fails."""
     cmd = shlex.split(launch or args.launch) + [os.path.join(ROOT, script)] + [str(a) for a in argv]
     print('$', ' '.join(cmd), flush=True)
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True)  # in our cwd: --out-dir is relative to it
     if p.returncode != 0:
         raise SystemExit(f"error: {script} failed:\n{(p.stdout + p.stderr)[-3000:]}")
     return p.stdout
@@ -112,11 +109,11 @@ def reconstruction_fd(ckpt, n=1000):
     rec = []
     for xb in x.split(100):
         z = tok.encode(data.normalize(list(xb.permute(0, 2, 3, 1).numpy())))
-        # truncation
+        # quantised to uint8 like the PNGs of the samples it is compared with
         rec.append((vtp.to_unit_range(tok.decode(z)).clamp(0, 1) * 255).to(torch.uint8))
     judge = E.synthetic_judge(S)
-    return E.fid_from_features(E.judge_features(judge, torch.cat(rec))[0], E.judge_features(judge,
-        x)[0])[0]
+    fake, real = E.judge_features(judge, torch.cat(rec))[0], E.judge_features(judge, x)[0]
+    return E.fid_from_features(fake, real)[0]
 
 
 # -----------------------------------------------------------------------------

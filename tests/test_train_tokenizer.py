@@ -18,7 +18,9 @@ from PIL import Image
 import vtp
 
 ROOT = Path(__file__).resolve().parents[1]
-# the conftest run (400 steps), measured: see README "Tests"
+# the conftest run (400 steps) measured: DINO 0.76 ln K, iBOT 0.875 x its start, Sinkhorn target
+# entropy 0.58 ln K, CLIP 2.05 (ln 64 = 4.16 at chance), zero-shot 28.5 % (chance 5), PSNR 18.4 dB
+# (17.6 at step 200). An objective that does not learn stays at ~1 ln K, 1x, ln K, 4.16, 5 %.
 DINO_MAX, IBOT_MAX, TARGET_ENTROPY_MAX, CLIP_MAX, ZEROSHOT_MIN, PSNR_MIN = 0.9, 0.95, 0.8, 3.0, 15, 17
 # a small stage-1 run: every objective on, batch 16 (the tiny recipe's halves: 8 SSL, 8 rec)
 SMALL = ['--size', 'tiny', '--batch-size', '16', '--num-workers', '0', '--eval-every', '0',
@@ -52,7 +54,10 @@ def test_tiny_run_learns_every_objective(tiny_tokenizer):
     out = tiny_tokenizer.parent
     log = read_log(out)
     train = [r for r in log if 'loss' in r]
-    first, last = train[0], {k: sum(r[k] for r in train[-5:]) / 5 for k in train[-1] if k != 'step'}
+    first = train[0]
+    keys = ('loss_dino', 'loss_ibot', 'loss_clip', 'loss_koleo', 'ssl_target_entropy',
+            'teacher_distance')
+    last = {k: sum(r[k] for r in train[-5:]) / 5 for k in keys}  # mean of the last 5 log lines
     lnK = math.log(64)
     assert first['loss_dino'] > 0.95 * lnK and last['loss_dino'] < DINO_MAX * lnK, (first, last)
     assert last['loss_ibot'] < IBOT_MAX * first['loss_ibot'], (first['loss_ibot'], last['loss_ibot'])
@@ -95,7 +100,7 @@ def test_objective_off_builds_nothing_and_trains(tmp_path):
     """The AE-only ablation (§4.3): no text tower, no SSL heads, no teacher; only reconstruction is logged."""
     run(SMALL + ['--max-steps', '2', '--lambda-clip', '0', '--lambda-ssl', '0'], tmp_path)
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
-    assert ckpt['teacher'] is None
+    assert ckpt['ema'] is None  # the SSL teacher
     assert not any(k.startswith(('text_transformer', 'dino_head',
                                  'visual_proj')) for k in ckpt['model'])
     assert {'loss_rec',
@@ -154,14 +159,18 @@ def test_bad_folder_trains_and_reports_skips(tmp_path):
 
 
 def test_non_finite_loss_stops_with_clear_message(tmp_path):
-    args = SMALL + ['--max-steps', '40', '--ckpt-every', '1', '--lr', '1e30', '--warmup-steps', '1',
-                    '--grad-clip', '0']
-    p = run(args, tmp_path, check=False)
+    """A run resumed with an absurd learning rate blows up: it stops in one line naming the values,
+    and the checkpoint on disk (step 2) is still the finite one."""
+    args = SMALL + ['--grad-clip', '0', '--ckpt-every', '1']
+    run(args + ['--max-steps', '2'], tmp_path)
+    p = run(args + ['--max-steps', '40', '--lr', '1e30', '--resume', 'auto'], tmp_path, check=False)
     assert p.returncode != 0
     msg = p.stdout + p.stderr
-    assert 'non-finite values' in msg and 'no non-finite update was applied' in msg, msg[-1500:]
-    assert 'the last checkpoint' in msg and 'Traceback' not in p.stderr
+    assert 'non-finite values by step 3' in msg and 'no non-finite update was applied' in msg, msg
+    assert 'the last checkpoint' in msg and 'step 2) is intact' in msg
+    assert 'Traceback' not in p.stderr
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == 2
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
 
 
@@ -192,9 +201,13 @@ def test_grad_accum_is_exact(tmp_path):
         params_close(a['model'], b['model'], 2e-4)
         params_close(a['ema'], b['ema'], 2e-4)
         for ra, rb in zip(read_log(tmp_path / 'one'), read_log(tmp_path / other)):
+            # the losses, and the step-1 gradient (same weights), agree to float noise. Later
+            # gradient norms come from weights that Adam's near-sign steps on ~zero gradients made
+            # differ slightly: measured 139.08-139.27 at step 3 for micro-batches of 2, 4, 8, 16
+            tol = {'grad_norm': 1e-4 if ra['step'] == 1 else 3e-3}
             for k in ('loss_clip', 'loss_dino', 'loss_ibot', 'loss_rec', 'grad_norm'):
-                assert abs(ra[k] - rb[k]) < 1e-4 * max(1, abs(ra[k])), (other, ra['step'], k,
-                    ra[k], rb[k])
+                assert abs(ra[k] - rb[k]) < tol.get(k, 1e-4) * max(1, abs(ra[k])), \
+                    (other, ra['step'], k, ra[k], rb[k])
 
 
 def test_flops_count_matches_flop_counter(tmp_path):
