@@ -1155,8 +1155,8 @@ def add_common(p, checkpoint=True):
     p.add_argument('--num-workers', type=int, default=4,
                    help="data loader processes (at most one per CPU)")
     p.add_argument('--out', default=None,
-                   help="result JSON (default: eval_<command>.json next to the "
-                                               "checkpoint, or in the working directory)")
+                   help="result JSON (default: eval_<command>.json next to the checkpoint, or in "
+                   "the working directory)")
 
 
 def add_inception(p):
@@ -1183,7 +1183,8 @@ def build_parser():
     p.add_argument('--image-size', type=int, default=0,
                    help="centre-crop size (default: the tokenizer's)")
     p.add_argument('--lpips', default='auto', choices=['auto', 'lpips', 'none'],
-                   help="LPIPS-VGG: auto = if its weights can be had, lpips = required, none = skip")
+                   help="LPIPS-VGG: auto = if its weights can be had, lpips = required, none = "
+                   "skip")
     p.add_argument('--no-fid', action='store_true', help="skip rFID (no Inception)")
     add_inception(p)
     p.set_defaults(func=cmd_recon)
@@ -1199,11 +1200,10 @@ def build_parser():
     p.add_argument('--image-size', type=int, default=0,
                    help="squash-resize size (default: the tokenizer's)")
     p.add_argument('--classnames', default=None,
-                   help="file, one class name per line in label order "
-                                                      "(default: the dataset's; folder names "
-                                                      "otherwise)")
-    p.add_argument('--templates', default=None, help="file, one prompt template with '{}' per line "
-                                                     "(default: the dataset's)")
+                   help="file, one class name per line in label order (default: the dataset's; "
+                   "folder names otherwise)")
+    p.add_argument('--templates', default=None,
+                   help="file, one prompt template with '{}' per line (default: the dataset's)")
     p.add_argument('--bpe-path', default=None,
                    help="CLIP BPE vocabulary file (bpe_simple_vocab_16e6.txt.gz)")
     p.set_defaults(func=cmd_zeroshot)
@@ -1216,17 +1216,16 @@ def build_parser():
     p.add_argument('--val', default='synthetic',
                    help="'synthetic' or a folder of class sub-folders")
     p.add_argument('--features', default='bottleneck', choices=['bottleneck', 'multilayer'],
-                   help="bottleneck: the d-dim latent (paper figures); multilayer: DINOv2 protocol "
-                        "(Table 2)")
+                   help="bottleneck: the d-dim latent (paper figures); multilayer: DINOv2 "
+                   "protocol (Table 2)")
     p.add_argument('--n-last-blocks', type=int, default=4,
                    help="multilayer: cls tokens of the last n blocks")
     p.add_argument('--train-aug', default='auto', choices=['auto', 'rrc', 'none'],
-                   help="train views: rrc = DINOv2's RandomResizedCrop + flip, none = the val view "
-                        "(CLIP's "
-                        "protocol); auto: none on the synthetic data (small objects), rrc otherwise")
+                   help="train views: rrc = DINOv2's RandomResizedCrop + flip, none = the val "
+                   "view (CLIP's protocol); auto: none on the synthetic data (small objects), rrc "
+                   "otherwise")
     p.add_argument('--crop-size', type=int, default=0,
-                   help="probe crop (default 224, or the tokenizer's size "
-                                                            "if smaller)")
+                   help="probe crop (default 224, or the tokenizer's size if smaller)")
     p.add_argument('--resize-size', type=int, default=0,
                    help="val short-side resize (default crop * 256/224)")
     p.add_argument('--num-train', type=int, default=0,
@@ -1255,8 +1254,8 @@ def build_parser():
                    "scored by its image-text similarity with their prompts (prompts.txt beside "
                    "them)")
     p.add_argument('--no-targets', action='store_true',
-                   help="FD only (no class accuracy: the samples are unconditional or their labels "
-                        "unknown)")
+                   help="FD only (no class accuracy: the samples are unconditional or their "
+                   "labels unknown)")
     p.add_argument('--out', default=None,
                    help="result JSON (default: eval_synthetic.json beside the samples)")
     p.set_defaults(func=cmd_synthetic)
@@ -1266,13 +1265,12 @@ def build_parser():
     p.add_argument('--samples', required=True,
                    help="folder of images or .npz with arr_0 (uint8 NHWC)")
     p.add_argument('--ref', required=True,
-                   help="reference: folder, .npz of images, or stats .npz (mu, sigma); "
-                                                "ADM's VIRTUAL_imagenet256_labeled.npz holds both")
+                   help="reference: folder, .npz of images, or stats .npz (mu, sigma); ADM's "
+                   "VIRTUAL_imagenet256_labeled.npz holds both")
     p.add_argument('--num-samples', type=int, default=0, help="use the first N samples (0 = all)")
     p.add_argument('--ref-stats', default='npz', choices=['npz', 'images'],
                    help="npz: the reference's stored mu/sigma when present (as LightningDiT); "
-                        "images: compute "
-                        "them here from its images")
+                   "images: compute them here from its images")
     p.add_argument('--no-precision-recall', dest='precision_recall', action='store_false',
                    help="skip precision/recall (saves the reference's Inception pass)")
     p.add_argument('--is-splits', type=int, default=10, help="Inception Score splits")

@@ -53,13 +53,13 @@ parser.add_argument('--disc-layers', type=int, default=3,
                     help="discriminator stride-2 stages (LDM 3)")
 parser.add_argument('--disc-norm', default='batch', choices=['batch', 'group'],
                     help="D norm: batch = LDM (SyncBatchNorm under DDP on CUDA), group = "
-                         "batch-independent")
+                    "batch-independent")
 # data
 parser.add_argument('--data', default='synthetic',
                     help="'synthetic', an image folder, or .tar shards")
 parser.add_argument('--val-data', default=None,
-                    help="val set for PSNR and grids (default: the synthetic val split when --data "
-                         "synthetic)")
+                    help="val set for PSNR and grids (default: the synthetic val split when "
+                    "--data synthetic)")
 parser.add_argument('--num-val', type=int, default=64,
                     help="val images (the first ones) for val_psnr")
 parser.add_argument('--image-size', type=int, default=None,
@@ -67,14 +67,15 @@ parser.add_argument('--image-size', type=int, default=None,
 parser.add_argument('--num-workers', type=int, default=None, help="data loader processes per rank")
 # objective
 parser.add_argument('--perceptual', default=None, choices=['auto', 'lpips', 'none', 'random'],
-                    help="LPIPS term: auto uses it if VGG16 weights can be had (random: tests only)")
+                    help="LPIPS term: auto uses it if VGG16 weights can be had (random: tests "
+                    "only)")
 parser.add_argument('--perceptual-weight', type=float, default=1.0,
                     help="LPIPS weight (LDM 1.0; eq. 1)")
 parser.add_argument('--disc-weight', type=float, default=0.5,
                     help="scale of the adaptive GAN weight (LDM)")
 parser.add_argument('--disc-start', type=int, default=None,
                     help="step from which D trains and L_G has the GAN term (LDM 50001, VA-VAE "
-                         "5001)")
+                    "5001)")
 # optimisation: Adam betas (0.5, 0.9) for both nets, constant lr (LDM)
 parser.add_argument('--lr', type=float, default=1e-4, help="decoder learning rate (VA-VAE 1e-4)")
 parser.add_argument('--disc-lr', type=float, default=1e-4, help="discriminator learning rate")

@@ -50,24 +50,26 @@ parser.set_defaults(batch_size=32)
 parser.add_argument('--ckpt', required=True,
                     help="train_dit.py ckpt.pt, or an official LightningDiT checkpoint")
 parser.add_argument('--dit-config', default=None, choices=list(vtp.DIT_CONFIGS),
-                    help="official checkpoints: the preset (default: read from the weights' shapes)")
+                    help="official checkpoints: the preset (default: read from the weights' "
+                    "shapes)")
 parser.add_argument('--latent-stats', default=None,
-                    help="latents_stats.pt {'mean','std'} (default: the "
-                    "ones in our checkpoint; required for official ones)")
+                    help="latents_stats.pt {'mean','std'} (default: the ones in our checkpoint; "
+                    "required for official ones)")
 parser.add_argument('--num-samples', type=int, default=64, help="samples to generate (FID: 50000)")
-parser.add_argument('--labels', default=None, help="comma-separated labels, cycled (default: class-"
-                    "balanced, label of sample i = i %% num_classes)")
+parser.add_argument('--labels', default=None,
+                    help="comma-separated labels, cycled (default: class-balanced, label of "
+                    "sample i = i %% num_classes)")
 parser.add_argument('--prompt', action='append', default=None,
-                    help="text DiTs: a prompt (repeatable); "
-                    "prompts are cycled over the samples, in order")
+                    help="text DiTs: a prompt (repeatable); prompts are cycled over the samples, "
+                    "in order")
 parser.add_argument('--prompts', default=None, help="text DiTs: a file of prompts, one per line")
 parser.add_argument('--cfg-scale', type=float, default=1.0,
                     help="classifier-free guidance (1 = none)")
 parser.add_argument('--cfg-interval-start', type=float, default=0.0,
                     help="no guidance while t < this")
 parser.add_argument('--cfg-channels', type=int, default=0,
-                    help="guide only the first N latent channels "
-                    "(0 = all; 3 = the official LightningDiT quirk)")
+                    help="guide only the first N latent channels (0 = all; 3 = the official "
+                    "LightningDiT quirk)")
 parser.add_argument('--num-steps', type=int, default=250,
                     help="Euler time points (num_steps - 1 calls)")
 parser.add_argument('--timestep-shift', type=float, default=0.075,

@@ -51,17 +51,17 @@ parser = argparse.ArgumentParser(description=__doc__.split('\n')[1],
 vtp.add_run_flags(parser, 'out/dit', "its encoder makes the latents, its decoder the previews",
                   tokenizer_default='out/tokenizer/ckpt.pt')
 parser.add_argument('--data', default='synthetic',
-                    help="'synthetic', a folder of class sub-folders "
-                    "(ImageNet train), or, for --condition text, any stage-1 data (caption "
-                    "folders, .tar)")
+                    help="'synthetic', a folder of class sub-folders (ImageNet train), or, for "
+                    "--condition text, any stage-1 data (caption folders, .tar)")
 parser.add_argument('--latent-dir', default=None,
-                    help="latent cache (default: OUT_DIR/latents; on a "
-                    "filesystem every node sees); rebuilt if the encoder or data differ")
+                    help="latent cache (default: OUT_DIR/latents; on a filesystem every node "
+                    "sees); rebuilt if the encoder or data differ")
 parser.add_argument('--num-images', type=int, default=None,
-                    help="cache the first N training images "
-                    "(0 = all; toy recipe: 20000 of the endless synthetic set)")
+                    help="cache the first N training images (0 = all; toy recipe: 20000 of the "
+                    "endless synthetic set)")
 parser.add_argument('--image-size', type=int, default=0,
-                    help="centre-crop size before encoding (default: the tokenizer's training size)")
+                    help="centre-crop size before encoding (default: the tokenizer's training "
+                    "size)")
 parser.add_argument('--cache-batch-size', type=int, default=64,
                     help="images per encoder batch, caching")
 # model and condition
@@ -70,15 +70,14 @@ parser.add_argument('--model', default=None, choices=list(vtp.DIT_CONFIGS),
 parser.add_argument('--condition', default='class', choices=['class', 'text'],
                     help="class labels, or captions through a frozen VTP text tower (paper §5)")
 parser.add_argument('--text-encoder', default=None,
-                    help="--condition text: the VTP checkpoint whose "
-                    "text tower encodes the captions (default: --tokenizer; fix one across "
-                    "tokenizers "
-                    "to compare them, as scripts/ablation.py does)")
-parser.add_argument('--num-classes', type=int, default=0, help="label count (default: the data's; "
-                    "--bench: 1000)")
+                    help="--condition text: the VTP checkpoint whose text tower encodes the "
+                    "captions (default: --tokenizer; fix one across tokenizers to compare them, "
+                    "as scripts/ablation.py does)")
+parser.add_argument('--num-classes', type=int, default=0,
+                    help="label count (default: the data's; --bench: 1000)")
 parser.add_argument('--class-dropout', type=float, default=0.1,
-                    help="label -> null class, or caption -> "
-                    "empty caption, probability (classifier-free guidance)")
+                    help="label -> null class, or caption -> empty caption, probability "
+                    "(classifier-free guidance)")
 # objective (flow matching, dit.md "Transport")
 parser.add_argument('--lognorm-mu', type=float, default=-0.5,
                     help="logit-normal t: mean (VTP S/B; L -0.75)")
@@ -99,12 +98,11 @@ parser.add_argument('--ema-decay', type=float, default=None,
 parser.add_argument('--max-steps', type=int, default=None,
                     help="optimizer steps (paper 100k ~ 80 epochs)")
 parser.add_argument('--grad-checkpointing', action='store_true',
-                    help="activation checkpointing of the "
-                    "DiT blocks: ~1/3 more compute, activations of one block at a time")
+                    help="activation checkpointing of the DiT blocks: ~1/3 more compute, "
+                    "activations of one block at a time")
 # sampling previews
 parser.add_argument('--sample-every', type=int, default=None,
-                    help="steps between a PNG grid of EMA "
-                    "samples (0 = off)")
+                    help="steps between a PNG grid of EMA samples (0 = off)")
 parser.add_argument('--sample-steps', type=int, default=250,
                     help="Euler time points of the previews")
 parser.add_argument('--timestep-shift', type=float, default=0.075,

@@ -80,10 +80,11 @@ parser.add_argument('--no-qk-norm', action='store_true',
                     help="no QK-norm (the paper trains with it)")
 # data
 parser.add_argument('--data', default='synthetic',
-                    help="'synthetic', an image folder (class sub-folders "
-                    "or .txt captions), or .tar shards (file, folder, glob or {000..999} pattern)")
-parser.add_argument('--val-data', default=None, help="val set for PSNR / zero-shot (default: the "
-                    "synthetic val split when --data synthetic)")
+                    help="'synthetic', an image folder (class sub-folders or .txt captions), or "
+                    ".tar shards (file, folder, glob or {000..999} pattern)")
+parser.add_argument('--val-data', default=None,
+                    help="val set for PSNR / zero-shot (default: the synthetic val split when "
+                    "--data synthetic)")
 parser.add_argument('--num-val', type=int, default=None,
                     help="val images per evaluation (the first ones)")
 parser.add_argument('--image-size', type=int, default=None,
@@ -99,21 +100,20 @@ parser.add_argument('--grayscale-p', type=float, default=None,
                     help="SSL grayscale probability (DINOv2 0.2)")
 parser.add_argument('--text-tokenizer', default=None, choices=['word', 'byte', 'bpe'],
                     help="caption tokenizer, stored in the model config (default: the preset's: "
-                         "tiny byte, "
-                    "else OpenAI CLIP BPE)")
+                    "tiny byte, else OpenAI CLIP BPE)")
 parser.add_argument('--bpe-path', default=None,
                     help="CLIP BPE vocabulary file (downloaded once if unset)")
 parser.add_argument('--num-workers', type=int, default=None, help="data loader processes per rank")
 parser.add_argument('--shuffle-buffer', type=int, default=1000,
-                    help=".tar streams: samples shuffled "
-                    "across shards per worker (webdataset/OpenCLIP-style)")
+                    help=".tar streams: samples shuffled across shards per worker "
+                    "(webdataset/OpenCLIP-style)")
 # objective (eq. 3) and batch sampling (§3.6)
 parser.add_argument('--ssl-batch-size', type=int, default=None,
-                    help="global B_ssl, a subset of the batch "
-                    "(default: the recipe's fraction of --batch-size: paper 1/4, tiny 1/2)")
+                    help="global B_ssl, a subset of the batch (default: the recipe's fraction of "
+                    "--batch-size: paper 1/4, tiny 1/2)")
 parser.add_argument('--rec-batch-size', type=int, default=None,
-                    help="global B_rec, a subset of the batch "
-                    "(default: the recipe's fraction: paper 1/8, tiny 1/2)")
+                    help="global B_rec, a subset of the batch (default: the recipe's fraction: "
+                    "paper 1/8, tiny 1/2)")
 parser.add_argument('--lambda-rec', type=float, default=0.1,
                     help="λ_rec (paper 0.1); 0: no reconstruction")
 parser.add_argument('--lambda-ssl', type=float, default=1.0,
@@ -124,15 +124,15 @@ parser.add_argument('--lambda-koleo', type=float, default=0.1,
                     help="KoLeo weight inside L_ssl (DINOv2 0.1)")
 parser.add_argument('--perceptual', default=None, choices=['auto', 'lpips', 'none', 'random'],
                     help="LPIPS term of L_rec (auto: if VGG16 weights can be had; random: tests "
-                         "only)")
+                    "only)")
 parser.add_argument('--teacher-momentum', type=float, default=None,
-                    help="EMA teacher momentum at step 0, "
-                    "cosine to --teacher-momentum-final (DINOv2 0.992 -> 1)")
+                    help="EMA teacher momentum at step 0, cosine to --teacher-momentum-final "
+                    "(DINOv2 0.992 -> 1)")
 parser.add_argument('--teacher-momentum-final', type=float, default=None,
                     help="... at the last step")
 parser.add_argument('--teacher-temp', type=float, default=None,
-                    help="teacher temperature after the warm-up "
-                    "(DINOv2 0.07; tiny 0.04: DINOv2 is still at 0.04 that early in its warm-up)")
+                    help="teacher temperature after the warm-up (DINOv2 0.07; tiny 0.04: DINOv2 "
+                    "is still at 0.04 that early in its warm-up)")
 parser.add_argument('--teacher-temp-warmup', type=float, default=0.04,
                     help="... at step 0 (DINOv2)")
 parser.add_argument('--teacher-temp-warmup-steps', type=int, default=None,
@@ -141,8 +141,7 @@ parser.add_argument('--student-temp', type=float, default=0.1, help="student tem
 # optimisation (OpenCLIP-style AdamW and DINOv2's pieces; assumed: the paper does not publish them)
 parser.add_argument('--lr', type=float, default=None, help="peak learning rate (assumed)")
 parser.add_argument('--weight-decay', type=float, default=None,
-                    help="AdamW weight decay on matrices "
-                    "(OpenCLIP 0.2; assumed)")
+                    help="AdamW weight decay on matrices (OpenCLIP 0.2; assumed)")
 parser.add_argument('--beta2', type=float, default=0.98, help="AdamW beta2 (OpenCLIP)")
 parser.add_argument('--warmup-steps', type=int, default=None,
                     help="linear lr warm-up, then cosine to 0")
@@ -152,31 +151,28 @@ parser.add_argument('--grad-clip', type=float, default=3.0,
                     help="grad-norm clip (DINOv2 3.0); 0 = off")
 parser.add_argument('--clip-per-module', action=argparse.BooleanOptionalAction, default=True,
                     help="clip encoder, decoder, text tower and SSL heads each on its own (DINOv2 "
-                         "clips "
-                    "backbone and heads apart), so CLIP's larger gradients do not scale SSL's down")
+                    "clips backbone and heads apart), so CLIP's larger gradients do not scale "
+                    "SSL's down")
 parser.add_argument('--layer-decay', type=float, default=1.0,
-                    help="layer-wise lr decay of the encoder "
-                    "(DINOv2 0.9, its ViT-L configs 1.0; assumed)")
+                    help="layer-wise lr decay of the encoder (DINOv2 0.9, its ViT-L configs 1.0; "
+                    "assumed)")
 parser.add_argument('--patch-embed-lr-mult', type=float, default=None,
-                    help="lr multiplier of the patch "
-                    "embedding (DINOv2 0.2)")
+                    help="lr multiplier of the patch embedding (DINOv2 0.2)")
 parser.add_argument('--freeze-last-layer-steps', type=int, default=None,
-                    help="prototypes frozen (lr 0) for "
-                    "the first N steps (DINOv2: 1 epoch = 1250 steps)")
+                    help="prototypes frozen (lr 0) for the first N steps (DINOv2: 1 epoch = 1250 "
+                    "steps)")
 parser.add_argument('--drop-path', type=float, default=0.0,
-                    help="stochastic depth of the student encoder "
-                    "(DINOv2 0.3-0.4 for ViT-L; the paper's value is not published)")
+                    help="stochastic depth of the student encoder (DINOv2 0.3-0.4 for ViT-L; the "
+                    "paper's value is not published)")
 parser.add_argument('--grad-checkpointing', action='store_true',
-                    help="activation checkpointing of every "
-                    "transformer block: ~1/3 more compute, activations of one block at a time")
+                    help="activation checkpointing of every transformer block: ~1/3 more compute, "
+                    "activations of one block at a time")
 # system
 parser.add_argument('--eval-every', type=int, default=None,
-                    help="steps between val PSNR / zero-shot "
-                    "(0 = off)")
+                    help="steps between val PSNR / zero-shot (0 = off)")
 parser.add_argument('--keep-every', type=int, default=0,
-                    help="also keep ckpt_STEP.pt every N steps (the "
-                    "checkpoints of one run at several budgets, as scripts/ablation.py compares "
-                    "them)")
+                    help="also keep ckpt_STEP.pt every N steps (the checkpoints of one run at "
+                    "several budgets, as scripts/ablation.py compares them)")
 args = parser.parse_args()
 recipe = RECIPES['tiny' if args.size == 'tiny' else 'paper']
 for k, v in recipe.items():
@@ -250,9 +246,11 @@ if use_ssl:  # EMA teacher: encoder + heads, started as a copy of the student (D
 perceptual = vtp.make_lpips(args.perceptual, device, verbose=master) if use_rec else None
 groups = vtp.param_groups(model, args.weight_decay, args.layer_decay, args.patch_embed_lr_mult)
 optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6, fused=True)
-# clipped together: the encoder, the decoder, the text tower with the CLIP projections, the heads
-part = lambda n: 'encoder' if n.startswith('trunk.') else 'decoder' if n.startswith('pixel_decoder.') \
-    else 'heads' if n.startswith(('dino_head.', 'ibot_head.')) else 'text'
+# clipped together (DINOv2 clips backbone and heads apart): the encoder, the decoder, the text tower
+# with the CLIP projections, the SSL heads
+PARTS = (('trunk.', 'encoder'), ('pixel_decoder.', 'decoder'), ('dino_head.', 'heads'),
+         ('ibot_head.', 'heads'))
+part = lambda n: next((v for k, v in PARTS if n.startswith(k)), 'text')
 clip_parts = {}
 for name, p in model.named_parameters():
     if p.requires_grad:
@@ -315,8 +313,8 @@ def teacher_temp_at(step):  # linear warm-up, then constant (DINOv2)
 
 # -----------------------------------------------------------------------------
 # the train step: k micro-batches, one optimizer step. With k > 1 the step is that of the whole
-# batch:
-# the teacher's targets and Sinkhorn-Knopp see every micro-batch, CLIP scores against every caption.
+# batch: the teacher's targets and Sinkhorn-Knopp see every micro-batch, CLIP scores every image
+# against every caption of the step (OpenCLIP's accum_freq), so --grad-accum changes no objective.
 def ssl_targets(micro_batches, temp):
     """Teacher targets of the step's SSL batch: DINO (2n, K) and iBOT (M, K, padded) per
     micro-batch. Sinkhorn-Knopp runs over all micro-batches and ranks at once; the teacher sees only
@@ -353,44 +351,46 @@ def train_step(step, micro_batches):
     terms = {}
     if use_ssl:
         p_dino, p_ibot = ssl_targets(micro_batches, temp)
-        # SSL health: the targets' entropy (ln K = uniform, no signal) and how far the teacher
-        # trails
-        terms['ssl_target_entropy'] = -(torch.cat(p_dino) * torch.cat(p_dino).clamp_min(1e-12).log()) \
-            .sum(-1).mean()
+        # SSL health: the targets' entropy. ln K = uniform targets, no signal for the student (what
+        # the old tiny recipe showed: 4.59 of 4.85); a teacher that knows the image gives far less
+        p = torch.cat(p_dino)
+        terms['ssl_target_entropy'] = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+    # one more forward without gradient when accumulating: the cost of an exact CLIP loss
     cache, states = clip_cache(micro_batches) if use_clip and k > 1 else (None, None)
     for m, mb in enumerate(micro_batches):
-        if states is not None:
+        if states is not None:  # replay the cache pass's randomness: the same features
             vtp.set_rng_state(states[m], device)
         last = m == k - 1
+        # DDP all-reduces the gradients once, in the last micro-step
         sync = train_model.no_sync() if ddp and not last else contextlib.nullcontext()
         with sync:
             ssl_inputs = dict(global_crops=mb['global_crops'], local_crops=mb['local_crops'],
                               masks=mb['masks'],
                               ibot_index=mb['ibot_index']) if use_ssl else {}
-            with autocast:
+            with autocast:  # one forward for every objective: the rec rows reuse the CLIP view
                 out = train_model(images=mb['images'], tokens=mb['tokens'] if use_clip else None,
                                   n_rec=mb['n_rec'] if use_rec else 0, **ssl_inputs)
             # CLIP's loss is the whole step's in every micro-step (each one carries the gradient
-            # through
-            # its own features), the others are per micro-batch means: divided by k
+            # through its own features only), so it is not divided by k; the other terms are means
+            # over one micro-batch, and their step loss is the mean over the k of them
             micro, clip, rest = {}, 0.0, 0.0
             if use_clip:
                 scale = out['logit_scale'].float()  # live in one micro-step only: one gradient
                 micro['loss_clip'] = vtp.clip_loss(out['image_features'], out['text_features'],
                                                    scale if last else scale.detach(), cache, m)
                 clip = args.lambda_clip * micro['loss_clip']
-            if use_rec:
+            if use_rec:  # the first n_rec rows of the main view are the B_rec subset (§3.6)
                 target = mb['images'][:mb['n_rec']]
-                micro['loss_l1'], micro['loss_lpips'] = vtp.reconstruction_loss(out['reconstruction'], target,
-                                                                                 perceptual)
+                micro['loss_l1'], micro['loss_lpips'] = vtp.reconstruction_loss(
+                    out['reconstruction'], target, perceptual)
                 micro['loss_rec'] = micro['loss_l1'] + micro['loss_lpips']
                 rest = rest + args.lambda_rec * micro['loss_rec']
             if use_ssl:
                 micro['loss_dino'] = vtp.dino_loss(out['dino_logits'], p_dino[m], args.student_temp)
                 micro['loss_ibot'] = vtp.ibot_loss(out['ibot_logits'], p_ibot[m], mb['ibot_weight'],
                                                    len(mb['global_crops']), args.student_temp)
-                # KoLeo on each global crop's cls tokens, per rank and micro-batch (as DINOv2, per
-                # rank)
+                # KoLeo on each global crop's cls tokens, per rank and micro-batch (DINOv2: per
+                # rank), the one term that --grad-accum changes
                 micro['loss_koleo'] = sum(vtp.koleo_loss(c) for c in out['global_cls'].chunk(2))
                 rest = rest + args.lambda_ssl * (micro['loss_dino'] + micro['loss_ibot'] +
                                                  args.lambda_koleo * micro['loss_koleo'])
@@ -405,9 +405,10 @@ def optimizer_step(step, terms):
     """Clip, step (skipped on the device when anything is non-finite: no host sync), then the
     logit-scale clamp and the teacher's EMA update."""
     lr = lr_at(step)
-    for g in optimizer.param_groups:
-        g['lr'] = 0.0 if g['last_layer'] and step < args.freeze_last_layer_steps else lr * g['lr_mult']
-    # the whole gradient's norm
+    for g in optimizer.param_groups:  # DINOv2: the prototypes stay frozen at first (stability)
+        frozen = g['last_layer'] and step < args.freeze_last_layer_steps
+        g['lr'] = 0.0 if frozen else lr * g['lr_mult']
+    # per module (--clip-per-module); the logged norm is the whole gradient's
     terms['grad_norm'] = vtp.clip_grad_norms(clip_parts.values(), args.grad_clip)
     terms['skipped_steps'] = vtp.skip_if_not_finite(optimizer, terms['grad_norm'], terms['loss'])
     optimizer.step()
@@ -420,9 +421,9 @@ def optimizer_step(step, terms):
     return lr
 
 
-def to_device(batch):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k,
-            v in batch.items()}
+def to_device(batch):  # pinned by the loader: the copy overlaps the previous step's compute
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -456,8 +457,8 @@ def evaluate(step):
             if use_rec:
                 rec = model.decode(model.latents(tokens, x.shape[-2:]))
         if use_rec:
-            x01, rec01 = vtp.to_unit_range(x).clamp(0, 1), vtp.to_unit_range(rec.float()).clamp(0,
-                1)
+            x01 = vtp.to_unit_range(x).clamp(0, 1)
+            rec01 = vtp.to_unit_range(rec.float()).clamp(0, 1)
             sums[0] += vtp.psnr(rec01, x01).sum()
             grid = grid if grid is not None else torch.cat((x01[:8], rec01[:8]))
         if clf is not None:
@@ -485,7 +486,8 @@ def save(step):
 
 
 # -----------------------------------------------------------------------------
-# training loop
+# training loop. The FLOPs count what runs (an objective with weight 0 adds nothing; the student's
+# iBOT head runs on the padded masked rows, the teacher's on the real ones): the x-axis of fig. 5
 ibot_rows = loader.builder.ibot_size / max(n_ssl, 1)  # padded masked-patch rows per SSL sample
 n_patches = (args.global_crop_size // cfg.patch_size) ** 2
 flops_per_sample = vtp.train_flops_per_sample(
@@ -495,8 +497,7 @@ flops_per_sample = vtp.train_flops_per_sample(
     rec_frac=subset['rec'] / B, lpips=perceptual is not None)
 peak_flops = vtp.gpu_peak_flops(device) if device.type == 'cuda' else None
 print0(f"batch {B} (ssl {subset['ssl']}, rec {subset['rec']}) = {world_size} ranks x {k_acc} micro "
-       f"x {b}; "
-       f"{flops_per_sample / 1e9:.3f} GFLOPs/sample")
+       f"x {b}; {flops_per_sample / 1e9:.3f} GFLOPs/sample")
 model.train()
 if args.bench:  # the train step alone, on one cached step of micro-batches
     cached = [to_device(next(batches)) for _ in range(k_acc)]
@@ -525,9 +526,9 @@ for step in pbar:
     log_due = done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.max_steps
     eval_due = args.eval_every and val_set is not None and (done % args.eval_every == 0 or
                                                             done == args.max_steps)
-    if log_due and teacher is not None:
+    if log_due and teacher is not None:  # a frozen teacher (momentum ~1) shows as ~0 here
         terms['teacher_distance'] = teacher_distance()
-    meter.add(terms)
+    meter.add(terms)  # device tensors, summed on the device: no host sync between log steps
     rec = {}
     if log_due:
         # the one host sync per log step; checked before any checkpoint is written
@@ -535,8 +536,7 @@ for step in pbar:
         vtp.check_finite(vals, done, ckpt_path)
         dt = time.time() - t0
         rec = {'step': done, **{k: round(v, 6) for k, v in vals.items() if k != 'skipped_steps'},
-               'lr': lr,
-               'img_per_s': round(samples_since / dt, 2), 'flops': flops_done,
+               'lr': lr, 'img_per_s': round(samples_since / dt, 2), 'flops': flops_done,
                'teacher_temp': teacher_temp_at(step), 'teacher_momentum': teacher_momentum_at(step)}
         if peak_flops:
             rec['mfu'] = round(flops_per_sample * samples_since / dt / (peak_flops * world_size), 4)
@@ -556,7 +556,7 @@ for step in pbar:
                    args.keep_every and done % args.keep_every == 0):
         save(done)
 
-print0(f"done: {args.max_steps} steps, {flops_done:.3e} FLOPs; checkpoint {ckpt_path}, log "
-       f"{log_path}")
+print0(f"done: {args.max_steps} steps, {flops_done:.3e} FLOPs; checkpoint {ckpt_path}, "
+       f"log {log_path}")
 del train_model, fwd  # DDP holds the process group: release it first, or gloo may abort at exit
 vtp.teardown()

@@ -1802,19 +1802,23 @@ def add_run_flags(parser, out_dir, tokenizer, tokenizer_default=None, batch_help
                         "micro-steps (the per-rank sizes are derived and printed)")
     parser.add_argument('--resume', default=None, help=resume_help or
                         "a ckpt.pt to continue, or 'auto': OUT_DIR/ckpt.pt if there is one")
-    parser.add_argument('--out-dir', default=out_dir, help="where the run writes (one run per folder)")
+    parser.add_argument('--out-dir', default=out_dir,
+                        help="where the run writes (one run per folder)")
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'],
                         help="auto: CUDA if available, else CPU")
-    parser.add_argument('--seed', type=int, default=0, help="seed of the initialisation and of every "
-                        "random choice of the data (they depend on (seed, sample position) only)")
+    parser.add_argument('--seed', type=int, default=0,
+                        help="seed of the initialisation and of every random choice of the data "
+                        "(they depend on (seed, sample position) only)")
     parser.add_argument('--compile', action='store_true', help="torch.compile the model (CUDA)")
-    parser.add_argument('--bench', type=int, default=0, help="time this many steps on cached inputs, print "
-                        "throughput, peak memory and MFU, and exit (no data, logs or checkpoints)")
+    parser.add_argument('--bench', type=int, default=0,
+                        help="time this many steps on cached inputs, print throughput, peak "
+                        "memory and MFU, and exit (no data, logs or checkpoints)")
     if training:
         parser.add_argument('--grad-accum', type=int, default=1,
                             help=accum_help or "micro-steps per optimizer step")
         parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32'],
-                            help="autocast dtype on CUDA (float32: the stable fallback; CPU runs fp32)")
+                            help="autocast dtype on CUDA (float32: the stable fallback; CPU runs "
+                            "fp32)")
         parser.add_argument('--log-every', type=int, default=None,
                             help="steps between log lines (the only host syncs)")
         parser.add_argument('--ckpt-every', type=int, default=None,

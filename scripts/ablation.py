@@ -32,7 +32,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-OBJECTIVES = {  # name: the λ flags of train_tokenizer.py (eq. 3); an objective with weight 0 is off
+# name: the λ flags of train_tokenizer.py (eq. 3); an objective with weight 0 is off
+OBJECTIVES = {
     'AE': ['--lambda-clip', '0', '--lambda-ssl', '0'],
     'CLIP+AE': ['--lambda-ssl', '0'],
     'SSL+AE': ['--lambda-clip', '0'],
@@ -47,29 +48,31 @@ parser.add_argument('--data', default='synthetic', help="tokenizer pre-training 
 parser.add_argument('--dit-data', default='synthetic', help="generation data (class-labelled)")
 parser.add_argument('--objectives', default=','.join(OBJECTIVES), help="objective sets to compare")
 parser.add_argument('--budgets', default='300,600,900',
-                    help="pre-training steps at which checkpoints are "
-                    "compared, comma-separated, multiples of the first (the last is the run's "
-                    "length)")
-parser.add_argument('--dit-steps', type=int, default=0, help="DiT steps, equal for every tokenizer "
-                    "(default: train_dit.py's recipe)")
+                    help="pre-training steps at which checkpoints are compared, comma-separated, "
+                    "multiples of the first (the last is the run's length)")
+parser.add_argument('--dit-steps', type=int, default=0,
+                    help="DiT steps, equal for every tokenizer (default: train_dit.py's recipe)")
 parser.add_argument('--dit-seeds', type=int, default=2, help="DiT seeds at the last budget")
 parser.add_argument('--num-samples', type=int, default=400,
                     help="samples per DiT (20 per class on tiny)")
 parser.add_argument('--cfg-scale', type=float, default=1.0,
-                    help="sampling guidance (1 = none, as the "
-                    "paper's gFID)")
+                    help="sampling guidance (1 = none, as the paper's gFID)")
 parser.add_argument('--sample-steps', type=int, default=50, help="Euler time points of the samples")
-parser.add_argument('--eval-images', type=int, default=10000, help="images of the linear probe's train set "
-                    "(its val set and the reconstruction metrics use a tenth, at least 64)")
-parser.add_argument('--condition', default='class', choices=['class', 'text'], help="the DiTs: class- or "
-                    "text-conditional (fig. 8: text on the synthetic captions, prompts 'a {class}.')")
-parser.add_argument('--text-encoder', default=None, help="--condition text: one VTP text tower for every "
-                    "DiT, so that only the latents differ (default: the CLIP+SSL+AE tokenizer's last "
-                    "checkpoint; AE-only tokenizers have none)")
+parser.add_argument('--eval-images', type=int, default=10000,
+                    help="images of the linear probe's train set (its val set and the "
+                    "reconstruction metrics use a tenth, at least 64)")
+parser.add_argument('--condition', default='class', choices=['class', 'text'],
+                    help="the DiTs: class- or text-conditional (fig. 8: text on the synthetic "
+                    "captions, prompts 'a {class}.')")
+parser.add_argument('--text-encoder', default=None,
+                    help="--condition text: one VTP text tower for every DiT, so that only the "
+                    "latents differ (default: the CLIP+SSL+AE tokenizer's last checkpoint; "
+                    "AE-only tokenizers have none)")
 parser.add_argument('--tokenizer-args', default='', help="more flags for train_tokenizer.py")
 parser.add_argument('--dit-args', default='', help="more flags for train_dit.py")
-parser.add_argument('--launch', default=sys.executable, help="how a stage script is started, e.g. "
-                    "'torchrun --standalone --nproc_per_node 8'")
+parser.add_argument('--launch', default=sys.executable,
+                    help="how a stage script is started, e.g. 'torchrun --standalone "
+                    "--nproc_per_node 8'")
 args = parser.parse_args()
 os.makedirs(args.out_dir, exist_ok=True)
 results_path = os.path.join(args.out_dir, 'results.jsonl')
@@ -83,7 +86,8 @@ def run(script, *argv, launch=None):
     """A stage script in its own process; stops the ablation with its last lines if it fails."""
     cmd = shlex.split(launch or args.launch) + [os.path.join(ROOT, script)] + [str(a) for a in argv]
     print('$', ' '.join(cmd), flush=True)
-    p = subprocess.run(cmd, capture_output=True, text=True)  # in our cwd: --out-dir is relative to it
+    # in our working folder: --out-dir is relative to it
+    p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"error: {script} failed:\n{(p.stdout + p.stderr)[-3000:]}")
     return p.stdout
@@ -98,7 +102,8 @@ def evaluate(*argv):
 
 @__import__('torch').no_grad()
 def reconstruction_fd(ckpt, n=1000):
-    """The judge's Fréchet distance between real val images and their reconstructions (rFD), offline."""
+    """The judge's Fréchet distance between real val images and their reconstructions (rFD),
+    offline."""
     import torch
     import data
     import evaluate as E
@@ -130,7 +135,8 @@ for name in args.objectives.split(','):
 
 # -----------------------------------------------------------------------------
 # 2. on every kept checkpoint: understanding, reconstruction, generation at equal DiT compute
-text_encoder = args.text_encoder or os.path.join(args.out_dir, 'CLIP_SSL_AE', f'ckpt_{max(budgets):06d}.pt')
+text_encoder = args.text_encoder or os.path.join(args.out_dir, 'CLIP_SSL_AE',
+                                                f'ckpt_{max(budgets):06d}.pt')
 prompts_file = os.path.join(args.out_dir, 'prompts.txt')
 if args.condition == 'text':
     import data
@@ -153,19 +159,18 @@ for name in args.objectives.split(','):
             if 'CLIP' in name:
                 rec['zeroshot_top1'] = evaluate('zeroshot', '--tokenizer', ckpt, '--data',
                                                 args.data)['top1']
+            n_val = max(64, args.eval_images // 10)
             rec['linprobe_top1'] = evaluate('linprobe', '--tokenizer', ckpt, '--train',
-                                            args.dit_data,
-                                            '--val', args.dit_data)['top1']
+                                            args.dit_data, '--val', args.dit_data, '--num-train',
+                                            args.eval_images, '--num-val', n_val)['top1']
             rec['psnr'] = evaluate('recon', '--tokenizer', ckpt, '--data', args.dit_data,
-                                   '--no-fid',
-                                   '--lpips', 'none', '--num-images', 1000)['psnr']
+                                   '--no-fid', '--lpips', 'none', '--num-images', n_val)['psnr']
             if args.dit_data == 'synthetic':
-                rec['rfd_judge'] = reconstruction_fd(ckpt, max(64, args.eval_images // 10))
+                rec['rfd_judge'] = reconstruction_fd(ckpt, n_val)
             dit = os.path.join(out, f'dit_{step:06d}_seed{seed}')
-            dit_flags = ['--tokenizer', ckpt, '--data', args.dit_data, '--out-dir', dit, '--seed',
-                         seed,
-                         '--sample-every', 0, '--latent-dir', os.path.join(out,
-                             f'latents_{step:06d}')]
+            dit_flags = ['--tokenizer', ckpt, '--data', args.dit_data, '--out-dir', dit,
+                         '--seed', seed, '--sample-every', 0,
+                         '--latent-dir', os.path.join(out, f'latents_{step:06d}')]
             if args.dit_steps:
                 dit_flags += ['--max-steps', args.dit_steps]
             sample_flags = []
@@ -176,11 +181,9 @@ for name in args.objectives.split(','):
                 run('train_dit.py', *dit_flags, *shlex.split(args.dit_args))
             samples = os.path.join(dit, 'samples')
             if not os.path.exists(os.path.join(samples, 'samples.npz')):
-                run('sample.py', '--ckpt', os.path.join(dit, 'ckpt.pt'), '--num-samples',
-                    args.num_samples,
-                    '--cfg-scale', args.cfg_scale, '--num-steps', args.sample_steps, '--out-dir',
-                    samples,
-                    '--resume', 'auto')
+                run('sample.py', '--ckpt', os.path.join(dit, 'ckpt.pt'),
+                    '--num-samples', args.num_samples, '--cfg-scale', args.cfg_scale,
+                    '--num-steps', args.sample_steps, '--out-dir', samples, '--resume', 'auto')
             if args.dit_data == 'synthetic':
                 g = evaluate('synthetic', '--samples', os.path.join(samples, 'samples.npz'))
                 rec.update(gen_fd_judge=g['fd_judge'], gen_class_accuracy=g['class_accuracy'])
@@ -203,8 +206,8 @@ if gen is None:
     raise SystemExit(f"results in {results_path} (no synthetic generation metric to plot)")
 fig, ax = plt.subplots(1, 2, figsize=(10, 4))
 for name in args.objectives.split(','):
-    rs = sorted((r for r in rows if r['objectives'] == name), key=lambda r: (r['step'],
-        r['dit_seed']))
+    rs = sorted((r for r in rows if r['objectives'] == name),
+                key=lambda r: (r['step'], r['dit_seed']))
     ax[0].scatter([r['linprobe_top1'] for r in rs], [r[gen] for r in rs], label=name)
     steps = sorted({r['step'] for r in rs})
     mean = lambda s: sum(r[gen] for r in rs if r['step'] == s) / sum(r['step'] == s for r in rs)

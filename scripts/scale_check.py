@@ -1,9 +1,10 @@
 """
-Scale check on paper (README "Paper scale on the hardware you have"): for a VTP preset at 256 px, the
-parameters, the training GFLOPs per image-text pair at the paper's batch split, and the activation memory
-per sample of the stage-1 step (the bytes autograd saves for backward, measured on one sample of each view
-under bf16 autocast on the CPU) with and without --grad-checkpointing; then the per-GPU micro-batches and
---grad-accum that reach B_clip / B_ssl / B_rec = 16k / 4k / 2k on a given GPU count and memory.
+Scale check on paper (README "Paper scale on the hardware you have"): for a VTP preset at 256 px,
+the parameters, the training GFLOPs per image-text pair at the paper's batch split, and the
+activation memory per sample of the stage-1 step (the bytes autograd saves for backward, measured
+on one sample of each view under bf16 autocast on the CPU) with and without --grad-checkpointing;
+then the per-GPU micro-batches and --grad-accum that reach B_clip / B_ssl / B_rec = 16k / 4k / 2k
+on a given GPU count and memory.
 
     python scripts/scale_check.py --size L --gpus 8 --gpu-memory 80
 """
@@ -21,7 +22,8 @@ parser = argparse.ArgumentParser(description=__doc__.split('\n')[1])
 parser.add_argument('--size', default='L', choices=list(vtp.VTP_CONFIGS))
 parser.add_argument('--gpus', type=int, default=8, help="GPUs in the run")
 parser.add_argument('--gpu-memory', type=float, default=80, help="GiB per GPU")
-parser.add_argument('--decoder-depth', type=int, default=4, help="the paper's experiment decoder: 4 blocks")
+parser.add_argument('--decoder-depth', type=int, default=4,
+                    help="the paper's experiment decoder: 4 blocks")
 args = parser.parse_args()
 torch.set_num_threads(os.cpu_count() or 1)
 
@@ -42,14 +44,18 @@ state_gib = (16 * weights + 4 * teacher) / 2 ** 30
 
 def saved_bytes(fn):
     """Bytes of the tensors autograd saves for backward while fn() runs (each storage counted once),
-    plus, under checkpointing, the block inputs it keeps to recompute from (saved outside autograd)."""
+    plus, under checkpointing, the block inputs it keeps to recompute from (saved outside
+    autograd)."""
     seen, kept = {}, []
 
     def pack(t):
         seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
         return t
 
-    hooks = [m.register_forward_pre_hook(lambda m, a: kept.append(a[0].numel() * a[0].element_size()))
+    def keep(m, a):
+        kept.append(a[0].numel() * a[0].element_size())
+
+    hooks = [m.register_forward_pre_hook(keep)
              for m in model.modules() if isinstance(m, (vtp.Block, vtp.TextBlock))]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
@@ -71,13 +77,15 @@ def per_view(checkpointing):
         ssl = saved_bytes(lambda: model(global_crops=g, local_crops=l, masks=None, ibot_index=idx))
         z = torch.randn(1, cfg.bottleneck_dim, S // cfg.patch_size, S // cfg.patch_size)
         rec = saved_bytes(lambda: model.decode(z))
-    # bytes per image-text pair of the batch: every pair has a main view, a quarter SSL, an eighth rec
+    # bytes per image-text pair of the batch: each has a main view, a quarter SSL, an eighth rec
     return main, ssl, rec, main + ssl * B_ssl / B + rec * B_rec / B
 
 
-print(f"VTP-{args.size} at {S} px, decoder {cfg.decoder_depth} blocks: {weights / 1e6:.1f} M parameters, "
-      f"{flops / 1e9:.0f} training GFLOPs per image-text pair (16k/4k/2k, 2x224 + 8x96 crops, LPIPS)")
+print(f"VTP-{args.size} at {S} px, decoder {cfg.decoder_depth} blocks: {weights / 1e6:.1f} M "
+      f"parameters, {flops / 1e9:.0f} training GFLOPs per image-text pair (16k/4k/2k, 2x224 + "
+      "8x96 crops, LPIPS)")
 print(f"weights + gradients + AdamW + teacher: {state_gib:.1f} GiB per GPU (not sharded)")
+MiB = 2 ** 20
 for ckpt in (False, True):
     main, ssl, rec, per = per_view(ckpt)
     free = args.gpu_memory - state_gib - 4  # 4 GiB for the CUDA context, LPIPS, fragmentation
@@ -86,7 +94,8 @@ for ckpt in (False, True):
     accum = max(1, -(-b // max(micro, 1)))
     while b % accum:
         accum += 1
-    print(f"{'with' if ckpt else 'without'} --grad-checkpointing: activations {main / 2 ** 20:.0f} MiB (main "
-          f"view + text), {ssl / 2 ** 20:.0f} MiB (SSL sample), {rec / 2 ** 20:.0f} MiB (reconstruction) -> "
-          f"{per / 2 ** 20:.0f} MiB per image-text pair; {args.gpus} x {args.gpu_memory:.0f} GiB GPUs: "
-          f"{b} pairs per GPU per step = --grad-accum {accum} x micro-batch {b // accum}")
+    print(f"{'with' if ckpt else 'without'} --grad-checkpointing: activations {main / MiB:.0f} MiB "
+          f"(main view + text), {ssl / MiB:.0f} MiB (SSL sample), {rec / MiB:.0f} MiB "
+          f"(reconstruction) -> {per / MiB:.0f} MiB per image-text pair; {args.gpus} x "
+          f"{args.gpu_memory:.0f} GiB GPUs: {b} pairs per GPU per step = --grad-accum {accum} x "
+          f"micro-batch {b // accum}")
