@@ -145,12 +145,10 @@ def bytes_to_unicode():
 
 
 # CLIP's pre-tokenizer uses the `regex` module: specials | contractions | \p{L}+ | \p{N} |
-# [^\s\p{L}\p{N}]+.
-# With plain `re`: letters = [^\W\d_]+, digits = \d, other = runs of (non-space non-word char or
-# '_').
-# Difference: numeric characters that are not decimal digits (No/Nl: '²', '½', 'Ⅻ') count as letters
-# here,
-# as single numbers there. ASCII and ordinary text tokenize identically.
+# [^\s\p{L}\p{N}]+. With plain `re`: letters = [^\W\d_]+, digits = \d, other = runs of (non-space
+# non-word char or '_'). Difference: numeric characters that are not decimal digits (No/Nl: '²',
+# '½', 'Ⅻ') count as letters here, as single numbers there. ASCII and ordinary text tokenize
+# identically.
 BPE_PATTERN = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
                          r"|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.IGNORECASE)
 
@@ -415,8 +413,7 @@ TAR_IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
 MIN_SIDE = 8                    # smaller images are skipped ('too_small')
 HUGE_PIXELS = 4096 * 4096       # larger ones are counted as 'downscaled_huge'
 # PIL refuses images above 2 x MAX_IMAGE_PIXELS (decompression-bomb guard, default ~179 Mpx). Raised
-# to
-# 268 Mpx: JPEGs are decoded at reduced scale through draft(); anything larger is counted
+# to 268 Mpx: JPEGs are decoded at reduced scale through draft(); anything larger is counted
 # 'too_large'.
 Image.MAX_IMAGE_PIXELS = 2 ** 27
 warnings.filterwarnings('ignore', category=Image.DecompressionBombWarning)
@@ -925,9 +922,8 @@ class MicroBatchBuilder:
 
     def mask(self, rng):
         # DINOv2 masks exactly half of a batch's global crops with stratified ratios; an independent
-        # draw
-        # per crop (probability mask_prob, ratio ~ U(mask_ratio)) keeps every choice a function of p
-        # alone
+        # draw per crop (probability mask_prob, ratio ~ U(mask_ratio)) keeps every choice a function
+        # of p alone
         g = self.global_size // self.patch_size
         if rng.random() >= self.mask_prob:
             return np.zeros(g * g, dtype=bool)

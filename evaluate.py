@@ -52,8 +52,8 @@ ADM_NOTE = ("paper numbers use ADM's TensorFlow evaluator "
             "(guided-diffusion/evaluations/evaluator.py); this is "
             "the PyTorch port of the same Inception (pytorch-fid weights), values differ slightly")
 # DINOv2's linear-probe lr grid (vtp_architecture.md §8), each scaled by batch / 256, extended
-# upwards: on
-# standardised features the small synthetic probes were still learning at DINOv2's largest lr, 0.1
+# upwards: on standardised features the small synthetic probes were still learning at DINOv2's
+# largest lr, 0.1
 PROBE_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1) + (0.2,
     0.5, 1.0, 2.0)
 
@@ -691,12 +691,10 @@ def probe_transforms(crop, resize, train_aug='rrc'):
 
 # -----------------------------------------------------------------------------
 # 7. the synthetic world's judge: metrics of generation without downloaded weights (issue: the
-# paper's
-# gFID needs ImageNet and the FID Inception; on the built-in synthetic data a small CNN trained on
-# real
-# synthetic images plays the Inception's part: Fréchet distance in its feature space, and its class
-# accuracy on conditional samples, i.e. how often a sample shows the class or prompt it was asked
-# for)
+# paper's gFID needs ImageNet and the FID Inception; on the built-in synthetic data a small CNN
+# trained on real synthetic images plays the Inception's part: Fréchet distance in its feature
+# space, and its class accuracy on conditional samples, i.e. how often a sample shows the class or
+# prompt it was asked for)
 
 JUDGE_IMAGES, JUDGE_EPOCHS = 5000, 6  # 100 % on real val images, ~20 s on 2 CPU cores (README)
 
@@ -1046,10 +1044,8 @@ def cmd_linprobe(args):
         raise ValueError("linear probing needs class labels (a class-folder dataset or 'synthetic')")
     lrs = [float(v) for v in args.lrs.split(',')] if args.lrs else list(PROBE_LRS)
     # standardised with the train set's mean/std per feature: the lr grid then fits every feature
-    # source
-    # (the d-dim bottleneck's scale is whatever reconstruction made it: 10 epochs of SGD left its
-    # probe
-    # at 33 % where it reaches ~50 % standardised; measured on a tiny tokenizer)
+    # source (the d-dim bottleneck's scale is whatever reconstruction made it: 10 epochs of SGD left
+    # its probe at 33 % where it reaches ~50 % standardised; measured on a tiny tokenizer)
     mu, sd = tx.float().mean(0), tx.float().std(0) + 1e-6
     tx, vx = (tx.float() - mu) / sd, (vx.float() - mu) / sd
     best = train_linear_probes(tx, ty, vx, vy, num_classes, lrs, args.epochs,

@@ -37,8 +37,7 @@ import vtp
 # config. Flags left at None follow the tokenizer: the paper's recipe (VTP's LightningDiT configs:
 # AdamW 2e-4 constant, betas (0.9, 0.95), wd 0, no clipping, EMA 0.9999) for S/B/L and official
 # tokenizers, a CPU recipe for toy ones (below 256 px), whose short run needs a short EMA: after
-# 2000
-# steps 0.9999 would still hold 82 % of the random init.
+# 2000 steps 0.9999 would still hold 82 % of the random init.
 RECIPES = {
     'toy': dict(model='DiT-T/1', batch_size=32, lr=2e-3, ema_decay=0.99, max_steps=2000,
                 log_every=50,

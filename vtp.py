@@ -300,15 +300,12 @@ class VTPConfig:
 
 
 # Size presets. S/B/L: "symmetric" ViTs (paper §6), decoder of the encoder's shape, 12x768 text
-# tower,
-# d = 64, patch 16 (../shared/design/README.md). tiny runs on a laptop CPU.
+# tower, d = 64, patch 16 (../shared/design/README.md). tiny runs on a laptop CPU.
 VTP_CONFIGS = {
     # ~3M parameters with text tower and heads, for 64 px synthetic images and word-level text.
-    # Patch 16
-    # and d = 64 are the paper's f16d64 at a quarter of the resolution (4x4 latents). 4 heads of 32
-    # rather than 2 of 64: a supervised probe of this ViT learnt the shapes to 94 % in 600 steps, 87
-    # %
-    # with 2 heads, 65 % at patch 8 (measured; README "Tests").
+    # Patch 16 and d = 64 are the paper's f16d64 at a quarter of the resolution (4x4 latents). 4
+    # heads of 32 rather than 2 of 64: a supervised probe of this ViT learnt the shapes to 94 % in
+    # 600 steps, 87 % with 2 heads, 65 % at patch 8 (measured; README "Quick start").
     'tiny': VTPConfig(image_size=64, patch_size=16, embed_dim=128, depth=4, num_heads=4,
                       bottleneck_dim=64,
                       decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
@@ -1040,10 +1037,9 @@ def clip_grad_norms(groups, max_norm):
 
 # FLOPs are counted from the shapes, 2 per multiply-add, for the matrix products (linear layers,
 # convolutions, attention), which is what torch.utils.flop_counter counts; tests/test_flops.py
-# checks
-# the stage-1 count against it on the real train step. Training = forward + backward = 3x the
-# forward
-# (the backward computes input and weight gradients), 2x for a layer whose input needs no gradient.
+# checks the stage-1 count against it on the real train step. Training = forward + backward = 3x the
+# forward (the backward computes input and weight gradients), 2x for a layer whose input needs no
+# gradient.
 
 def vit_flops(dim, depth, hidden, n_tokens, mlp_mats=3):
     """Forward FLOPs of `depth` pre-norm blocks on one sequence: qkv + proj, the attention matmuls
@@ -1136,8 +1132,7 @@ def train_flops_per_sample(cfg, image_size, *, clip=True, text_len=0, batch=1, s
 
 
 # dense bf16 peak FLOP/s per GPU, for MFU; an unknown GPU gets no MFU rather than a wrong one.
-# Matched
-# in order: the PCIe / NVL variants before the SXM name they contain.
+# Matched in order: the PCIe / NVL variants before the SXM name they contain.
 PEAK_BF16_FLOPS = (('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H200', 989e12),
                    ('H800', 989e12), ('GH200', 989e12), ('A100', 312e12), ('A800', 312e12),
                    ('L40S', 362e12), ('RTX 4090', 165e12), ('B200', 2250e12))
@@ -1205,8 +1200,7 @@ class DiTConfig:
     wo_shift: bool = False
     learn_sigma: bool = False
     # text-to-image (paper §5; ours, no public code has it): > 0 conditions on the frozen VTP text
-    # tower's
-    # features, (1 + text_len) vectors of text_dim: its pooled embedding, then its per-token
+    # tower's features, (1 + text_len) vectors of text_dim: its pooled embedding, then its per-token
     # features
     text_dim: int = 0
     text_len: int = 0
@@ -1552,8 +1546,8 @@ def dit_config_from_state_dict(sd):
 
 
 # --- flow matching (SiT "Linear" path, velocity prediction; dit_full.md §2) ---------------------
-# t = 0 is noise x0 ~ N(0, I), t = 1 is data x1: x_t = t x1 + (1 - t) x0, target velocity u = x1 -
-# x0.
+# t = 0 is noise x0 ~ N(0, I), t = 1 is data x1: x_t = t x1 + (1 - t) x0, target velocity
+# u = x1 - x0.
 
 def sample_t(n, device=None, lognorm=(0.0, 1.0)):
     """Training times (n,): logit-normal sigmoid(N(mu, sigma)) (as in SD3), or uniform if lognorm is

@@ -62,8 +62,7 @@ def test_official_forward_cfg_and_ode(golden):
     i, o = g['inputs'], g['outputs']
     close(model(i['x'], i['t'], i['y']), o['forward'])
     # the official CFG call takes 2B rows [x; x] with labels [y; null]; the sampler keeps the first
-    # half,
-    # which our guided velocity (B rows) must equal, the official 3-channel quirk included
+    # half, which our guided velocity (B rows) must equal, the official 3-channel quirk included
     B, want = len(i['cfg_x']) // 2, o['forward_with_cfg_scale4']
     assert torch.equal(i['cfg_x'][:B], i['cfg_x'][B:])
     v = guided_velocity(model, i['cfg_x'][:B], i['cfg_t'][0].item(), i['cfg_y'][:B], 4.0,

@@ -110,8 +110,7 @@ def test_objective_off_builds_nothing_and_trains(tmp_path):
             check=False)
     assert p.returncode != 0 and 'does not fit' in p.stdout + p.stderr and 'Traceback' not in p.stderr
     # AE only: only the B_rec rows are loaded and encoded: a quarter of the rows, a quarter of the
-    # work
-    # (measured by FlopCounterMode on the real step, not only counted)
+    # work (measured by FlopCounterMode on the real step, not only counted)
     measured = lambda rec: float(re.search(r'([\d.]+) measured', run(
         SMALL + ['--lambda-clip', '0', '--lambda-ssl', '0', '--rec-batch-size', rec, '--bench',
                  '1'],
