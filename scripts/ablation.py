@@ -56,7 +56,9 @@ parser.add_argument('--dit-seeds', type=int, default=2, help="DiT seeds at the l
 parser.add_argument('--num-samples', type=int, default=400,
                     help="samples per DiT (20 per class on tiny)")
 parser.add_argument('--cfg-scale', type=float, default=1.0,
-                    help="sampling guidance (1 = none, as the paper's gFID)")
+                    help="sampling guidance (1 = none, as the paper's gFID). Rerun with another "
+                    "scale to sample the same DiTs again: rows carry it, its plot is "
+                    "ablation_cfgS.png")
 parser.add_argument('--sample-steps', type=int, default=50, help="Euler time points of the samples")
 parser.add_argument('--eval-images', type=int, default=10000,
                     help="images of the linear probe's train set (its val set and the "
@@ -79,7 +81,8 @@ results_path = os.path.join(args.out_dir, 'results.jsonl')
 done = {}
 if os.path.exists(results_path):
     with open(results_path) as f:
-        done = {(r['objectives'], r['step'], r['dit_seed']): r for r in map(json.loads, f)}
+        done = {(r['objectives'], r['step'], r['dit_seed'], r.get('cfg_scale', 1.0)): r
+                for r in map(json.loads, f)}
 
 
 def run(script, *argv, launch=None):
@@ -150,23 +153,30 @@ for name in args.objectives.split(','):
     for step in steps:
         ckpt = os.path.join(out, f'ckpt_{step:06d}.pt')
         for seed in range(args.dit_seeds if step == max(steps) else 1):
-            if (name, step, seed) in done:
+            key = (name, step, seed, args.cfg_scale)
+            if key in done:
                 continue
-            rec = {'objectives': name, 'step': step, 'dit_seed': seed}
-            import torch
-            meta = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True)
-            rec['pretrain_flops'] = meta['flops']
-            if 'CLIP' in name:
-                rec['zeroshot_top1'] = evaluate('zeroshot', '--tokenizer', ckpt, '--data',
-                                                args.data)['top1']
-            n_val = max(64, args.eval_images // 10)
-            rec['linprobe_top1'] = evaluate('linprobe', '--tokenizer', ckpt, '--train',
-                                            args.dit_data, '--val', args.dit_data, '--num-train',
-                                            args.eval_images, '--num-val', n_val)['top1']
-            rec['psnr'] = evaluate('recon', '--tokenizer', ckpt, '--data', args.dit_data,
-                                   '--no-fid', '--lpips', 'none', '--num-images', n_val)['psnr']
-            if args.dit_data == 'synthetic':
-                rec['rfd_judge'] = reconstruction_fd(ckpt, n_val)
+            rec = {'objectives': name, 'step': step, 'dit_seed': seed, 'cfg_scale': args.cfg_scale}
+            # the tokenizer's figures depend on neither the DiT's seed nor the guidance
+            first = next((r for k, r in done.items() if k[:2] == (name, step)), None)
+            if first is not None:
+                rec.update({k: v for k, v in first.items() if not k.startswith(('gen_', 'dit_'))
+                            and k not in rec})
+            else:
+                import torch
+                meta = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True)
+                rec['pretrain_flops'] = meta['flops']
+                if 'CLIP' in name:
+                    rec['zeroshot_top1'] = evaluate('zeroshot', '--tokenizer', ckpt, '--data',
+                                                    args.data)['top1']
+                n_val = max(64, args.eval_images // 10)
+                rec['linprobe_top1'] = evaluate(
+                    'linprobe', '--tokenizer', ckpt, '--train', args.dit_data, '--val',
+                    args.dit_data, '--num-train', args.eval_images, '--num-val', n_val)['top1']
+                rec['psnr'] = evaluate('recon', '--tokenizer', ckpt, '--data', args.dit_data,
+                                       '--no-fid', '--lpips', 'none', '--num-images', n_val)['psnr']
+                if args.dit_data == 'synthetic':
+                    rec['rfd_judge'] = reconstruction_fd(ckpt, n_val)
             dit = os.path.join(out, f'dit_{step:06d}_seed{seed}')
             dit_flags = ['--tokenizer', ckpt, '--data', args.dit_data, '--out-dir', dit,
                          '--seed', seed, '--sample-every', 0,
@@ -179,7 +189,8 @@ for name in args.objectives.split(','):
                 sample_flags = ['--prompts', prompts_file]
             if not os.path.exists(os.path.join(dit, 'ckpt.pt')):
                 run('train_dit.py', *dit_flags, *shlex.split(args.dit_args))
-            samples = os.path.join(dit, 'samples')
+            samples = os.path.join(dit, 'samples' if args.cfg_scale == 1 else
+                                   f'samples_cfg{args.cfg_scale:g}')
             if not os.path.exists(os.path.join(samples, 'samples.npz')):
                 run('sample.py', '--ckpt', os.path.join(dit, 'ckpt.pt'),
                     '--num-samples', args.num_samples, '--cfg-scale', args.cfg_scale,
@@ -189,18 +200,19 @@ for name in args.objectives.split(','):
                 rec.update(gen_fd_judge=g['fd_judge'], gen_class_accuracy=g['class_accuracy'])
             with open(results_path, 'a') as f:
                 f.write(json.dumps(rec) + '\n')
-            done[(name, step, seed)] = rec
+            done[key] = rec
             print(json.dumps(rec), flush=True)
 
 # -----------------------------------------------------------------------------
 # 3. the figures: generation vs understanding (fig. 2), generation vs pre-training compute (fig. 5)
 try:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 except ImportError:
     raise SystemExit(f"results in {results_path}; install matplotlib for the plots")
-rows = list(done.values())
+rows = [r for r in done.values() if r.get('cfg_scale', 1.0) == args.cfg_scale]
 gen = 'gen_class_accuracy' if any('gen_class_accuracy' in r for r in rows) else None
 if gen is None:
     raise SystemExit(f"results in {results_path} (no synthetic generation metric to plot)")
@@ -215,11 +227,14 @@ for name in args.objectives.split(','):
     ax[1].plot([flops[s] for s in steps], [mean(s) for s in steps], marker='o', label=name)
 ax[0].set(xlabel='understanding: bottleneck linear probe (%)',
           ylabel='generation: class accuracy (%)',
-          title='fig. 2: generation vs understanding')
+          title=f'fig. 2: generation vs understanding (cfg {args.cfg_scale:g})')
 ax[1].set(xlabel='pre-training FLOPs', ylabel='generation: class accuracy (%)', xscale='log',
           title='fig. 5: generation vs pre-training compute')
+ax[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no overlapping labels
 for a in ax:
     a.legend(fontsize=8)
 fig.tight_layout()
-fig.savefig(os.path.join(args.out_dir, 'ablation.png'), dpi=120)
-print(f"results: {results_path}; plot: {os.path.join(args.out_dir, 'ablation.png')}")
+png = os.path.join(args.out_dir, 'ablation.png' if args.cfg_scale == 1 else
+                   f'ablation_cfg{args.cfg_scale:g}.png')
+fig.savefig(png, dpi=120)
+print(f"results: {results_path}; plot: {png}")
