@@ -22,7 +22,7 @@ SHORT = {  # appended to each command of that script: the run lengths only
     'evaluate.py': {'recon': ['--num-images', '16'], 'zeroshot': ['--num-images', '32'],
                     'linprobe': ['--num-train', '128', '--num-val', '32', '--epochs', '2'],
                     'synthetic': ['--num-real', '64']},
-    'scripts/ablation.py': ['--objectives', 'AE,CLIP+SSL+AE', '--budgets', '12', '--dit-steps', '6',
+    'scripts/ablation.py': ['--objectives', 'CLIP+SSL+AE', '--budgets', '12', '--dit-steps', '6',
                             '--dit-seeds', '1', '--num-samples', '40', '--sample-steps', '4',
                             '--dit-args=--num-images 128', '--eval-images', '64'],
 }
