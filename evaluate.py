@@ -1155,6 +1155,15 @@ def add_common(p, checkpoint=True):
                    "the working directory)")
 
 
+def add_data(p, data_help, size_help):
+    """The evaluated images: --data, --split, --num-images, --image-size."""
+    p.add_argument('--data', default='synthetic', help=data_help)
+    p.add_argument('--split', default='val',
+                   help="dataset split (synthetic; a folder's sub-folder if present)")
+    p.add_argument('--num-images', type=int, default=0, help="evaluate the first N images (0 = all)")
+    p.add_argument('--image-size', type=int, default=0, help=size_help)
+
+
 def add_inception(p):
     p.add_argument('--inception-weights', default=None,
                    help="FID Inception state dict (default: downloaded once to "
@@ -1170,14 +1179,8 @@ def build_parser():
 
     p = sub.add_parser('recon', help="rFID, PSNR, SSIM, LPIPS of reconstructions (ADM centre crop)")
     add_common(p)
-    p.add_argument('--data', default='synthetic',
-                   help="'synthetic', an image folder or .tar shards")
-    p.add_argument('--split', default='val',
-                   help="dataset split (synthetic; a folder's sub-folder if present)")
-    p.add_argument('--num-images', type=int, default=0,
-                   help="evaluate the first N images (0 = all)")
-    p.add_argument('--image-size', type=int, default=0,
-                   help="centre-crop size (default: the tokenizer's)")
+    add_data(p, "'synthetic', an image folder or .tar shards",
+             "centre-crop size (default: the tokenizer's)")
     p.add_argument('--lpips', default='auto', choices=['auto', 'lpips', 'none'],
                    help="LPIPS-VGG: auto = if its weights can be had, lpips = required, none = "
                    "skip")
@@ -1187,14 +1190,8 @@ def build_parser():
 
     p = sub.add_parser('zeroshot', help="zero-shot top-1/top-5 with class-name prompts")
     add_common(p)
-    p.add_argument('--data', default='synthetic',
-                   help="'synthetic' or a folder of class sub-folders")
-    p.add_argument('--split', default='val',
-                   help="dataset split (synthetic; a folder's sub-folder if present)")
-    p.add_argument('--num-images', type=int, default=0,
-                   help="evaluate the first N images (0 = all)")
-    p.add_argument('--image-size', type=int, default=0,
-                   help="squash-resize size (default: the tokenizer's)")
+    add_data(p, "'synthetic' or a folder of class sub-folders",
+             "squash-resize size (default: the tokenizer's)")
     p.add_argument('--classnames', default=None,
                    help="file, one class name per line in label order (default: the dataset's; "
                    "folder names otherwise)")
