@@ -227,8 +227,7 @@ def text_tokenizer(cfg, bpe_path=None):
     tok = get_tokenizer(cfg.text_tokenizer, cfg.text_context_length, bpe_path)
     if tok.vocab_size != cfg.text_vocab_size:
         raise DataError(f"the {cfg.text_tokenizer} tokenizer has {tok.vocab_size} ids but the text "
-                        "tower "
-                        f"{cfg.text_vocab_size}")
+                        f"tower {cfg.text_vocab_size}")
     return tok
 
 
@@ -1071,17 +1070,14 @@ class TrainLoader:
         parts = world_size * grad_accum
         if global_batch % parts:
             raise DataError(f"global batch {global_batch} is not divisible by world_size "
-                            f"{world_size} x "
-                            f"grad_accum {grad_accum}")
+                            f"{world_size} x grad_accum {grad_accum}")
         for name, sub in (('ssl', ssl_batch), ('rec', rec_batch)):
             if sub and (global_batch % sub or sub % parts):
                 raise DataError(f"{name} batch {sub} must divide global batch {global_batch} and "
-                                "be "
-                                f"divisible by world_size x grad_accum = {parts}")
+                                f"be divisible by world_size x grad_accum = {parts}")
         if ssl_batch and (global_size % patch_size or n_local and local_size % patch_size):
             raise DataError(f"crop sizes {global_size}/{local_size} must be multiples of the patch "
-                            "size "
-                            f"{patch_size}")
+                            f"size {patch_size}")
         self.dataset, self.start_step, self.grad_accum = dataset, start_step, grad_accum
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.builder = MicroBatchBuilder(tokenizer, image_size, global_size, local_size, n_local,

@@ -391,8 +391,7 @@ class ImageSource:
             self.array = arr[:limit] if limit else arr
         if self.array is None and self.mu is None:
             raise ValueError(f"{path}: an npz needs 'arr_0' (uint8 NHWC images) or 'mu' and "
-                             "'sigma'; "
-                             f"found {sorted(keys)}")
+                             f"'sigma'; found {sorted(keys)}")
         self.kind = 'npz images' if self.array is not None else 'npz statistics'
 
     @property
@@ -979,8 +978,7 @@ def cmd_zeroshot(args):
                          "label order)")
     if all(len(c) == 9 and c[0] == 'n' and c[1:].isdigit() for c in names):
         raise ValueError("the class names are WordNet ids (n01440364, ...): pass --classnames FILE "
-                         "with "
-                         "readable names in label order")
+                         "with readable names in label order")
     if dataset.class_names and len(names) != len(dataset.class_names):
         raise ValueError(f"{len(names)} class names for {len(dataset.class_names)} classes in "
                          f"{args.data}")

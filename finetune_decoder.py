@@ -126,8 +126,7 @@ if ddp and device.type == 'cuda' and args.disc_norm == 'batch':
     # avoids them)
     disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
 print0(f"discriminator: PatchGAN {args.disc_layers} layers, ndf {args.disc_ndf}, {args.disc_norm} "
-       "norm, "
-       f"{sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M parameters")
+       f"norm, {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M parameters")
 perceptual = vtp.make_lpips(args.perceptual, device, verbose=master)
 
 opt_g = torch.optim.Adam(decoder.parameters(), lr=args.lr, betas=(0.5, 0.9), fused=True)

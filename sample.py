@@ -113,8 +113,7 @@ else:
                      "its latents)")
 if tuple(stats['mean'].shape) != (1, cfg.in_channels, 1, 1):
     raise SystemExit(f"error: latent stats of shape {tuple(stats['mean'].shape)} do not fit "
-                     f"{cfg.in_channels} "
-                     f"channels")
+                     f"{cfg.in_channels} channels")
 mean, std = stats['mean'].to(device).float(), stats['std'].to(device).float()  # (1, C, 1, 1)
 
 
@@ -144,8 +143,7 @@ if not hasattr(tokenizer, 'pixel_decoder') or tokenizer.config.bottleneck_dim !=
                      f"{cfg.in_channels}-channel latents")
 if ours and args.tokenizer and data.encoder_fingerprint(tokenizer) != ckpt['tokenizer']['encoder_sha256']:
     print0(f"warning: {tok_path}'s encoder is not the one whose latents the DiT learned; decodes "
-           "may be off "
-           f"unless its decoder was trained for those latents")
+           f"may be off unless its decoder was trained for those latents")
 prompts = None
 if cfg.text_dim:
     prompts = list(args.prompt or [])
@@ -173,8 +171,7 @@ if master and not args.bench:
     vtp.open_run(out_dir, None, master)  # the folder, writable and locked
     if args.resume is None and os.path.isdir(image_dir) and os.listdir(image_dir):
         raise SystemExit(f"error: {image_dir} holds samples already; --resume auto keeps them, or "
-                         "choose "
-                         f"another --out-dir")
+                         f"choose another --out-dir")
     os.makedirs(image_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'sample_args.json'), 'w') as f:
         json.dump({**vars(args), 'tokenizer': tok_path, 'dit_config': asdict(cfg),

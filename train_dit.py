@@ -129,8 +129,7 @@ if not hasattr(tokenizer, 'pixel_decoder'):
                      "reconstruction)")
 if text and not hasattr(text_encoder, 'text_transformer'):
     raise SystemExit(f"error: {args.text_encoder or args.tokenizer} has no text tower (trained "
-                     "without CLIP): "
-                     f"pass --text-encoder with one that has")
+                     f"without CLIP): pass --text-encoder with one that has")
 recipe = RECIPES['toy' if tokenizer.config.image_size < 256 else 'paper']
 for k, v in recipe.items():
     if getattr(args, k) is None:
@@ -168,8 +167,7 @@ else:
     num_classes = args.num_classes or train_set.num_classes
     if not text and num_classes < max(1, train_set.num_classes):
         raise SystemExit(f"error: --data {args.data} has no class labels for a class-conditional "
-                         "DiT "
-                         f"(--condition text trains on its captions)")
+                         f"DiT (--condition text trains on its captions)")
 tokenizer = tokenizer.to(device) if master else None  # rank 0 decodes the previews
 text_tokenizer = None
 if text:  # frozen, outside DDP: its features are the condition (vtp.TextEmbedder)

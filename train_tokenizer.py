@@ -60,10 +60,8 @@ vtp.add_run_flags(parser, 'out/tokenizer',
                   batch_help="global batch B_clip (paper 16k): "
                   "image-text pairs per optimizer step over all ranks and --grad-accum micro-steps",
                   accum_help="micro-steps per optimizer step; exact: CLIP sees the whole step's "
-                             "batch "
-                  "(OpenCLIP accum_freq: one more encoder + text forward), the teacher and "
-                  "Sinkhorn-Knopp "
-                  "too; KoLeo stays per micro-batch")
+                  "batch (OpenCLIP accum_freq: one more encoder + text forward), the teacher and "
+                  "Sinkhorn-Knopp too; KoLeo stays per micro-batch")
 # model
 parser.add_argument('--size', default='tiny', choices=list(vtp.VTP_CONFIGS), help="model preset")
 parser.add_argument('--patch-size', type=int, default=None,

@@ -977,8 +977,7 @@ def make_lpips(mode='auto', device='cpu', verbose=True):
         net = lpips.LPIPS(net='vgg', verbose=False, pnet_rand=mode == 'random')
     except Exception as e:  # no cached weights and no network, most often
         msg = (f"LPIPS unavailable: torchvision's VGG16 weights are not in {VGG_CACHE} and could "
-               "not be "
-               f"downloaded ({type(e).__name__})")
+               f"not be downloaded ({type(e).__name__})")
         if mode == 'lpips':
             raise SystemExit(f"error: {msg}; copy vgg16-397923af.pth there, or pass --perceptual "
                              "none")
@@ -1897,8 +1896,7 @@ def load_checkpoint(path, what='--resume', stage=None):
     if stage is not None and not (isinstance(ckpt, dict) and ckpt.get('stage') == stage):
         found = ckpt.get('stage') if isinstance(ckpt, dict) else None
         raise SystemExit(f"error: {what} {path} is not a stage-{stage} checkpoint of this "
-                         "repository "
-                         f"({f'stage {found}' if found else 'no stage recorded'})")
+                         f"repository ({f'stage {found}' if found else 'no stage recorded'})")
     return ckpt
 
 
@@ -2025,8 +2023,7 @@ def check_finite(values, step, ckpt_path):
         else:
             kept = "no checkpoint was written yet"
         fail(f"non-finite values by step {step}: {', '.join(bad)}; no non-finite update was "
-             "applied "
-             f"and {kept}. Lower --lr, or try --dtype float32")
+             f"applied and {kept}. Lower --lr, or try --dtype float32")
 
 
 def skip_if_not_finite(optimizer, *values):
