@@ -81,8 +81,8 @@ class WordTokenizer:
         self.context_length = context_length
 
     def encode(self, text):
-        return [1 + zlib.crc32(w.encode('utf-8')) % 4091 for w in re.findall(r"\w+|[^\w\s]",
-            text.lower())]
+        words = re.findall(r"\w+|[^\w\s]", text.lower())
+        return [1 + zlib.crc32(w.encode('utf-8')) % 4091 for w in words]
 
     def __call__(self, texts):
         return pad_tokens([self.encode(t) for t in texts], self.sot, self.eot, self.context_length)
@@ -107,7 +107,7 @@ BPE_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'vtp', 'bpe_simple_v
 
 
 def bpe_file(bpe_path=None):
-    """The CLIP BPE merges file: bpe_path, else the cache, downloaded once (sha256-checked) if absent."""
+    """The CLIP BPE merges file: bpe_path, else the cache (downloaded once, sha256-checked)."""
     if bpe_path is not None:
         if not os.path.isfile(bpe_path):
             raise DataError(f"BPE file not found: {bpe_path}")
@@ -131,7 +131,7 @@ def bpe_file(bpe_path=None):
 
 
 def bytes_to_unicode():
-    """GPT-2/CLIP reversible byte -> printable char map (printable latin-1 bytes map to themselves)."""
+    """GPT-2/CLIP reversible byte -> printable char map (printable latin-1 bytes map to self)."""
     bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1))
     bs += list(range(ord('®'), 256))
     cs = bs[:]
@@ -174,7 +174,7 @@ class BPETokenizer:
         self.cache = {}
 
     def bpe(self, token):
-        """Greedy lowest-rank merges of the word's symbols (last symbol carries the end-of-word '</w>')."""
+        """Greedy lowest-rank merges of the word's symbols (the last one ends in '</w>')."""
         if token in self.cache:
             return self.cache[token]
         word = list(token[:-1]) + [token[-1] + '</w>']
@@ -238,13 +238,13 @@ def text_tokenizer(cfg, bpe_path=None):
 # bump when the drawing or captions change: caches keyed on the data are rebuilt
 SYNTHETIC_VERSION = 2
 SHAPES = ('circle', 'square', 'triangle', 'star', 'cross')
-COLORS = {'red': (215, 35, 35), 'green': (35, 165, 55), 'blue': (40, 75, 225), 'yellow': (235, 205,
-    25)}
+COLORS = {'red': (215, 35, 35), 'green': (35, 165, 55), 'blue': (40, 75, 225),
+          'yellow': (235, 205, 25)}
 # backgrounds are unsaturated
 TONES = {'white': 245, 'light gray': 190, 'dark gray': 85, 'black': 20}
-SHAPE_WORDS = {'circle': ('circle', 'circle', 'disk', 'round dot'), 'square': ('square', 'square',
-    'box'),
-               'triangle': ('triangle',), 'star': ('star', 'star', 'five-pointed star'),
+SHAPE_WORDS = {'circle': ('circle', 'circle', 'disk', 'round dot'),
+               'square': ('square', 'square', 'box'), 'triangle': ('triangle',),
+               'star': ('star', 'star', 'five-pointed star'),
                'cross': ('cross', 'cross', 'plus sign')}
 SIZE_WORDS = {'small': ('small', 'little', 'tiny'), 'large': ('large', 'big', 'huge')}
 POS_WORDS = {'left': ('on the left', 'at the left', 'to the left'),
@@ -269,13 +269,12 @@ def shape_polygon(shape, cx, cy, r, angle):
     elif shape == 'triangle':
         rad, ang = [r] * 3, [-math.pi / 2 + k * 2 * math.pi / 3 for k in range(3)]
     elif shape == 'star':
-        rad, ang = [r if k % 2 == 0 else 0.45 * r for k in range(10)], [-math.pi / 2 + k * math.pi / 5
-                                                                        for k in range(10)]
+        rad = [r if k % 2 == 0 else 0.45 * r for k in range(10)]  # 5 tips, 5 inner corners
+        ang = [-math.pi / 2 + k * math.pi / 5 for k in range(10)]
     else:  # cross: a plus sign with arms 0.34 r half-wide
         a = 0.34 * r
         pts = [(a, r), (a, a), (r, a), (r, -a), (a, -a), (a, -r), (-a, -r), (-a, -a), (-r, -a),
-               (-r, a),
-               (-a, a), (-a, r)]
+               (-r, a), (-a, a), (-a, r)]
         rad, ang = [math.hypot(x, y) for x, y in pts], [math.atan2(y, x) for x, y in pts]
     return [(cx + q * math.cos(t + angle), cy + q * math.sin(t + angle)) for q, t in zip(rad, ang)]
 
@@ -313,8 +312,8 @@ class SyntheticDataset(Dataset):
         # large enough for a tiny ViT to tell the shapes apart within minutes: at radii 0.15-0.34 a
         # supervised ViT-tiny (patch 16) recognised 70 % of val shapes after 600 steps, at these 87
         # %
-        a['radius'] = float(rng.uniform(0.36, 0.44) if a['size'] == 'large' else rng.uniform(0.21,
-            0.26))
+        a['radius'] = float(rng.uniform(0.36, 0.44) if a['size'] == 'large' else
+                            rng.uniform(0.21, 0.26))
         a['distractor'] = None
         if rng.random() < 0.3:  # a small second object of another shape and colour in a far corner
             a['distractor'] = (int((a['shape'] + rng.integers(1, len(SHAPES))) % len(SHAPES)),
@@ -428,7 +427,7 @@ def skip(counts, reason):
 
 
 def to_rgb(img, counts):
-    """Any PIL mode -> RGB: alpha composited on white, 16-bit and float greyscale scaled to 8 bit."""
+    """Any PIL mode -> RGB: alpha composited on white, 16-bit and float grey scaled to 8 bit."""
     mode = img.mode
     if mode == 'RGB':
         return img
@@ -494,7 +493,7 @@ def load_image(src, counts, min_short=0):
 
 
 def read_caption(data, counts):
-    """Caption bytes -> str, or None (counted). Non-UTF-8 bytes are decoded with replacement and counted."""
+    """Caption bytes -> str or None (counted); non-UTF-8 bytes decoded with replacement, counted."""
     if data is None:
         return skip(counts, 'no_caption')
     try:
@@ -511,7 +510,7 @@ class BadSample(Exception):
 
 
 class FileDataset(Dataset):
-    """Base of the folder datasets: load(i, counts) -> (image, caption, label) or None (reason counted)."""
+    """Base of folder datasets: load(i, counts) -> (image, caption, label) or None (counted)."""
     class_names, templates, num_classes = [], REAL_TEMPLATES, 0
 
     def __len__(self):
@@ -531,8 +530,8 @@ class ImageFolderDataset(FileDataset):
 
     def __init__(self, root, image_size=256):
         classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self.files = [(p, y) for y, c in enumerate(classes) for p in list_images(os.path.join(root,
-            c))]
+        self.files = [(p, y) for y, c in enumerate(classes)
+                      for p in list_images(os.path.join(root, c))]
         if not self.files:
             raise DataError(f"no images found under the class folders of {root}")
         self.class_names = [c.replace('_', ' ') for c in classes]
@@ -582,7 +581,7 @@ def list_images(root):
 
 
 def expand_braces(pattern):
-    """'a-{0000..0012}.tar' -> ['a-0000.tar', ..., 'a-0012.tar'] (zero padding kept; several braces ok)."""
+    """'a-{0000..0012}.tar' -> ['a-0000.tar', ..., 'a-0012.tar'] (padding kept; many braces ok)."""
     m = re.search(r'\{(\d+)\.\.(\d+)\}', pattern)
     if m is None:
         return [pattern]
@@ -629,7 +628,7 @@ class TarShards(IterableDataset):
                 skip(counts, 'bad_shard')
 
     def samples(self, shard_iter, counts, groups=None):
-        """(image, caption, label) from the shards (or from raw `groups`), bad ones skipped, counted."""
+        """(image, caption, label) from the shards (or raw `groups`); bad ones skipped, counted."""
         for group in groups if groups is not None else self.groups(shard_iter, counts):
             s = self.sample(group, counts)
             if s is not None:
@@ -688,8 +687,8 @@ def open_dataset(spec, split='train', image_size=64, seed=0, length=None):
 
 
 def open_train_val(spec, val_spec, image_size, seed=0):
-    """The train set of `spec` and the val set: val_spec, or the synthetic val split when training on the
-    synthetic data, else None."""
+    """The train set of `spec` and the val set: val_spec, or the synthetic val split when training
+    on the synthetic data, else None."""
     val_spec = val_spec or ('synthetic' if spec == 'synthetic' else None)
     return (open_dataset(spec, 'train', image_size, seed),
             open_dataset(val_spec, 'val', image_size, seed) if val_spec else None)
@@ -712,7 +711,7 @@ def center_crop_arr(pil_image, size):
 
 
 def rrc_box(rng, w, h, scale, ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop's box (torchvision's algorithm: 10 tries, then a centre crop of clamped ratio)."""
+    """RandomResizedCrop's box, as torchvision: 10 tries, then a centre crop of clamped ratio."""
     area = w * h
     for _ in range(10):
         target = area * rng.uniform(*scale)
@@ -792,7 +791,7 @@ def eval_view(img, size):
 
 
 def normalize(arrays):
-    """list of (H, W, 3) uint8 -> (n, 3, H, W) float, ImageNet mean/std (transposed as uint8: 4x cheaper)."""
+    """(H, W, 3) uint8 arrays -> (n, 3, H, W) ImageNet-normalised floats (transposed as uint8)."""
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (n, 3, H, W) uint8
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return x.float().mul_(1 / (255 * std)).sub_(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / std)
@@ -887,8 +886,9 @@ class MicroBatchBuilder:
         step, micro = divmod(k, self.grad_accum)
         # index in the batch
         kk = (micro * self.world_size + self.rank) * self.b + np.arange(self.b)
-        rec = (kk % (self.global_batch // self.rec_batch) == 0) if self.rec_batch else np.zeros(self.b, bool)
-        ssl = (kk % (self.global_batch // self.ssl_batch) == 0) if self.ssl_batch else np.zeros(self.b, bool)
+        none = np.zeros(self.b, bool)
+        rec = kk % (self.global_batch // self.rec_batch) == 0 if self.rec_batch else none
+        ssl = kk % (self.global_batch // self.ssl_batch) == 0 if self.ssl_batch else none
         rest = np.flatnonzero(~ssl & ~rec) if self.clip else np.zeros(0, int)
         order = np.concatenate([np.flatnonzero(rec), np.flatnonzero(ssl & ~rec), rest])
         return step, micro, step * self.global_batch + kk[order], int(rec.sum()), ssl[order]
@@ -905,8 +905,7 @@ class MicroBatchBuilder:
             if is_ssl:  # a separate stream, so the main view does not depend on the SSL settings
                 rng = np.random.default_rng([self.seed, p, 1])
                 g, l = multi_crop(img, rng, self.global_size, self.local_size, self.n_local,
-                                  self.jitter,
-                                  self.gray_p)
+                                  self.jitter, self.gray_p)
                 glob_[0].append(g[0])
                 glob_[1].append(g[1])
                 loc.append(l)
@@ -914,7 +913,8 @@ class MicroBatchBuilder:
         batch = dict(images=normalize(main) if main else None, n_rec=n_rec, n_ssl=int(ssl.sum()),
                      labels=torch.tensor([s[2] for s in samples], dtype=torch.long),
                      positions=torch.from_numpy(pos), step=step, micro=micro, skipped=dict(counts))
-        batch['tokens'] = self.tokenizer([s[1] for s in samples]) if self.tokenizer is not None else None
+        captions = [s[1] for s in samples]
+        batch['tokens'] = self.tokenizer(captions) if self.tokenizer is not None else None
         if self.ssl_batch:
             batch.update(self.ssl_tensors(glob_, loc, masks))
         return batch
@@ -929,7 +929,7 @@ class MicroBatchBuilder:
         return block_mask(rng, g, g, rng.uniform(*self.mask_ratio))
 
     def ssl_tensors(self, glob_, loc, masks):
-        """Crop-major stacking ([crop 0 of the n SSL samples, crop 1, ...]) and the padded iBOT gather."""
+        """Crop-major stacking ([crop 0 of the n SSL samples, crop 1, ...]); padded iBOT gather."""
         m = np.stack([ms[c] for c in range(2) for ms in masks])  # (2n, N) crop-major like the crops
         idx = np.flatnonzero(m)  # flat indices into the (2n * N) global patch tokens
         per_image = m.sum(1)  # (2n,)
@@ -1082,10 +1082,8 @@ class TrainLoader:
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.builder = MicroBatchBuilder(tokenizer, image_size, global_size, local_size, n_local,
                                          global_batch, ssl_batch, rec_batch, world_size, rank,
-                                         grad_accum,
-                                         seed, mask_prob, tuple(mask_ratio), patch_size, clip,
-                                         jitter,
-                                         gray_p)
+                                         grad_accum, seed, mask_prob, tuple(mask_ratio),
+                                         patch_size, clip, jitter, gray_p)
         self.shuffle_buffer = shuffle_buffer
         self.streaming = isinstance(dataset, IterableDataset)
         if self.streaming and not hasattr(dataset, 'shards'):
@@ -1095,8 +1093,7 @@ class TrainLoader:
             if len(dataset.shards) < slots:
                 raise DataError(f"{len(dataset.shards)} shards for {world_size} ranks x "
                                 f"{max(num_workers, 1)} workers: need at least one shard per "
-                                "(rank, worker); "
-                                f"use fewer workers")
+                                "(rank, worker); use fewer workers")
 
     def __iter__(self):
         k0 = self.start_step * self.grad_accum
@@ -1122,7 +1119,7 @@ def add_counts(total, counts):
 
 
 class EvalBatches(Dataset):
-    """Item k = batch `batch_ids[k]` of the first n samples, through `transform`, built in a worker."""
+    """Item k: batch `batch_ids[k]` of the first n samples through `transform`, in a worker."""
 
     def __init__(self, dataset, transform, tokenizer, batch_size, n, batch_ids):
         self.dataset, self.transform, self.tokenizer = dataset, transform, tokenizer
@@ -1251,8 +1248,7 @@ def encode_shard(tokenizer, samples, batch_size, device):
     for i in range(0, len(samples), batch_size):
         good = samples[i:i + batch_size]
         x = normalize([s[0] for s in good]).to(device)  # (n, 3, S, S), ImageNet-normalised
-        # fp32, no autocast (upstream extract_features); the flip in pixel space commutes with
-        # normalising
+        # fp32, no autocast (upstream extract_features); flipping commutes with normalising
         plain.append(tokenizer.encode(x).float().cpu())  # (n, d, S/p, S/p)
         flipped.append(tokenizer.encode(x.flip(3)).float().cpu())
         rows += [s[1:] for s in good]
@@ -1260,8 +1256,8 @@ def encode_shard(tokenizer, samples, batch_size, device):
         return None
     labels, kept, captions = zip(*rows)
     return {'latents': torch.cat(plain), 'latents_flip': torch.cat(flipped),
-            'labels': torch.tensor(labels, dtype=torch.int64), 'indices': torch.tensor(kept,
-                dtype=torch.int64),
+            'labels': torch.tensor(labels, dtype=torch.int64),
+            'indices': torch.tensor(kept, dtype=torch.int64),
             'captions': list(captions)}
 
 
@@ -1286,8 +1282,7 @@ def latent_stats(latent_dir, shard_files, max_images=LATENT_STATS_IMAGES, seed=0
     latents (upstream: a np.random.choice without replacement; ours is seeded, so a rebuild gives
     the same stats)."""
     shards = [torch.load(os.path.join(latent_dir, f), map_location='cpu', mmap=True,
-                         weights_only=True)
-              for f in shard_files]
+                         weights_only=True) for f in shard_files]
     sizes = [len(s['labels']) for s in shards]
     n = sum(sizes)
     pick = torch.randperm(n,
@@ -1340,12 +1335,12 @@ def build_latent_cache(tokenizer, data_spec, latent_dir, image_size, num_images=
         idx = dataset.shards[k:k + 1] if stream else \
             list(range(k * LATENT_SHARD_SIZE, min((k + 1) * LATENT_SHARD_SIZE, n)))
         skipped = {}
-        shard = encode_shard(tokenizer, crop_samples(dataset, idx, image_size, num_workers,
-                                                     skipped),
-                             batch_size, device)
-        shard = shard or {'latents': torch.zeros(0), 'latents_flip': torch.zeros(0), 'captions': [],
-                          'labels': torch.zeros(0, dtype=torch.int64), 'indices': torch.zeros(0,
-                              dtype=torch.int64)}
+        samples = crop_samples(dataset, idx, image_size, num_workers, skipped)
+        shard = encode_shard(tokenizer, samples, batch_size, device)
+        if not shard:  # every image of the shard was bad: an empty shard keeps the numbering
+            empty = torch.zeros(0, dtype=torch.int64)
+            shard = {'latents': torch.zeros(0), 'latents_flip': torch.zeros(0), 'captions': [],
+                     'labels': empty, 'indices': empty}
         shard['skipped'] = skipped
         path = os.path.join(latent_dir, names[k])
         torch.save(shard, path + '.tmp')
@@ -1381,7 +1376,7 @@ def build_latent_cache(tokenizer, data_spec, latent_dir, image_size, num_images=
 
 
 def load_latent_stats(latent_dir):
-    """{'mean', 'std'}, each (1, C, 1, 1): the normalisation of the cache (also what sampling un-does)."""
+    """{'mean', 'std'}, each (1, C, 1, 1): the cache's normalisation (which sampling un-does)."""
     return torch.load(os.path.join(latent_dir, 'latents_stats.pt'), map_location='cpu',
                       weights_only=True)
 

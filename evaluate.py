@@ -36,8 +36,7 @@ from PIL import Image, ImageFilter
 from scipy import linalg
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models.inception import (BasicConv2d, Inception3, InceptionA, InceptionAux,
-                                          InceptionB,
-                                          InceptionC, InceptionD, InceptionE)
+                                          InceptionB, InceptionC, InceptionD, InceptionE)
 from tqdm import tqdm
 
 import data
@@ -48,14 +47,14 @@ FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fi
                    'pt_inception-2015-12-05-6726825d.pth')
 FID_WEIGHTS_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'vtp',
                                  os.path.basename(FID_WEIGHTS_URL))
-ADM_NOTE = ("paper numbers use ADM's TensorFlow evaluator "
-            "(guided-diffusion/evaluations/evaluator.py); this is "
-            "the PyTorch port of the same Inception (pytorch-fid weights), values differ slightly")
+ADM_NOTE = ("paper numbers use ADM's TensorFlow evaluator (guided-diffusion/evaluations/"
+            "evaluator.py); this is the PyTorch port of the same Inception (pytorch-fid weights), "
+            "values differ slightly")
 # DINOv2's linear-probe lr grid (vtp_architecture.md §8), each scaled by batch / 256, extended
 # upwards: on standardised features the small synthetic probes were still learning at DINOv2's
 # largest lr, 0.1
-PROBE_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1) + (0.2,
-    0.5, 1.0, 2.0)
+PROBE_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1) + \
+    (0.2, 0.5, 1.0, 2.0)
 
 # -----------------------------------------------------------------------------
 # 1. image metrics: PSNR, SSIM, Fréchet distance, Inception Score, precision / recall
@@ -95,8 +94,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) with scipy's sqrtm (as pytorch-fid and ADM).
     A singular product gets eps*I added to both covariances; a small imaginary part from numerical
     error is dropped, a large one is an error."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2,
-        np.float64))
+    mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
+    mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
     sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
@@ -203,15 +202,14 @@ class FIDInceptionC(InceptionC):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         d = x
         for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
-                     self.branch7x7dbl_4,
-                     self.branch7x7dbl_5):
+                     self.branch7x7dbl_4, self.branch7x7dbl_5):
             d = conv(d)
         bp = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
         return torch.cat([self.branch1x1(x), b7, d, bp], 1)
 
 
 class FIDInceptionE(InceptionE):
-    """Mixed_7b pools by average (without padding); the TF graph's Mixed_7c uses a max pool there."""
+    """Mixed_7b pools by average (no padding); the TF graph's Mixed_7c uses a max pool there."""
     max_pool = False
 
     def forward(self, x):
@@ -238,8 +236,7 @@ class FIDInceptionV3(Inception3):
         super().__init__(num_classes=1008, aux_logits=False, transform_input=False,
                          init_weights=False,
                          inception_blocks=[BasicConv2d, FIDInceptionA, InceptionB, FIDInceptionC,
-                                           InceptionD,
-                                           FIDInceptionE, InceptionAux])
+                                           InceptionD, FIDInceptionE, InceptionAux])
         self.Mixed_7c.max_pool = True
 
     def forward(self, images):
@@ -268,8 +265,7 @@ def fetch_fid_weights():
             os.remove(tmp)
         raise RuntimeError(f"could not download the FID Inception weights from {FID_WEIGHTS_URL} "
                            f"({type(e).__name__}); copy the file to {FID_WEIGHTS_CACHE}, pass "
-                           "--inception-weights PATH, "
-                           f"or (recon) --no-fid") from None
+                           "--inception-weights PATH, or (recon) --no-fid") from None
     os.replace(tmp, FID_WEIGHTS_CACHE)
     return FID_WEIGHTS_CACHE
 
@@ -301,7 +297,8 @@ def build_fid_inception(weights=None, random_init=False):
         with open(path, 'rb') as f:
             sha = hashlib.sha256(f.read()).hexdigest()
         info = {'weights': os.path.abspath(path), 'weights_sha256': sha}
-    model.info = {'backend': 'PyTorch FID InceptionV3 (pytorch-fid port of the TF 2015-12-05 graph)', **info,
+    model.info = {'backend': 'PyTorch FID InceptionV3 (pytorch-fid port of the TF 2015-12-05 '
+                             'graph)', **info,
                   'resize': 'uint8 -> [0,1] -> bilinear 299x299 (align_corners=False) -> 2x-1',
                   'features': 'pool3, 2048-d',
                   'is_logits': '1008-way softmax of pool3 @ fc.weight (no bias)',
@@ -330,7 +327,7 @@ def inception_features(images_uint8_iter, model, device='cpu', total=None, desc=
 
 
 def to_uint8(x01):
-    """[0, 1] floats -> uint8 by truncation (x*255 cast), as the official scripts save their PNGs."""
+    """[0, 1] floats -> uint8 by truncation (x*255 cast), as the official scripts save PNGs."""
     return (x01.clamp(0, 1) * 255).to(torch.uint8)
 
 
@@ -367,7 +364,8 @@ class ImageSource:
     def __init__(self, path, limit=0):
         if not os.path.exists(path):
             raise FileNotFoundError(f"not found: {path}")
-        self.path, self.files, self.array, self.mu, self.sigma, self.skipped = path, None, None, None, None, 0
+        self.path, self.files, self.array, self.mu, self.sigma = path, None, None, None, None
+        self.skipped = 0
         if os.path.isdir(path):
             self.files = list_image_files(path)
             if not self.files:
@@ -399,7 +397,9 @@ class ImageSource:
         return self.files is not None or self.array is not None
 
     def __len__(self):
-        return len(self.files) if self.files is not None else len(self.array) if self.array is not None else 0
+        if self.files is not None:
+            return len(self.files)
+        return len(self.array) if self.array is not None else 0
 
     @property
     def resolution(self):
@@ -441,9 +441,8 @@ class ImageSource:
 def pick_device(name):
     if name == 'cuda' and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
-    return torch.device('cuda' if name == 'cuda' or (name in (None,
-        'auto') and torch.cuda.is_available())
-                        else 'cpu')
+    auto = name in (None, 'auto') and torch.cuda.is_available()
+    return torch.device('cuda' if name == 'cuda' or auto else 'cpu')
 
 
 def autocast_for(device):
@@ -469,7 +468,7 @@ def text_tokenizer_for(model, bpe_path=None):
 
 
 def unpack(batch):
-    """(images, labels or None, skipped dict) from a dict batch, an (images, labels) pair or a tensor."""
+    """(images, labels or None, skipped) from a dict batch, an (images, labels) pair or a tensor."""
     if isinstance(batch, dict):
         return batch['images'], batch.get('labels'), batch.get('skipped') or {}
     if isinstance(batch, (tuple, list)):
@@ -487,7 +486,7 @@ def open_data(spec, split, image_size):
 
 @torch.no_grad()
 def reconstruct(model, x, device):
-    """Encode under bf16 autocast (CUDA), decode in fp32; both returned in [0, 1] (de-normalised, clamped)."""
+    """Encode with bf16 autocast (CUDA), decode in fp32; both de-normalised, clamped to [0, 1]."""
     with autocast_for(device):
         z = model.encode(x)  # (B, d, h, w)
     rec = model.decode(z.float())  # (B, 3, H, W), ImageNet-normalised
@@ -504,8 +503,8 @@ def reconstruction_metrics(model, batches, device='cpu', inception=None, lpips_n
     judge (the synthetic world's, labelled batches): the % of reconstructions it recognises as their
     image's class, i.e. whether the tokenizer keeps what the image is. Missing parts are None."""
     device = torch.device(device)
-    if not getattr(model.config, 'train_reconstruction', True) or not hasattr(model,
-        'pixel_decoder'):
+    if not getattr(model.config, 'train_reconstruction', True) or \
+            not hasattr(model, 'pixel_decoder'):
         raise ValueError("this tokenizer has no pixel decoder (trained without reconstruction)")
     sums, n, skipped = {'psnr': 0.0, 'ssim': 0.0, 'lpips': 0.0}, 0, {}
     real_f, fake_f, recognised = [], [], 0
@@ -711,7 +710,7 @@ class SyntheticJudge(nn.Module):
         self.head = nn.Linear(64, num_classes)
 
     def forward(self, x):
-        """uint8 images (B, 3, H, W), any size (resized to 32) -> (features (B, 64), logits (B, C))."""
+        """uint8 (B, 3, H, W), any size (resized to 32) -> features (B, 64), logits (B, C)."""
         x = F.interpolate(x.float() / 255, size=(32, 32), mode='area')
         f = self.features(x)
         return f, self.head(f)
@@ -746,9 +745,8 @@ def synthetic_judge(image_size=64, cache_dir=None):
     reconstructions of circles 'square' (measured: 44 % of a patch-16 AE's reconstructions
     recognised, 69 % by this one; both recognise 100 % of real images)."""
     cache_dir = cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'vtp')
-    key = hashlib.sha256(repr((image_size, JUDGE_IMAGES, JUDGE_EPOCHS, data.SYNTHETIC_VERSION,
-                               'degrade'))
-                         .encode()).hexdigest()[:12]
+    recipe = (image_size, JUDGE_IMAGES, JUDGE_EPOCHS, data.SYNTHETIC_VERSION, 'degrade')
+    key = hashlib.sha256(repr(recipe).encode()).hexdigest()[:12]
     path = os.path.join(cache_dir, f'synthetic_judge_{key}.pt')
     net = SyntheticJudge()
     if os.path.isfile(path):
@@ -780,7 +778,7 @@ def synthetic_judge(image_size=64, cache_dir=None):
 
 @torch.no_grad()
 def judge_features(net, images, batch_size=256):
-    """uint8 images (N, 3, H, W) or (N, H, W, 3) -> (features (N, 64) float64, predicted class (N,))."""
+    """uint8 (N, 3, H, W) or (N, H, W, 3) -> features (N, 64) float64, predicted class (N,)."""
     images = torch.as_tensor(images)
     if images.shape[-1] == 3 and images.shape[1] != 3:
         images = images.permute(0, 3, 1, 2)
@@ -796,8 +794,8 @@ def prompt_class(prompt):
     """The synthetic class a prompt asks for ('a red star.' -> 'red star'), by its colour and shape
     words (synonyms included), or -1 if it names none or several."""
     words = prompt.lower().replace('-', ' ')
-    shapes = [k for k, syn in data.SHAPE_WORDS.items() if any(f' {w} ' in f' {words} ' or
-                                                               f' {w}.' in f' {words}' for w in syn)]
+    shapes = [k for k, syn in data.SHAPE_WORDS.items()
+              if any(f' {w} ' in f' {words} ' or f' {w}.' in f' {words}' for w in syn)]
     colours = [c for c in data.COLORS if c in words.split() or f'{c}.' in words.split()]
     if len(set(shapes)) != 1 or len(colours) != 1:
         return -1
@@ -807,7 +805,8 @@ def prompt_class(prompt):
 def sample_targets(samples_path, n):
     """The class each sample was asked for, from sample.py's sample_args.json / prompts.txt beside
     the samples (labels: i % num_classes or --labels; prompts: their colour and shape words)."""
-    folder = samples_path if os.path.isdir(samples_path) else os.path.dirname(os.path.abspath(samples_path))
+    folder = samples_path if os.path.isdir(samples_path) else \
+        os.path.dirname(os.path.abspath(samples_path))
     folder = folder[:-len('/images')] if folder.endswith('/images') else folder
     prompts = os.path.join(folder, 'prompts.txt')
     if os.path.isfile(prompts):
@@ -821,7 +820,8 @@ def sample_targets(samples_path, n):
         a = json.load(f)
     labels = [int(v) for v in a['labels'].split(',')] if a.get('labels') else None
     C = a['dit_config']['num_classes']
-    return torch.tensor([labels[i % len(labels)] if labels else i % C for i in range(n)]), 'sample_args.json'
+    targets = [labels[i % len(labels)] if labels else i % C for i in range(n)]
+    return torch.tensor(targets), 'sample_args.json'
 
 
 def cmd_synthetic(args):
@@ -836,23 +836,23 @@ def cmd_synthetic(args):
     fd, method = fid_from_features(f_fake, f_real)
     result = {**header(args, 'synthetic', 'cpu'), 'samples': os.path.abspath(args.samples),
               'num_samples': len(fake), 'num_real': len(real), 'fd_judge': fd, 'fd_method': method,
-              'judge': 'SyntheticJudge (3 conv blocks, 64-d max-pooled features), trained on '
-                       f'{JUDGE_IMAGES} '
-                       f'real synthetic train images, {JUDGE_EPOCHS} epochs; real val images: '
-                       f'{100 * (p_real == real_y).float().mean().item():.1f} % recognised',
+              'judge': f'SyntheticJudge (3 conv blocks, 64-d max-pooled features), trained on '
+                       f'{JUDGE_IMAGES} real synthetic train images, {JUDGE_EPOCHS} epochs; real '
+                       f'val images: {100 * (p_real == real_y).float().mean().item():.1f} % '
+                       'recognised',
               'real': f'the first {len(real)} synthetic val images at {args.image_size} px'}
     rows = [('FD (judge features)', fd)]
     if not args.no_targets:
         targets, source = sample_targets(args.samples, len(fake))
-        ok = targets >= 0
-        acc = (p_fake[ok] == targets[ok]).float().mean().item() if ok.any() else float('nan')
-        colour = (p_fake[ok] % 4 == targets[ok] % 4).float().mean().item() if ok.any() else float('nan')
-        shape = (p_fake[ok] // 4 == targets[ok] // 4).float().mean().item() if ok.any() else float('nan')
-        result.update(class_accuracy=100 * acc, colour_accuracy=100 * colour,
-                      shape_accuracy=100 * shape,
+        ok = targets >= 0  # samples whose prompt names one class
+        pred, want = p_fake[ok], targets[ok]
+        # class = 4 * shape + colour: the colour and the shape are also scored on their own
+        acc, colour, shape = [100 * hit.float().mean().item() if ok.any() else float('nan')
+                              for hit in (pred == want, pred % 4 == want % 4,
+                                          pred // 4 == want // 4)]
+        result.update(class_accuracy=acc, colour_accuracy=colour, shape_accuracy=shape,
                       targets=source, num_targeted=int(ok.sum()), chance=100 / 20)
-        rows += [('class accuracy (%)', 100 * acc), ('colour (%)', 100 * colour), ('shape (%)',
-            100 * shape)]
+        rows += [('class accuracy (%)', acc), ('colour (%)', colour), ('shape (%)', shape)]
     if args.tokenizer:  # the VTP model's own image-text similarity of the samples and their prompts
         prompts_path = os.path.join(os.path.dirname(os.path.abspath(args.samples)), 'prompts.txt')
         if not os.path.isfile(prompts_path):
@@ -864,8 +864,8 @@ def cmd_synthetic(args):
         with torch.no_grad():
             x = data.normalize(list(fake[:len(prompts)]))
             img = torch.cat([model.image_features(c) for c in x.split(256)])
-            txt = torch.cat([model.text_features(tok(prompts[i:i + 256])) for i in range(0,
-                len(prompts), 256)])
+            txt = torch.cat([model.text_features(tok(prompts[i:i + 256]))
+                             for i in range(0, len(prompts), 256)])
         sim = (img * txt).sum(1)  # cosine of each sample with its own prompt
         # ... and with another sample's prompt: the baseline
         shuffled = (img * txt.roll(1, 0)).sum(1)
@@ -875,8 +875,8 @@ def cmd_synthetic(args):
         rows += [('VTP image-text similarity x100', 100 * sim.mean().item()),
                  ('  with other prompts', 100 * shuffled.mean().item())]
     print_table(f"synthetic world ({len(fake)} samples vs {len(real)} real val images)", rows)
-    write_json(result, args.out or os.path.join(os.path.dirname(os.path.abspath(args.samples)),
-                                                'eval_synthetic.json'))
+    folder = os.path.dirname(os.path.abspath(args.samples))
+    write_json(result, args.out or os.path.join(folder, 'eval_synthetic.json'))
     return result
 
 
@@ -915,19 +915,20 @@ def header(args, name, device):
             'date': time.strftime('%Y-%m-%d %H:%M:%S'), 'torch': torch.__version__}
 
 
-def image_size_of(model, args):
+def tokenizer_and_data(args):
+    """recon and zeroshot: the device, the tokenizer, the image size (default: the tokenizer's) and
+    the images."""
+    device = pick_device(args.device)
+    model = load_vtp(args.tokenizer, device)
     S = args.image_size or model.config.image_size
     if S % model.config.patch_size:
         raise ValueError(f"--image-size {S} is not a multiple of the patch size "
                          f"{model.config.patch_size}")
-    return S
+    return device, model, S, open_data(args.data, args.split, S)
 
 
 def cmd_recon(args):
-    device = pick_device(args.device)
-    model = load_vtp(args.tokenizer, device)
-    S = image_size_of(model, args)
-    dataset = open_data(args.data, args.split, S)
+    device, model, S, dataset = tokenizer_and_data(args)
     inception = None
     if not args.no_fid:
         inception = build_fid_inception(args.inception_weights, args.random_inception).to(device)
@@ -940,24 +941,25 @@ def cmd_recon(args):
     if lpips_net is None:
         res['lpips'] = 'unavailable' if args.lpips != 'none' else 'off'
     result = {**header(args, 'recon', device), 'tokenizer': os.path.abspath(args.tokenizer),
-              'data': args.data,
-              'split': args.split, **res,
+              'data': args.data, 'split': args.split, **res,
               'preprocess': f'ADM center_crop_arr to {S}, ImageNet mean/std',
-              'precision': 'encode bf16 autocast (CUDA; fp32 on CPU), decode fp32; de-normalise, '
-                           'clamp [0,1]',
+              'precision': 'encode bf16 autocast (CUDA; fp32 on CPU), decode fp32; '
+                           'de-normalise, clamp [0,1]',
               'psnr_def': 'per image on 0-255 floats, averaged',
-              'ssim_def': 'gaussian 11x11 sigma 1.5, data_range 1 (torchmetrics), per image, '
+              'ssim_def': 'gaussian 11x11, sigma 1.5, data_range 1 (torchmetrics); per image, '
                           'averaged',
               'lpips_def': 'LPIPS-VGG (lpips package) on [-1,1]',
               'rfid_def': (None if inception is None else
                            {'images': 'originals vs reconstructions, uint8 by truncation of x*255',
                             'count': res['num_images'], **inception.info}),
-              'judge_def': 'the synthetic judge (see `synthetic`): % of uint8 reconstructions given '
-                           'their original class' if judge else None}
-    print_table(f"reconstruction ({res['num_images']} images, {S}px, skipped {res['skipped'] or 0})",
-                [('rFID', res['rfid'] if res['rfid'] is not None else 'off'), ('PSNR', res['psnr']),
-                 ('SSIM', res['ssim']), ('LPIPS', res['lpips'])]
-                + ([('judge recognises (%)', res['judge_recognised'])] if judge else []))
+              'judge_def': 'the synthetic judge (see `synthetic`): % of uint8 reconstructions '
+                           'given their original class' if judge else None}
+    rows = [('rFID', res['rfid'] if res['rfid'] is not None else 'off'), ('PSNR', res['psnr']),
+            ('SSIM', res['ssim']), ('LPIPS', res['lpips'])]
+    if judge:
+        rows.append(('judge recognises (%)', res['judge_recognised']))
+    print_table(f"reconstruction ({res['num_images']} images, {S}px, skipped "
+                f"{res['skipped'] or 0})", rows)
     if inception is not None:
         print(f"note: {ADM_NOTE}")
     write_json(result, default_out(args, 'recon'))
@@ -965,14 +967,11 @@ def cmd_recon(args):
 
 
 def cmd_zeroshot(args):
-    device = pick_device(args.device)
-    model = load_vtp(args.tokenizer, device)
-    S = image_size_of(model, args)
-    dataset = open_data(args.data, args.split, S)
-    names = read_lines(args.classnames,
-                       'class names') if args.classnames else list(dataset.class_names or [])
-    templates = read_lines(args.templates,
-                           'templates') if args.templates else list(dataset.templates or [])
+    device, model, S, dataset = tokenizer_and_data(args)
+    names = (read_lines(args.classnames, 'class names') if args.classnames
+             else list(dataset.class_names or []))
+    templates = (read_lines(args.templates, 'templates') if args.templates
+                 else list(dataset.templates or []))
     if not names:
         raise ValueError(f"{args.data} has no class names; pass --classnames FILE (one per line, "
                          "label order)")
@@ -984,12 +983,12 @@ def cmd_zeroshot(args):
                          f"{args.data}")
     bad = [t for t in templates if '{}' not in t]
     if not templates or bad:
-        raise ValueError(f"templates must each contain '{{}}' (bad: {bad[:2]})" if bad else "no templates")
+        raise ValueError(f"templates must each contain '{{}}' (bad: {bad[:2]})" if bad else
+                         "no templates")
     tokenizer = text_tokenizer_for(model, args.bpe_path)
     classifier = vtp.zeroshot_classifier(model, tokenizer, names, templates, device)
     batches = data.eval_batches(dataset, args.batch_size, transform=squash_resize(S),
-                                limit=args.num_images,
-                                num_workers=args.num_workers)
+                                limit=args.num_images, num_workers=args.num_workers)
     res = zeroshot_accuracy(model, classifier, batches, device)
     result = {**header(args, 'zeroshot', device), 'tokenizer': os.path.abspath(args.tokenizer),
               'data': args.data, 'split': args.split, **res, 'num_classes': len(names),
@@ -1026,7 +1025,9 @@ def cmd_linprobe(args):
     torch.manual_seed(args.seed)
     # the synthetic world: a crop down to 8 % of a 64 px image cuts the object out of many train
     # views
-    aug = args.train_aug if args.train_aug != 'auto' else 'none' if args.train == 'synthetic' else 'rrc'
+    aug = args.train_aug
+    if aug == 'auto':  # the synthetic objects are small: random crops would cut them out
+        aug = 'none' if args.train == 'synthetic' else 'rrc'
     t_train, t_val = probe_transforms(crop, resize, aug)
     feats = {}
     for split, ds, tf, limit in (('train', train_set, t_train, args.num_train),
@@ -1039,7 +1040,8 @@ def cmd_linprobe(args):
     num_classes = max(len(getattr(train_set, 'class_names', None) or []), int(ty.max()) + 1,
                       int(vy.max()) + 1)
     if ty.min() < 0 or vy.min() < 0:
-        raise ValueError("linear probing needs class labels (a class-folder dataset or 'synthetic')")
+        raise ValueError("linear probing needs class labels (a class-folder dataset or "
+                         "'synthetic')")
     lrs = [float(v) for v in args.lrs.split(',')] if args.lrs else list(PROBE_LRS)
     # standardised with the train set's mean/std per feature: the lr grid then fits every feature
     # source (the d-dim bottleneck's scale is whatever reconstruction made it: 10 epochs of SGD left
@@ -1047,32 +1049,28 @@ def cmd_linprobe(args):
     mu, sd = tx.float().mean(0), tx.float().std(0) + 1e-6
     tx, vx = (tx.float() - mu) / sd, (vx.float() - mu) / sd
     best = train_linear_probes(tx, ty, vx, vy, num_classes, lrs, args.epochs,
-                               args.probe_batch_size, device,
-                               args.seed)
+                               args.probe_batch_size, device, args.seed)
     source = ('bottleneck: [mean of the d-dim bottleneck patch tokens, bottleneck cls token]'
               if args.features == 'bottleneck' else
               f'multilayer (DINOv2): cls of the last {args.n_last_blocks} blocks + mean patch '
-              'token of the '
-              f'last block, final-normed, no bottleneck')
+              'token of the last block, final-normed, no bottleneck')
+    train_view = (f'RandomResizedCrop({crop}, bicubic)+flip (one view, cached)' if aug == 'rrc'
+                  else 'as val')
     result = {**header(args, 'linprobe', device), 'tokenizer': os.path.abspath(args.tokenizer),
               'train': args.train, 'val': args.val, 'feature_source': source,
               'feature_dim': tx.shape[1],
               'top1': best['top1'], 'best_lr': best['lr'], 'best_epoch': best['epoch'],
               'num_train': len(tx), 'num_val': len(vx), 'num_classes': num_classes,
               'skipped': {'train': tskip, 'val': vskip},
-              'preprocess': (f'train RandomResizedCrop({crop}, bicubic)+flip (one view, cached)' if aug == 'rrc'
-                             else 'train as val') + f'; val Resize({resize}, '
-                                                    f'bicubic)+CenterCrop({crop})',
+              'preprocess': f'train {train_view}; val Resize({resize}, bicubic)+CenterCrop({crop})',
               'probe': f'features standardised (train mean/std); {len(lrs)} Linear heads, SGD '
-                       'momentum 0.9 '
-                       f'wd 0, lr x batch/256, cosine, '
-                       f'{args.epochs} epochs, batch {args.probe_batch_size}; best head at best '
-                       'epoch',
+                       f'momentum 0.9 wd 0, lr x batch/256, cosine, {args.epochs} epochs, batch '
+                       f'{args.probe_batch_size}; best head at best epoch',
               'lrs': lrs}
-    print_table(f"linear probe [{args.features}] ({len(tx)} train / {len(vx)} val, {tx.shape[1]}-d)",
-                [('top-1 (%)', best['top1']), ('best lr', best['lr']), ('best epoch',
-                    best['epoch']),
-                 ('features', args.features)])
+    print_table(f"linear probe [{args.features}] ({len(tx)} train / {len(vx)} val, "
+                f"{tx.shape[1]}-d)",
+                [('top-1 (%)', best['top1']), ('best lr', best['lr']),
+                 ('best epoch', best['epoch']), ('features', args.features)])
     write_json(result, default_out(args, 'linprobe'))
     return result
 
@@ -1084,11 +1082,11 @@ def cmd_fid(args):
         raise ValueError(f"--samples {args.samples} holds statistics only; IS/precision/recall "
                          "need images")
     ref = ImageSource(args.ref)
-    if ref.has_images and samples.resolution != ref.resolution and not args.allow_resolution_mismatch:
-        raise ValueError(f"samples are {samples.resolution[1]}x{samples.resolution[0]} but the "
-                         "reference is "
-                         f"{ref.resolution[1]}x{ref.resolution[0]} (--allow-resolution-mismatch to "
-                         "go on)")
+    mismatch = ref.has_images and samples.resolution != ref.resolution
+    if mismatch and not args.allow_resolution_mismatch:
+        (h, w), (rh, rw) = samples.resolution, ref.resolution  # (H, W)
+        raise ValueError(f"samples are {w}x{h} but the reference is {rw}x{rh} "
+                         "(--allow-resolution-mismatch to go on)")
     inception = build_fid_inception(args.inception_weights, args.random_inception)
     bs = args.batch_size
     f_fake, l_fake = inception_features(samples.batches(bs, args.num_workers), inception, device,
@@ -1116,20 +1114,18 @@ def cmd_fid(args):
     if f_real is not None and args.precision_recall:
         precision, recall = precision_recall(f_real, f_fake, k=3, device=device)
     result = {**header(args, 'fid', device), 'samples': os.path.abspath(args.samples),
-              'samples_kind': samples.kind,
-              'num_samples': len(f_fake), 'samples_skipped': samples.skipped,
-              'samples_resolution': list(samples.resolution),
+              'samples_kind': samples.kind, 'num_samples': len(f_fake),
+              'samples_skipped': samples.skipped, 'samples_resolution': list(samples.resolution),
               'reference': os.path.abspath(args.ref), 'reference_kind': ref.kind,
               'reference_stats': ref_stats,
               'reference_images': len(f_real) if f_real is not None else 0,
               'reference_skipped': ref.skipped,
-              'fid': fid, 'fid_method': fid_method, 'inception_score': is_mean,
-              'inception_score_std': is_std,
-              'is_splits': max(1, min(args.is_splits, len(f_fake))), 'precision': precision,
-              'recall': recall,
+              'fid': fid, 'fid_method': fid_method,
+              'inception_score': is_mean, 'inception_score_std': is_std,
+              'is_splits': max(1, min(args.is_splits, len(f_fake))),
+              'precision': precision, 'recall': recall,
               'precision_recall_def': 'Kynkaanniemi et al. improved P/R, k=3, pool3 features; '
-                                      'reference images '
-                                      'vs samples',
+                                      'reference images vs samples',
               'uint8': 'samples and reference read as uint8 images', **inception.info}
     print_table(f"FID ({len(f_fake)} samples vs {args.ref}; reference stats: {ref_stats})",
                 [('FID', fid), ('IS', is_mean), ('precision', precision), ('recall', recall)])
@@ -1158,7 +1154,8 @@ def add_data(p, data_help, size_help):
     p.add_argument('--data', default='synthetic', help=data_help)
     p.add_argument('--split', default='val',
                    help="dataset split (synthetic; a folder's sub-folder if present)")
-    p.add_argument('--num-images', type=int, default=0, help="evaluate the first N images (0 = all)")
+    p.add_argument('--num-images', type=int, default=0,
+                   help="evaluate the first N images (0 = all)")
     p.add_argument('--image-size', type=int, default=0, help=size_help)
 
 

@@ -1,7 +1,7 @@
 """
 Stage 2 of VTP: the pixel decoder fine-tuned with a GAN objective, encoder and bottleneck frozen
-(§3.2). L_G = L1 + w_p LPIPS + λ_adv w_disc (-E[D(x_hat)]), λ_adv adaptive (LDM); D: PatchGAN, hinge
-loss.
+(§3.2). L_G = L1 + w_p LPIPS + λ_adv w_disc (-E[D(x_hat)]), λ_adv adaptive (LDM); D: PatchGAN,
+hinge loss.
 
 Laptop CPU, after `python train_tokenizer.py --size tiny` (built-in synthetic data, minutes):
     python finetune_decoder.py --tokenizer out/tokenizer/ckpt.pt
@@ -43,45 +43,35 @@ RECIPES = {
     'paper': dict(batch_size=256, max_steps=50000, disc_start=5000, log_every=50, eval_every=2000,
                   ckpt_every=1000, num_workers=8, perceptual='lpips'),
 }
-parser = argparse.ArgumentParser(description=__doc__.split('\n')[1],
+parser = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+arg = parser.add_argument
 vtp.add_run_flags(parser, 'out/decoder', "its pixel decoder is fine-tuned, the rest stays frozen",
                   tokenizer_default='out/tokenizer/ckpt.pt')
-parser.add_argument('--disc-ndf', type=int, default=64, help="discriminator base width (LDM 64)")
-parser.add_argument('--disc-layers', type=int, default=3,
-                    help="discriminator stride-2 stages (LDM 3)")
-parser.add_argument('--disc-norm', default='batch', choices=['batch', 'group'],
-                    help="D norm: batch = LDM (SyncBatchNorm under DDP on CUDA), group = "
-                    "batch-independent")
+arg('--disc-ndf', type=int, default=64, help="discriminator base width (LDM 64)")
+arg('--disc-layers', type=int, default=3, help="discriminator stride-2 stages (LDM 3)")
+arg('--disc-norm', default='batch', choices=['batch', 'group'],
+    help="D norm: batch = LDM (SyncBatchNorm under DDP on CUDA), group = batch-independent")
 # data
-parser.add_argument('--data', default='synthetic',
-                    help="'synthetic', an image folder, or .tar shards")
-parser.add_argument('--val-data', default=None,
-                    help="val set for PSNR and grids (default: the synthetic val split when "
-                    "--data synthetic)")
-parser.add_argument('--num-val', type=int, default=64,
-                    help="val images (the first ones) for val_psnr")
-parser.add_argument('--image-size', type=int, default=None,
-                    help="training resolution (the tokenizer's)")
-parser.add_argument('--num-workers', type=int, default=None, help="data loader processes per rank")
+arg('--data', default='synthetic', help="'synthetic', an image folder, or .tar shards")
+arg('--val-data', default=None,
+    help="val set for PSNR and grids (default: the synthetic val split when --data synthetic)")
+arg('--num-val', type=int, default=64, help="val images (the first ones) for val_psnr")
+arg('--image-size', type=int, default=None, help="training resolution (the tokenizer's)")
+arg('--num-workers', type=int, default=None, help="data loader processes per rank")
 # objective
-parser.add_argument('--perceptual', default=None, choices=['auto', 'lpips', 'none', 'random'],
-                    help="LPIPS term: auto uses it if VGG16 weights can be had (random: tests "
-                    "only)")
-parser.add_argument('--perceptual-weight', type=float, default=1.0,
-                    help="LPIPS weight (LDM 1.0; eq. 1)")
-parser.add_argument('--disc-weight', type=float, default=0.5,
-                    help="scale of the adaptive GAN weight (LDM)")
-parser.add_argument('--disc-start', type=int, default=None,
-                    help="step from which D trains and L_G has the GAN term (LDM 50001, VA-VAE "
-                    "5001)")
+arg('--perceptual', default=None, choices=['auto', 'lpips', 'none', 'random'],
+    help="LPIPS term: auto uses it if VGG16 weights can be had (random: tests only)")
+arg('--perceptual-weight', type=float, default=1.0, help="LPIPS weight (LDM 1.0; eq. 1)")
+arg('--disc-weight', type=float, default=0.5, help="scale of the adaptive GAN weight (LDM)")
+arg('--disc-start', type=int, default=None,
+    help="step from which D trains and L_G has the GAN term (LDM 50001, VA-VAE 5001)")
 # optimisation: Adam betas (0.5, 0.9) for both nets, constant lr (LDM)
-parser.add_argument('--lr', type=float, default=1e-4, help="decoder learning rate (VA-VAE 1e-4)")
-parser.add_argument('--disc-lr', type=float, default=1e-4, help="discriminator learning rate")
-parser.add_argument('--max-steps', type=int, default=None, help="optimizer steps")
+arg('--lr', type=float, default=1e-4, help="decoder learning rate (VA-VAE 1e-4)")
+arg('--disc-lr', type=float, default=1e-4, help="discriminator learning rate")
+arg('--max-steps', type=int, default=None, help="optimizer steps")
 # system
-parser.add_argument('--eval-every', type=int, default=None,
-                    help="steps between val PSNR + grid (0 = off)")
+arg('--eval-every', type=int, default=None, help="steps between val PSNR + grid (0 = off)")
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------
@@ -205,13 +195,12 @@ def to_disc(x):  # ImageNet-normalised -> [-1, 1], the range LDM's discriminator
 
 
 def evaluate(step):
-    """val PSNR of the current decoder and a grid: rows of input | stage-1 decoder | current decoder."""
+    """val PSNR of the current decoder and a grid with rows input | stage-1 decoder | current."""
     x = vtp.to_unit_range(val_images).clamp(0, 1)
     rec = reconstruct(val_images)
     k = min(8, len(x))
-    save_image(torch.cat((x[:k], val_before[:k], rec[:k])), os.path.join(args.out_dir,
-        f'recon_{step:06d}.png'),
-               nrow=k)
+    save_image(torch.cat((x[:k], val_before[:k], rec[:k])),
+               os.path.join(args.out_dir, f'recon_{step:06d}.png'), nrow=k)
     return {'val_psnr': round(vtp.psnr(rec, x).mean().item(), 4)}
 
 
@@ -226,8 +215,8 @@ def train_step(step, micro_batches, meter):
         with torch.no_grad(), autocast:
             z = encode(x)  # (b, d, S/p, S/p), frozen
         zs.append(z)
-        sync = train_decoder.no_sync() if ddp and micro < len(micro_batches) - 1 else contextlib.nullcontext()
-        with sync:
+        last = micro == len(micro_batches) - 1  # DDP all-reduces on the last micro-step only
+        with train_decoder.no_sync() if ddp and not last else contextlib.nullcontext():
             with autocast:
                 rec = train_decoder(z)  # (b, 3, S, S)
             l1, lp = vtp.reconstruction_loss(rec, x, perceptual)
@@ -274,7 +263,7 @@ def train_step(step, micro_batches, meter):
 
 
 def save(step):
-    """Also a tokenizer for the later stages: 'model' is the whole VTP (frozen encoder, tuned decoder)."""
+    """The checkpoint is also a tokenizer for later stages: 'model' is the whole VTP."""
     ckpt = vtp.make_checkpoint(2, model, None, opt_g, step, args, cfg, device,
                                {'position': step * B, 'skipped': skipped},
                                discriminator=disc.state_dict(),
@@ -298,7 +287,8 @@ if args.bench:  # the train step alone (with the GAN on), one cached step of mic
     vtp.teardown()
     raise SystemExit(0)
 log_path, pbar = vtp.start_log(args.out_dir, start_step, args.max_steps)
-if master and start_step == 0 and val_images is not None:  # the stage-1 decoder: the baseline to beat
+# step 0 evaluates the stage-1 decoder: the baseline the GAN fine-tuning has to beat
+if master and start_step == 0 and val_images is not None:
     vtp.append_log(log_path, {'step': 0, **evaluate(0)})
 t0, samples_since = time.time(), 0
 for step in pbar:
@@ -318,10 +308,10 @@ for step in pbar:
         vals = meter.reduce()  # the one host sync per log step; checked before any checkpoint
         vtp.check_finite(vals, done, ckpt_path)
         dt = time.time() - t0
-        rec_log = {'step': done, **{k: round(v, 6) for k,
-                                    v in vals.items() if k != 'skipped_steps'},
-                   'lr': args.lr, 'disc_lr': args.disc_lr, 'img_per_s': round(samples_since / dt,
-                       2)}
+        rec_log = {'step': done, **{k: round(v, 6) for k, v in vals.items()
+                                    if k != 'skipped_steps'},
+                   'lr': args.lr, 'disc_lr': args.disc_lr,
+                   'img_per_s': round(samples_since / dt, 2)}
         total = vtp.count_over_ranks(skipped)  # bad-sample counts live on each rank
         if total:
             rec_log['skipped'] = total

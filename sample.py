@@ -36,48 +36,36 @@ from torchvision.utils import save_image
 import data
 import vtp
 
-parser = argparse.ArgumentParser(description=__doc__.split('\n')[1],
+parser = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+arg = parser.add_argument
 vtp.add_run_flags(parser, None,
                   "decodes the samples (default: the one recorded in the DiT checkpoint; a "
                   "stage-2 decoder of the same encoder also fits)",
-                  batch_help="samples per batch over all ranks (each rank runs batch-size / world "
-                             "of them)",
-                  resume_help="'auto': continue an interrupted sampling, keeping the PNGs already "
-                              "written",
-                  training=False)
+                  batch_help="samples per batch over all ranks (each rank runs batch-size / "
+                  "world of them)",
+                  resume_help="'auto': continue an interrupted sampling, keeping the PNGs "
+                  "already written", training=False)
 parser.set_defaults(batch_size=32)
-parser.add_argument('--ckpt', required=True,
-                    help="train_dit.py ckpt.pt, or an official LightningDiT checkpoint")
-parser.add_argument('--dit-config', default=None, choices=list(vtp.DIT_CONFIGS),
-                    help="official checkpoints: the preset (default: read from the weights' "
-                    "shapes)")
-parser.add_argument('--latent-stats', default=None,
-                    help="latents_stats.pt {'mean','std'} (default: the ones in our checkpoint; "
-                    "required for official ones)")
-parser.add_argument('--num-samples', type=int, default=64, help="samples to generate (FID: 50000)")
-parser.add_argument('--labels', default=None,
-                    help="comma-separated labels, cycled (default: class-balanced, label of "
-                    "sample i = i %% num_classes)")
-parser.add_argument('--prompt', action='append', default=None,
-                    help="text DiTs: a prompt (repeatable); prompts are cycled over the samples, "
-                    "in order")
-parser.add_argument('--prompts', default=None, help="text DiTs: a file of prompts, one per line")
-parser.add_argument('--cfg-scale', type=float, default=1.0,
-                    help="classifier-free guidance (1 = none)")
-parser.add_argument('--cfg-interval-start', type=float, default=0.0,
-                    help="no guidance while t < this")
-parser.add_argument('--cfg-channels', type=int, default=0,
-                    help="guide only the first N latent channels (0 = all; 3 = the official "
-                    "LightningDiT quirk)")
-parser.add_argument('--num-steps', type=int, default=250,
-                    help="Euler time points (num_steps - 1 calls)")
-parser.add_argument('--timestep-shift', type=float, default=0.075,
-                    help="time-grid shift (VTP 0.075)")
-parser.add_argument('--heun', action='store_true',
-                    help="Heun steps instead of Euler (2 calls a step)")
-parser.add_argument('--fid-ref', default=None,
-                    help="run `evaluate.py fid` against this reference at the end")
+arg('--ckpt', required=True, help="train_dit.py ckpt.pt, or an official LightningDiT checkpoint")
+arg('--dit-config', default=None, choices=list(vtp.DIT_CONFIGS),
+    help="official checkpoints: the preset (default: read from the weights' shapes)")
+arg('--latent-stats', default=None, help="latents_stats.pt {'mean','std'} (default: "
+    "the ones in our checkpoint; required for official ones)")
+arg('--num-samples', type=int, default=64, help="samples to generate (FID: 50000)")
+arg('--labels', default=None, help="comma-separated labels, cycled (default: class-balanced, "
+    "label of sample i = i %% num_classes)")
+arg('--prompt', action='append', default=None,
+    help="text DiTs: a prompt (repeatable); prompts are cycled over the samples, in order")
+arg('--prompts', default=None, help="text DiTs: a file of prompts, one per line")
+arg('--cfg-scale', type=float, default=1.0, help="classifier-free guidance (1 = none)")
+arg('--cfg-interval-start', type=float, default=0.0, help="no guidance while t < this")
+arg('--cfg-channels', type=int, default=0,
+    help="guide only the first N latent channels (0 = all; 3 = the official LightningDiT quirk)")
+arg('--num-steps', type=int, default=250, help="Euler time points (num_steps - 1 calls)")
+arg('--timestep-shift', type=float, default=0.075, help="time-grid shift (VTP 0.075)")
+arg('--heun', action='store_true', help="Heun steps instead of Euler (2 calls a step)")
+arg('--fid-ref', default=None, help="run `evaluate.py fid` against this reference at the end")
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------
@@ -126,8 +114,8 @@ def recorded(entry, flag):
         raise SystemExit(f"error: {path}, recorded in {args.ckpt}, is gone; pass {flag}")
     if vtp.file_sha256(path) != entry['file_sha256']:
         raise SystemExit(f"error: {path} changed since the DiT was trained (its sha256 differs "
-                         "from the one "
-                         f"recorded in {args.ckpt}); pass {flag} explicitly to use it anyway")
+                         f"from the one recorded in {args.ckpt}); pass {flag} explicitly to use "
+                         "it anyway")
     return path
 
 
@@ -141,7 +129,8 @@ except (OSError, ValueError, RuntimeError, KeyError) as e:
 if not hasattr(tokenizer, 'pixel_decoder') or tokenizer.config.bottleneck_dim != cfg.in_channels:
     raise SystemExit(f"error: tokenizer {tok_path} has no pixel decoder for "
                      f"{cfg.in_channels}-channel latents")
-if ours and args.tokenizer and data.encoder_fingerprint(tokenizer) != ckpt['tokenizer']['encoder_sha256']:
+trained_on = ckpt['tokenizer']['encoder_sha256'] if ours else None
+if ours and args.tokenizer and data.encoder_fingerprint(tokenizer) != trained_on:
     print0(f"warning: {tok_path}'s encoder is not the one whose latents the DiT learned; decodes "
            f"may be off unless its decoder was trained for those latents")
 prompts = None
@@ -175,8 +164,7 @@ if master and not args.bench:
     os.makedirs(image_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'sample_args.json'), 'w') as f:
         json.dump({**vars(args), 'tokenizer': tok_path, 'dit_config': asdict(cfg),
-                   'world_size': world_size}, f,
-                  indent=1)
+                   'world_size': world_size}, f, indent=1)
     if prompts:
         with open(os.path.join(out_dir, 'prompts.txt'), 'w') as f:
             f.writelines(f"{prompts[i % len(prompts)]}\n" for i in range(args.num_samples))
@@ -242,8 +230,8 @@ if master:
     # zip
     first = np.asarray(Image.open(os.path.join(image_dir, '000000.png')))
     npy = os.path.join(out_dir, 'arr_0.npy')
-    arr = np.lib.format.open_memmap(npy, mode='w+', dtype=np.uint8, shape=(args.num_samples,
-        *first.shape))
+    arr = np.lib.format.open_memmap(npy, mode='w+', dtype=np.uint8,
+                                    shape=(args.num_samples, *first.shape))
     for i in range(args.num_samples):
         arr[i] = np.asarray(Image.open(os.path.join(image_dir, f'{i:06d}.png')))
     arr.flush()

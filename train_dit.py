@@ -1,8 +1,8 @@
 """
 Stage 3 of VTP: a LightningDiT trained by flow matching on the frozen tokenizer's latents (paper
 §4.1, "generation"; recipe: dit.md), class-conditional, or text-conditional on the VTP text tower
-(§5). The latents are extracted once into --latent-dir (plain and flipped, ADM centre crop, with the
-captions) and reused while the tokenizer's encoder and the data stay the same.
+(§5). The latents are extracted once into --latent-dir (plain and flipped, ADM centre crop, with
+the captions) and reused while the tokenizer's encoder and the data stay the same.
 
 Laptop CPU, the quick start's tokenizer, synthetic data; the defaults follow the tokenizer (below
 256 px: DiT-T/1, batch 32, lr 2e-3, EMA 0.99, 2000 steps, minutes; else the paper's recipe below):
@@ -45,69 +45,52 @@ RECIPES = {
     'paper': dict(model='DiT-XL/1', batch_size=1024, lr=2e-4, ema_decay=0.9999, max_steps=100000,
                   log_every=100, sample_every=10000, ckpt_every=5000, num_workers=4, num_images=0),
 }
-parser = argparse.ArgumentParser(description=__doc__.split('\n')[1],
+parser = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+arg = parser.add_argument
 vtp.add_run_flags(parser, 'out/dit', "its encoder makes the latents, its decoder the previews",
                   tokenizer_default='out/tokenizer/ckpt.pt')
-parser.add_argument('--data', default='synthetic',
-                    help="'synthetic', a folder of class sub-folders (ImageNet train), or, for "
-                    "--condition text, any stage-1 data (caption folders, .tar)")
-parser.add_argument('--latent-dir', default=None,
-                    help="latent cache (default: OUT_DIR/latents; on a filesystem every node "
-                    "sees); rebuilt if the encoder or data differ")
-parser.add_argument('--num-images', type=int, default=None,
-                    help="cache the first N training images (0 = all; toy recipe: 20000 of the "
-                    "endless synthetic set)")
-parser.add_argument('--image-size', type=int, default=0,
-                    help="centre-crop size before encoding (default: the tokenizer's training "
-                    "size)")
-parser.add_argument('--cache-batch-size', type=int, default=64,
-                    help="images per encoder batch, caching")
+arg('--data', default='synthetic', help="'synthetic', a folder of class sub-folders (ImageNet "
+    "train), or, for --condition text, any stage-1 data (caption folders, .tar)")
+arg('--latent-dir', default=None, help="latent cache (default: OUT_DIR/latents; "
+    "on a filesystem every node sees); rebuilt if the encoder or data differ")
+arg('--num-images', type=int, default=None, help="cache the first N training images (0 = all; "
+    "toy recipe: 20000 of the endless synthetic set)")
+arg('--image-size', type=int, default=0,
+    help="centre-crop size before encoding (default: the tokenizer's training size)")
+arg('--cache-batch-size', type=int, default=64, help="images per encoder batch, caching")
 # model and condition
-parser.add_argument('--model', default=None, choices=list(vtp.DIT_CONFIGS),
-                    help="LightningDiT preset")
-parser.add_argument('--condition', default='class', choices=['class', 'text'],
-                    help="class labels, or captions through a frozen VTP text tower (paper §5)")
-parser.add_argument('--text-encoder', default=None,
-                    help="--condition text: the VTP checkpoint whose text tower encodes the "
-                    "captions (default: --tokenizer; fix one across tokenizers to compare them, "
-                    "as scripts/ablation.py does)")
-parser.add_argument('--num-classes', type=int, default=0,
-                    help="label count (default: the data's; --bench: 1000)")
-parser.add_argument('--class-dropout', type=float, default=0.1,
-                    help="label -> null class, or caption -> empty caption, probability "
-                    "(classifier-free guidance)")
+arg('--model', default=None, choices=list(vtp.DIT_CONFIGS), help="LightningDiT preset")
+arg('--condition', default='class', choices=['class', 'text'],
+    help="class labels, or captions through a frozen VTP text tower (paper §5)")
+arg('--text-encoder', default=None, help="--condition text: the VTP checkpoint whose text tower "
+    "encodes the captions (default: --tokenizer; fix one across tokenizers to compare them, "
+    "as scripts/ablation.py does)")
+arg('--num-classes', type=int, default=0, help="label count (default: the data's; --bench: 1000)")
+arg('--class-dropout', type=float, default=0.1,
+    help="label -> null class, or caption -> empty caption, probability (classifier-free guidance)")
 # objective (flow matching, dit.md "Transport")
-parser.add_argument('--lognorm-mu', type=float, default=-0.5,
-                    help="logit-normal t: mean (VTP S/B; L -0.75)")
-parser.add_argument('--lognorm-sigma', type=float, default=1.25,
-                    help="logit-normal t: std (VTP S/B; L 1.0)")
-parser.add_argument('--uniform-t', action='store_true', help="uniform t instead of logit-normal")
-parser.add_argument('--no-cosine-loss', action='store_true',
-                    help="drop LightningDiT's cosine velocity term (on in all VTP configs)")
+arg('--lognorm-mu', type=float, default=-0.5, help="logit-normal t: mean (VTP S/B; L -0.75)")
+arg('--lognorm-sigma', type=float, default=1.25, help="logit-normal t: std (VTP S/B; L 1.0)")
+arg('--uniform-t', action='store_true', help="uniform t instead of logit-normal")
+arg('--no-cosine-loss', action='store_true',
+    help="drop LightningDiT's cosine velocity term (on in all VTP configs)")
 # optimisation
-parser.add_argument('--lr', type=float, default=None,
-                    help="constant learning rate (no warm-up, no decay)")
-parser.add_argument('--beta2', type=float, default=0.95, help="AdamW beta2 (beta1 0.9)")
-parser.add_argument('--weight-decay', type=float, default=0.0, help="AdamW weight decay")
-parser.add_argument('--grad-clip', type=float, default=0.0,
-                    help="grad-norm clip; 0 = off (as upstream)")
-parser.add_argument('--ema-decay', type=float, default=None,
-                    help="EMA decay, every step from a copy")
-parser.add_argument('--max-steps', type=int, default=None,
-                    help="optimizer steps (paper 100k ~ 80 epochs)")
-parser.add_argument('--grad-checkpointing', action='store_true',
-                    help="activation checkpointing of the DiT blocks: ~1/3 more compute, "
-                    "activations of one block at a time")
+arg('--lr', type=float, default=None, help="constant learning rate (no warm-up, no decay)")
+arg('--beta2', type=float, default=0.95, help="AdamW beta2 (beta1 0.9)")
+arg('--weight-decay', type=float, default=0.0, help="AdamW weight decay")
+arg('--grad-clip', type=float, default=0.0, help="grad-norm clip; 0 = off (as upstream)")
+arg('--ema-decay', type=float, default=None, help="EMA decay, every step from a copy")
+arg('--max-steps', type=int, default=None, help="optimizer steps (paper 100k ~ 80 epochs)")
+arg('--grad-checkpointing', action='store_true', help="activation checkpointing of the DiT blocks: "
+    "~1/3 more compute, activations of one block at a time")
 # sampling previews
-parser.add_argument('--sample-every', type=int, default=None,
-                    help="steps between a PNG grid of EMA samples (0 = off)")
-parser.add_argument('--sample-steps', type=int, default=250,
-                    help="Euler time points of the previews")
-parser.add_argument('--timestep-shift', type=float, default=0.075,
-                    help="preview time shift (VTP 0.075)")
+arg('--sample-every', type=int, default=None,
+    help="steps between a PNG grid of EMA samples (0 = off)")
+arg('--sample-steps', type=int, default=250, help="Euler time points of the previews")
+arg('--timestep-shift', type=float, default=0.075, help="preview time shift (VTP 0.075)")
 # system
-parser.add_argument('--num-workers', type=int, default=None, help="data loader processes per rank")
+arg('--num-workers', type=int, default=None, help="data loader processes per rank")
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------
@@ -155,8 +138,8 @@ if args.bench:
 else:
     try:
         meta, built = data.build_latent_cache(tokenizer, args.data, latent_dir, image_size,
-                                              args.num_images, args.cache_batch_size, workers, device,
-                                              rank, world_size, log=print0)
+                                              args.num_images, args.cache_batch_size, workers,
+                                              device, rank, world_size, log=print0)
     except OSError as e:
         raise SystemExit(f"error: latent cache {latent_dir}: {e}")
     if not built:
@@ -177,7 +160,7 @@ if text:  # frozen, outside DDP: its features are the condition (vtp.TextEmbedde
 
 @torch.no_grad()
 def encode_text(captions):
-    """Captions -> (B, 1 + L, W) fp32: the text tower's pooled embedding, then its token features."""
+    """Captions -> (B, 1 + L, W) fp32: the text tower's pooled embedding, then its token outputs."""
     tokens = text_tokenizer(list(captions)).to(device)
     with autocast:
         pooled, feats = text_encoder.text_features(tokens, normalize=True, return_tokens=True)
@@ -196,10 +179,9 @@ model = vtp.DiT(cfg).to(device)
 if text:
     model.text_embedder.null.copy_(encode_text(['']))  # the unconditional input: the empty caption
 model.grad_checkpointing = args.grad_checkpointing
+condition = f"text ({cfg.text_len} tokens of {cfg.text_dim})" if text else f"{num_classes} classes"
 print0(f"{args.model}: {model.num_params() / 1e6:.2f}M parameters on "
-       f"{cfg.input_size}x{cfg.input_size}x"
-       f"{cfg.in_channels} latents, " + (f"text ({cfg.text_len} tokens of {cfg.text_dim})" if text else
-                                         f"{num_classes} classes"))
+       f"{cfg.input_size}x{cfg.input_size}x{cfg.in_channels} latents, {condition}")
 ema = copy.deepcopy(model).requires_grad_(False).eval()  # the weights used for sampling
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                               betas=(0.9, args.beta2), weight_decay=args.weight_decay, fused=True)
@@ -248,8 +230,8 @@ def dit_train_flops_per_sample(cfg):
 
 
 def step_seed(step, micro):
-    # noise, t and label dropout of a micro-step are a function of (seed, step, micro, rank): exact
-    # resume
+    # noise, t and label dropout of a micro-step depend on (seed, step, micro, rank) only: resume
+    # is exact
     return data.mix64(data.mix64(data.mix64(args.seed, step), micro), rank) >> 1
 
 
@@ -258,8 +240,8 @@ def train_step(step, micro_batches, meter):
     loss_sum = 0.0
     for micro, (x, y) in enumerate(micro_batches):
         torch.manual_seed(step_seed(step, micro))
-        sync = train_model.no_sync() if ddp and micro < len(micro_batches) - 1 else contextlib.nullcontext()
-        with sync:
+        last = micro == len(micro_batches) - 1  # DDP all-reduces on the last micro-step only
+        with train_model.no_sync() if ddp and not last else contextlib.nullcontext():
             with autocast:
                 loss, terms = vtp.flow_loss(train_model, x, y, lognorm=lognorm,
                                             use_cosine=not args.no_cosine_loss)
@@ -267,8 +249,8 @@ def train_step(step, micro_batches, meter):
         meter.add({'loss': loss, **terms})
         loss_sum = loss_sum + loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float('inf'))
-    meter.add({'grad_norm': grad_norm, 'skipped_steps': vtp.skip_if_not_finite(optimizer,
-        grad_norm, loss_sum)})
+    skipped = vtp.skip_if_not_finite(optimizer, grad_norm, loss_sum)  # on the device, no sync
+    meter.add({'grad_norm': grad_norm, 'skipped_steps': skipped})
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     vtp.update_ema(ema, model, args.ema_decay)
@@ -314,8 +296,7 @@ def save(step):
 flops_per_sample = dit_train_flops_per_sample(cfg)
 peak_flops = vtp.gpu_peak_flops(device) if device.type == 'cuda' else None
 print0(f"batch {G} = {world_size} ranks x {args.grad_accum} micro x {b}; "
-       f"{flops_per_sample / 1e9:.3f} "
-       f"GFLOPs/latent (training)")
+       f"{flops_per_sample / 1e9:.3f} GFLOPs/latent (training)")
 model.train()
 meter = vtp.Meter()
 if args.bench:  # the train step alone on a cached random batch
@@ -323,8 +304,7 @@ if args.bench:  # the train step alone on a cached random batch
     y = torch.randn(b, 1 + cfg.text_len, cfg.text_dim, device=device) if text else \
         torch.randint(0, num_classes, (b,), device=device)
     vtp.bench(lambda: train_step(0, [(x, y)] * args.grad_accum, meter), args.bench, G,
-              flops_per_sample,
-              device, world_size,
+              flops_per_sample, device, world_size,
               f"{args.model} {cfg.input_size}x{cfg.input_size}x{cfg.in_channels} batch {G}",
               measure_flops=not args.compile)
     del train_model

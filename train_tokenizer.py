@@ -52,8 +52,9 @@ RECIPES = {
                   num_workers=8, num_val=10000),
 }
 
-parser = argparse.ArgumentParser(description=__doc__.split('\n')[1],
+parser = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+arg = parser.add_argument
 vtp.add_run_flags(parser, 'out/tokenizer',
                   "start from its weights instead of a random init (continued "
                   "pre-training; its sizes win over --size)",
@@ -63,114 +64,77 @@ vtp.add_run_flags(parser, 'out/tokenizer',
                   "batch (OpenCLIP accum_freq: one more encoder + text forward), the teacher and "
                   "Sinkhorn-Knopp too; KoLeo stays per micro-batch")
 # model
-parser.add_argument('--size', default='tiny', choices=list(vtp.VTP_CONFIGS), help="model preset")
-parser.add_argument('--patch-size', type=int, default=None,
-                    help="encoder patch = latent stride (preset)")
-parser.add_argument('--bottleneck-dim', type=int, default=None,
-                    help="latent channels d (paper 64; preset)")
-parser.add_argument('--decoder-depth', type=int, default=None,
-                    help="decoder blocks (paper §4.1: 4; preset)")
-parser.add_argument('--decoder-dim', type=int, default=None,
-                    help="decoder width (preset: the encoder's)")
-parser.add_argument('--prototypes', type=int, default=None,
-                    help="DINO/iBOT prototypes K (DINOv2 65536)")
-parser.add_argument('--no-qk-norm', action='store_true',
-                    help="no QK-norm (the paper trains with it)")
+arg('--size', default='tiny', choices=list(vtp.VTP_CONFIGS), help="model preset")
+arg('--patch-size', type=int, default=None, help="encoder patch = latent stride (preset)")
+arg('--bottleneck-dim', type=int, default=None, help="latent channels d (paper 64; preset)")
+arg('--decoder-depth', type=int, default=None, help="decoder blocks (paper §4.1: 4; preset)")
+arg('--decoder-dim', type=int, default=None, help="decoder width (preset: the encoder's)")
+arg('--prototypes', type=int, default=None, help="DINO/iBOT prototypes K (DINOv2 65536)")
+arg('--no-qk-norm', action='store_true', help="no QK-norm (the paper trains with it)")
 # data
-parser.add_argument('--data', default='synthetic',
-                    help="'synthetic', an image folder (class sub-folders or .txt captions), or "
-                    ".tar shards (file, folder, glob or {000..999} pattern)")
-parser.add_argument('--val-data', default=None,
-                    help="val set for PSNR / zero-shot (default: the synthetic val split when "
-                    "--data synthetic)")
-parser.add_argument('--num-val', type=int, default=None,
-                    help="val images per evaluation (the first ones)")
-parser.add_argument('--image-size', type=int, default=None,
-                    help="main (CLIP + reconstruction) view, px")
-parser.add_argument('--global-crop-size', type=int, default=None,
-                    help="SSL global crops (DINOv2 224)")
-parser.add_argument('--local-crop-size', type=int, default=None, help="SSL local crops (DINOv2 96)")
-parser.add_argument('--n-local-crops', type=int, default=None,
-                    help="SSL local crops per image (DINOv2 8)")
-parser.add_argument('--color-jitter', type=float, default=None,
-                    help="SSL colour jitter, times DINOv2's strengths (0.4, 0.4, 0.2, 0.1)")
-parser.add_argument('--grayscale-p', type=float, default=None,
-                    help="SSL grayscale probability (DINOv2 0.2)")
-parser.add_argument('--text-tokenizer', default=None, choices=['word', 'byte', 'bpe'],
-                    help="caption tokenizer, stored in the model config (default: the preset's: "
-                    "tiny byte, else OpenAI CLIP BPE)")
-parser.add_argument('--bpe-path', default=None,
-                    help="CLIP BPE vocabulary file (downloaded once if unset)")
-parser.add_argument('--num-workers', type=int, default=None, help="data loader processes per rank")
-parser.add_argument('--shuffle-buffer', type=int, default=1000,
-                    help=".tar streams: samples shuffled across shards per worker "
-                    "(webdataset/OpenCLIP-style)")
+arg('--data', default='synthetic', help="'synthetic', an image folder (class sub-folders or .txt "
+    "captions), or .tar shards (file, folder, glob or {000..999} pattern)")
+arg('--val-data', default=None,
+    help="val set for PSNR / zero-shot (default: the synthetic val split when --data synthetic)")
+arg('--num-val', type=int, default=None, help="val images per evaluation (the first ones)")
+arg('--image-size', type=int, default=None, help="main (CLIP + reconstruction) view, px")
+arg('--global-crop-size', type=int, default=None, help="SSL global crops (DINOv2 224)")
+arg('--local-crop-size', type=int, default=None, help="SSL local crops (DINOv2 96)")
+arg('--n-local-crops', type=int, default=None, help="SSL local crops per image (DINOv2 8)")
+arg('--color-jitter', type=float, default=None,
+    help="SSL colour jitter, times DINOv2's strengths (0.4, 0.4, 0.2, 0.1)")
+arg('--grayscale-p', type=float, default=None, help="SSL grayscale probability (DINOv2 0.2)")
+arg('--text-tokenizer', default=None, choices=['word', 'byte', 'bpe'], help="caption tokenizer, "
+    "stored in the model config (default: the preset's: tiny word-level, else OpenAI CLIP BPE)")
+arg('--bpe-path', default=None, help="CLIP BPE vocabulary file (downloaded once if unset)")
+arg('--num-workers', type=int, default=None, help="data loader processes per rank")
+arg('--shuffle-buffer', type=int, default=1000,
+    help=".tar streams: samples shuffled across shards per worker (webdataset/OpenCLIP-style)")
 # objective (eq. 3) and batch sampling (§3.6)
-parser.add_argument('--ssl-batch-size', type=int, default=None,
-                    help="global B_ssl, a subset of the batch (default: the recipe's fraction of "
-                    "--batch-size: paper 1/4, tiny 1/2)")
-parser.add_argument('--rec-batch-size', type=int, default=None,
-                    help="global B_rec, a subset of the batch (default: the recipe's fraction: "
-                    "paper 1/8, tiny 1/2)")
-parser.add_argument('--lambda-rec', type=float, default=0.1,
-                    help="λ_rec (paper 0.1); 0: no reconstruction")
-parser.add_argument('--lambda-ssl', type=float, default=1.0,
-                    help="λ_ssl (paper 1); 0 turns SSL off")
-parser.add_argument('--lambda-clip', type=float, default=1.0,
-                    help="λ_clip (paper 1); 0 turns CLIP off")
-parser.add_argument('--lambda-koleo', type=float, default=0.1,
-                    help="KoLeo weight inside L_ssl (DINOv2 0.1)")
-parser.add_argument('--perceptual', default=None, choices=['auto', 'lpips', 'none', 'random'],
-                    help="LPIPS term of L_rec (auto: if VGG16 weights can be had; random: tests "
-                    "only)")
-parser.add_argument('--teacher-momentum', type=float, default=None,
-                    help="EMA teacher momentum at step 0, cosine to --teacher-momentum-final "
-                    "(DINOv2 0.992 -> 1)")
-parser.add_argument('--teacher-momentum-final', type=float, default=None,
-                    help="... at the last step")
-parser.add_argument('--teacher-temp', type=float, default=None,
-                    help="teacher temperature after the warm-up (DINOv2 0.07; tiny 0.04: DINOv2 "
-                    "is still at 0.04 that early in its warm-up)")
-parser.add_argument('--teacher-temp-warmup', type=float, default=0.04,
-                    help="... at step 0 (DINOv2)")
-parser.add_argument('--teacher-temp-warmup-steps', type=int, default=None,
-                    help="linear teacher-temperature warm-up (DINOv2: 30 epochs)")
-parser.add_argument('--student-temp', type=float, default=0.1, help="student temperature (DINOv2)")
+arg('--ssl-batch-size', type=int, default=None, help="global B_ssl, a subset of the batch "
+    "(default: the recipe's fraction of --batch-size: paper 1/4, tiny 1/2)")
+arg('--rec-batch-size', type=int, default=None, help="global B_rec, a subset of the batch "
+    "(default: the recipe's fraction: paper 1/8, tiny 1/2)")
+arg('--lambda-rec', type=float, default=0.1, help="λ_rec (paper 0.1); 0: no reconstruction")
+arg('--lambda-ssl', type=float, default=1.0, help="λ_ssl (paper 1); 0 turns SSL off")
+arg('--lambda-clip', type=float, default=1.0, help="λ_clip (paper 1); 0 turns CLIP off")
+arg('--lambda-koleo', type=float, default=0.1, help="KoLeo weight inside L_ssl (DINOv2 0.1)")
+arg('--perceptual', default=None, choices=['auto', 'lpips', 'none', 'random'],
+    help="LPIPS term of L_rec (auto: if VGG16 weights can be had; random: tests only)")
+arg('--teacher-momentum', type=float, default=None,
+    help="EMA teacher momentum at step 0, cosine to --teacher-momentum-final (DINOv2 0.992 -> 1)")
+arg('--teacher-momentum-final', type=float, default=None, help="... at the last step")
+arg('--teacher-temp', type=float, default=None, help="teacher temperature after the warm-up "
+    "(DINOv2 0.07; tiny 0.04: DINOv2 is still at 0.04 that early in its warm-up)")
+arg('--teacher-temp-warmup', type=float, default=0.04, help="... at step 0 (DINOv2)")
+arg('--teacher-temp-warmup-steps', type=int, default=None,
+    help="linear teacher-temperature warm-up (DINOv2: 30 epochs)")
+arg('--student-temp', type=float, default=0.1, help="student temperature (DINOv2)")
 # optimisation (OpenCLIP-style AdamW and DINOv2's pieces; assumed: the paper does not publish them)
-parser.add_argument('--lr', type=float, default=None, help="peak learning rate (assumed)")
-parser.add_argument('--weight-decay', type=float, default=None,
-                    help="AdamW weight decay on matrices (OpenCLIP 0.2; assumed)")
-parser.add_argument('--beta2', type=float, default=0.98, help="AdamW beta2 (OpenCLIP)")
-parser.add_argument('--warmup-steps', type=int, default=None,
-                    help="linear lr warm-up, then cosine to 0")
-parser.add_argument('--max-steps', type=int, default=None,
-                    help="optimizer steps (paper ~1.1B samples)")
-parser.add_argument('--grad-clip', type=float, default=3.0,
-                    help="grad-norm clip (DINOv2 3.0); 0 = off")
-parser.add_argument('--clip-per-module', action=argparse.BooleanOptionalAction, default=True,
-                    help="clip encoder, decoder, text tower and SSL heads each on its own (DINOv2 "
-                    "clips backbone and heads apart), so CLIP's larger gradients do not scale "
-                    "SSL's down")
-parser.add_argument('--layer-decay', type=float, default=1.0,
-                    help="layer-wise lr decay of the encoder (DINOv2 0.9, its ViT-L configs 1.0; "
-                    "assumed)")
-parser.add_argument('--patch-embed-lr-mult', type=float, default=None,
-                    help="lr multiplier of the patch embedding (DINOv2 0.2)")
-parser.add_argument('--freeze-last-layer-steps', type=int, default=None,
-                    help="prototypes frozen (lr 0) for the first N steps (DINOv2: 1 epoch = 1250 "
-                    "steps)")
-parser.add_argument('--drop-path', type=float, default=0.0,
-                    help="stochastic depth of the student encoder (DINOv2 0.3-0.4 for ViT-L; the "
-                    "paper's value is not published)")
-parser.add_argument('--grad-checkpointing', action='store_true',
-                    help="activation checkpointing of every transformer block: ~1/3 more compute, "
-                    "activations of one block at a time")
+arg('--lr', type=float, default=None, help="peak learning rate (assumed)")
+arg('--weight-decay', type=float, default=None,
+    help="AdamW weight decay on matrices (OpenCLIP 0.2; assumed)")
+arg('--beta2', type=float, default=0.98, help="AdamW beta2 (OpenCLIP)")
+arg('--warmup-steps', type=int, default=None, help="linear lr warm-up, then cosine to 0")
+arg('--max-steps', type=int, default=None, help="optimizer steps (paper ~1.1B samples)")
+arg('--grad-clip', type=float, default=3.0, help="grad-norm clip (DINOv2 3.0); 0 = off")
+arg('--clip-per-module', action=argparse.BooleanOptionalAction, default=True, help="clip encoder, "
+    "decoder, text tower and SSL heads each on its own (DINOv2 clips backbone and heads apart), "
+    "so CLIP's larger gradients do not scale SSL's down")
+arg('--layer-decay', type=float, default=1.0,
+    help="layer-wise lr decay of the encoder (DINOv2 0.9, its ViT-L configs 1.0; assumed)")
+arg('--patch-embed-lr-mult', type=float, default=None,
+    help="lr multiplier of the patch embedding (DINOv2 0.2)")
+arg('--freeze-last-layer-steps', type=int, default=None,
+    help="prototypes frozen (lr 0) for the first N steps (DINOv2: 1 epoch = 1250 steps)")
+arg('--drop-path', type=float, default=0.0, help="stochastic depth of the student encoder (DINOv2 "
+    "0.3-0.4 for ViT-L; the paper's value is not published)")
+arg('--grad-checkpointing', action='store_true', help="activation checkpointing of every "
+    "transformer block: ~1/3 more compute, activations of one block at a time")
 # system
-parser.add_argument('--eval-every', type=int, default=None,
-                    help="steps between val PSNR / zero-shot (0 = off)")
-parser.add_argument('--keep-every', type=int, default=0,
-                    help="also keep ckpt_STEP.pt every N steps (the checkpoints of one run at "
-                    "several budgets, as scripts/ablation.py compares them)")
+arg('--eval-every', type=int, default=None, help="steps between val PSNR / zero-shot (0 = off)")
+arg('--keep-every', type=int, default=0, help="also keep ckpt_STEP.pt every N steps (the "
+    "checkpoints of one run at several budgets, as scripts/ablation.py compares them)")
 args = parser.parse_args()
 recipe = RECIPES['tiny' if args.size == 'tiny' else 'paper']
 for k, v in recipe.items():
@@ -186,8 +150,8 @@ autocast = vtp.autocast(device, args.dtype)
 
 use_clip, use_ssl, use_rec = args.lambda_clip > 0, args.lambda_ssl > 0, args.lambda_rec > 0
 if not (use_clip or use_ssl or use_rec):
-    raise SystemExit("error: --lambda-clip, --lambda-ssl and --lambda-rec are all 0: nothing to "
-                     "train")
+    raise SystemExit("error: --lambda-clip, --lambda-ssl and --lambda-rec are all 0: "
+                     "nothing to train")
 B, k_acc = args.batch_size, args.grad_accum
 b = vtp.split_batch(B, world_size, k_acc)  # per-rank micro-batch of the CLIP batch
 parts = world_size * k_acc
@@ -276,9 +240,8 @@ train_model = DDP(fwd, device_ids=[local_rank] if device.type == 'cuda' else Non
 train_set, val_set = data.open_train_val(args.data, args.val_data, args.image_size, args.seed)
 workers = data.worker_count(args.num_workers, print0)
 loader = data.TrainLoader(train_set, tokenizer, image_size=args.image_size,
-                          global_size=args.global_crop_size,
-                          local_size=args.local_crop_size, n_local=args.n_local_crops,
-                          global_batch=B,
+                          global_size=args.global_crop_size, local_size=args.local_crop_size,
+                          n_local=args.n_local_crops, global_batch=B,
                           ssl_batch=subset['ssl'], rec_batch=subset['rec'], world_size=world_size,
                           rank=rank, grad_accum=k_acc, seed=args.seed, start_step=start_step,
                           num_workers=workers, patch_size=cfg.patch_size, clip=use_clip,

@@ -102,7 +102,7 @@ class SwiGLU(nn.Module):
 
 
 class Mlp(nn.Module):
-    """The plain GELU MLP: exact GELU in VTP (ffn_layer='mlp'), tanh GELU in LightningDiT (timm Mlp)."""
+    """The plain GELU MLP: exact GELU in VTP (ffn_layer='mlp'), tanh GELU in LightningDiT (timm)."""
 
     def __init__(self, dim, hidden, approximate='none'):
         super().__init__()
@@ -466,9 +466,9 @@ class DINOHead(nn.Module):
 
     def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim,
-            hidden_dim),
-                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(),
+                                 nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+                                 nn.Linear(hidden_dim, bottleneck_dim))
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
         init_vit_weights(self.mlp)
 
@@ -532,8 +532,8 @@ class VTP(nn.Module):
 
     def set_grad_checkpointing(self, on=True):
         """Activation checkpointing of every transformer block (encoder, decoder, text tower)."""
-        for m in (self.trunk, getattr(self, 'pixel_decoder', None), getattr(self,
-            'text_transformer', None)):
+        for name in ('trunk', 'pixel_decoder', 'text_transformer'):
+            m = getattr(self, name, None)
             if m is not None:
                 m.grad_checkpointing = on
 
@@ -637,8 +637,8 @@ class VTP(nn.Module):
             feats = lambda crops, m=None: self.features(crops, m, bottleneck)
             g = feats(global_crops, masks)  # (2n, 1 + N, F)
             cls = g[:, 0] if local_crops is None else torch.cat((g[:, 0], feats(local_crops)[:, 0]))
-            out['dino_logits'], out['ibot_logits'] = self.ssl_heads(cls, g[:, 1:].flatten(0,
-                1)[ibot_index])
+            patches = g[:, 1:].flatten(0, 1)[ibot_index]  # the masked tokens (padded index)
+            out['dino_logits'], out['ibot_logits'] = self.ssl_heads(cls, patches)
             out['global_cls'] = g[:, 0]  # for KoLeo
         return out
 
@@ -667,7 +667,7 @@ OFFICIAL_RENAMES = (('proj.', 'visual_proj.'), ('transformer.resblocks.',
 OFFICIAL_CONFIG_FIELDS = {
     'image_size': 'image_size', 'vision_patch_size': 'patch_size', 'vision_mlp_ratio': 'mlp_ratio',
     'vision_ffn_layer': 'ffn_layer', 'vision_clip_feat': 'clip_feat',
-                          'text_num_heads': 'text_num_heads',
+    'text_num_heads': 'text_num_heads',
     'text_mlp_ratio': 'text_mlp_ratio', 'decoder_num_heads': 'decoder_num_heads',
     'decoder_ffn_layer': 'decoder_ffn_layer', 'decoder_norm_layer': 'decoder_norm_layer',
     'vision_norm_layer': 'norm_layer',
@@ -693,9 +693,9 @@ def load_safetensors(path):
             continue
         start, end = info['data_offsets']
         dtype = _SAFETENSORS_DTYPES[info['dtype']]
-        t = torch.frombuffer(data, dtype=torch.uint8, count=end - start,
-                             offset=start) if end > start \
-            else torch.empty(0, dtype=torch.uint8)
+        t = torch.empty(0, dtype=torch.uint8)  # frombuffer refuses empty tensors
+        if end > start:
+            t = torch.frombuffer(data, dtype=torch.uint8, count=end - start, offset=start)
         out[name] = t.view(dtype).reshape(info['shape']).clone()
     return out
 
@@ -757,7 +757,7 @@ def config_from_official(sd, config=None):
         kw.update(text_embed_dim=W, text_depth=count('text_transformer.resblocks.'),
                   text_context_length=sd['positional_embedding'].shape[0],
                   text_vocab_size=sd['token_embedding.weight'].shape[0],
-                  text_ls_init_value=1.0 if 'text_transformer.resblocks.0.ls_1.gamma' in sd else 0.0,
+                  text_ls_init_value=float('text_transformer.resblocks.0.ls_1.gamma' in sd),
                   text_num_heads=config.get('text_num_heads') or 12)
     if kw['train_reconstruction']:
         Dd = sd['pixel_decoder.proj_in.weight'].shape[0]
@@ -789,7 +789,8 @@ def load_tokenizer(path, map_location='cpu'):
         try:
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # truncated, random bytes, a pickle of arbitrary objects
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint "
+                             f"({type(e).__name__})") from None
         if isinstance(ckpt, dict) and 'config' in ckpt and isinstance(ckpt.get('model'), dict) \
                 and 'trunk.cls_token' in ckpt['model']:
             known = {f.name for f in fields(VTPConfig)}
@@ -1016,8 +1017,9 @@ def param_groups(model, weight_decay, layer_decay=1.0, patch_embed_lr_mult=1.0):
             layer = 0
         elif name.startswith('trunk.blocks.'):
             layer = int(name.split('.')[2]) + 1
-        mult = layer_decay ** (L + 1 - layer) * (patch_embed_lr_mult if name.startswith('trunk.patch_embed')
-                                                 else 1.0)
+        mult = layer_decay ** (L + 1 - layer)
+        if name.startswith('trunk.patch_embed'):
+            mult *= patch_embed_lr_mult
         decay = p.ndim >= 2 and 'token' not in name and 'weight_g' not in name and \
             'positional_embedding' not in name
         groups.setdefault((mult, decay, '.last_layer.' in name), []).append(p)
@@ -1057,7 +1059,7 @@ def encoder_flops(cfg, size):
 
 
 def decoder_flops(cfg, size):
-    """Forward FLOPs of the pixel decoder (with the bottleneck Linear that feeds it) on one image."""
+    """Forward FLOPs of the pixel decoder (with the bottleneck Linear feeding it) on one image."""
     n, Dd, p = (size // cfg.patch_size) ** 2, cfg.decoder_embed_dim, cfg.patch_size
     hid = cfg.decoder_ffn_hidden or swiglu_hidden(Dd, cfg.mlp_ratio)
     io = 2 * n * (cfg.embed_dim * cfg.bottleneck_dim + cfg.bottleneck_dim * Dd + Dd * 3 * p * p)
@@ -1066,8 +1068,8 @@ def decoder_flops(cfg, size):
 
 def head_flops(cfg):
     """Forward FLOPs of the DINO/iBOT head on one token (MLP, then the prototypes)."""
-    F_, h, bn = (cfg.embed_dim if cfg.bottleneck_ae_only else cfg.bottleneck_dim), cfg.dino_hidden_dim, \
-        cfg.dino_bottleneck_dim
+    F_ = cfg.embed_dim if cfg.bottleneck_ae_only else cfg.bottleneck_dim
+    h, bn = cfg.dino_hidden_dim, cfg.dino_bottleneck_dim
     return 2 * (F_ * h + h * h + h * bn + bn * cfg.dino_out_dim)
 
 
@@ -1086,8 +1088,7 @@ def vgg16_lpips_flops(size):
 
 def train_flops_per_sample(cfg, image_size, *, clip=True, text_len=0, batch=1, ssl_frac=0.0,
                            global_size=0, local_size=0, n_local=0, ibot_rows=0.0,
-                           ibot_rows_teacher=0.0,
-                           rec_frac=0.0, lpips=False):
+                           ibot_rows_teacher=0.0, rec_frac=0.0, lpips=False):
     """Training FLOPs per image-text pair of the stage-1 step, counting what runs (the x-axis of the
     paper's scaling plots, §4.3, and the numerator of MFU):
       CLIP (clip=True): the encoder on the main view of every sample, the text tower on text_len
@@ -1328,8 +1329,8 @@ class DiTBlock(nn.Module):
             self.mlp = SwiGLU(D, int(2 / 3 * int(D * cfg.mlp_ratio)), fused=True)
         else:  # timm's Mlp with tanh GELU
             self.mlp = Mlp(D, int(D * cfg.mlp_ratio), approximate='tanh')
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D,
-            (4 if cfg.wo_shift else 6) * D))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(),
+                                              nn.Linear(D, (4 if cfg.wo_shift else 6) * D))
         if cfg.text_dim:  # text-to-image: a cross-attention to the caption's tokens (PixArt-style)
             self.norm_cross = make_norm(norm, D, 1e-6)
             self.cross_attn = CrossAttention(D, cfg.num_heads)
@@ -1362,8 +1363,8 @@ class CrossAttention(nn.Module):
     def forward(self, x, context):
         B, N, C = x.shape
         q = self.q(x).view(B, N, self.num_heads, -1).transpose(1, 2)  # (B, h, N, Dh)
-        k, v = self.kv(context).view(B, context.shape[1], 2, self.num_heads, -1).permute(2, 0, 3,
-            1, 4)
+        kv = self.kv(context).view(B, context.shape[1], 2, self.num_heads, -1)
+        k, v = kv.permute(2, 0, 3, 1, 4)  # each (B, h, L, Dh)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
@@ -1469,11 +1470,11 @@ class DiT(nn.Module):
         return torch.einsum('nhwpqc->nchpwq', x).reshape(x.shape[0], C, h * p, w * p)
 
     def null_condition(self):
-        """What classifier-free guidance uses as 'no condition': the null class, or the empty caption."""
+        """Classifier-free guidance's 'no condition': the null class, or the empty caption."""
         return self.text_embedder.null if self.config.text_dim else self.config.num_classes
 
     def forward(self, x, t, y):
-        """x (B, C, H, W) latents at times t (B,); y: labels (B,), or text features (B, 1 + L, W)."""
+        """x (B, C, H, W) latents at times t (B,); y: labels (B,) or text features (B, 1 + L, W)."""
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
         context = None
         if self.config.text_dim:
@@ -1666,8 +1667,8 @@ class NLayerDiscriminator(nn.Module):
         ch = ndf
         for i in range(1, n_layers + 1):  # the last of these keeps the resolution (stride 1)
             out = ndf * min(2 ** i, 8)
-            layers += [nn.Conv2d(ch, out, 4, stride=2 if i < n_layers else 1, padding=1,
-                                 bias=False),
+            stride = 2 if i < n_layers else 1
+            layers += [nn.Conv2d(ch, out, 4, stride=stride, padding=1, bias=False),
                        norm_layer(out), nn.LeakyReLU(0.2, True)]
             ch = out
         layers.append(nn.Conv2d(ch, 1, 4, stride=1, padding=1))
@@ -1684,12 +1685,13 @@ class NLayerDiscriminator(nn.Module):
 
 
 def hinge_d_loss(logits_real, logits_fake):
-    """Discriminator hinge loss (LDM/taming): 0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(x_hat))]), in fp32."""
-    return 0.5 * (F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean())
+    """D's hinge loss (LDM/taming), fp32: 0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(x_hat))])."""
+    real, fake = logits_real.float(), logits_fake.float()
+    return 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
 
 
 def generator_loss(logits_fake):
-    """Generator adversarial loss: -E[D(x_hat)] (LDM/taming, for both hinge and vanilla D losses)."""
+    """Generator adversarial loss -E[D(x_hat)] (LDM/taming, with hinge and vanilla D losses)."""
     return -logits_fake.float().mean()
 
 
@@ -1770,52 +1772,51 @@ atexit.register(release_locks)
 
 
 def fail(msg):
-    """Stop every rank with one line (the same decision on every rank: no collective is left open)."""
+    """Stop every rank with one line (every rank decides the same: no collective is left open)."""
     teardown()
     raise SystemExit(f"error: {msg}")
 
 
 def autocast(device, dtype='bfloat16'):
-    """bf16 autocast on CUDA (the official scripts' precision); CPU and --dtype float32 run in fp32."""
+    """bf16 autocast on CUDA (the official scripts' precision); CPU and --dtype float32: fp32."""
     device = torch.device(device)
     if device.type == 'cuda' and dtype != 'float32':
         return torch.autocast('cuda', dtype=getattr(torch, dtype))
     return contextlib.nullcontext()
 
 
-TOKENIZER_HELP = "a VTP checkpoint, ours (ckpt.pt of stage 1 or 2) or an official one (HF folder, .safetensors)"
+TOKENIZER_HELP = ("a VTP checkpoint, ours (ckpt.pt of stage 1 or 2) or an official one (HF folder, "
+                  ".safetensors)")
 
 
 def add_run_flags(parser, out_dir, tokenizer, tokenizer_default=None, batch_help=None,
                   resume_help=None, accum_help=None, training=True):
     """The flags every stage script shares, defined once so that they mean the same everywhere."""
-    parser.add_argument('--tokenizer', default=tokenizer_default, help=f"{TOKENIZER_HELP}: {tokenizer}")
-    parser.add_argument('--batch-size', type=int, default=None, help=batch_help or
-                        "global batch: samples per optimizer step over all ranks and --grad-accum "
-                        "micro-steps (the per-rank sizes are derived and printed)")
-    parser.add_argument('--resume', default=None, help=resume_help or
-                        "a ckpt.pt to continue, or 'auto': OUT_DIR/ckpt.pt if there is one")
-    parser.add_argument('--out-dir', default=out_dir,
-                        help="where the run writes (one run per folder)")
-    parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'],
-                        help="auto: CUDA if available, else CPU")
-    parser.add_argument('--seed', type=int, default=0,
-                        help="seed of the initialisation and of every random choice of the data "
-                        "(they depend on (seed, sample position) only)")
-    parser.add_argument('--compile', action='store_true', help="torch.compile the model (CUDA)")
-    parser.add_argument('--bench', type=int, default=0,
-                        help="time this many steps on cached inputs, print throughput, peak "
-                        "memory and MFU, and exit (no data, logs or checkpoints)")
+    arg = parser.add_argument
+    arg('--tokenizer', default=tokenizer_default, help=f"{TOKENIZER_HELP}: {tokenizer}")
+    arg('--batch-size', type=int, default=None, help=batch_help or "global batch: samples per "
+        "optimizer step over all ranks and --grad-accum micro-steps (per-rank sizes are printed)")
+    arg('--resume', default=None,
+        help=resume_help or "a ckpt.pt to continue, or 'auto': OUT_DIR/ckpt.pt if there is one")
+    arg('--out-dir', default=out_dir, help="where the run writes (one run per folder)")
+    arg('--device', default='auto', choices=['auto', 'cpu', 'cuda'],
+        help="auto: CUDA if available, else CPU")
+    # one seed drives init and data: a sample's crops, masks and captions depend on (seed,
+    # position) only, which is what makes resume exact and 1 x B equal 2 x B/2 ranks
+    arg('--seed', type=int, default=0, help="seed of the initialisation and of every random choice "
+        "of the data")
+    arg('--compile', action='store_true', help="torch.compile the model (CUDA)")
+    arg('--bench', type=int, default=0, help="time this many steps on cached inputs, print "
+        "throughput, peak memory and MFU, and exit (no data, logs or checkpoints)")
     if training:
-        parser.add_argument('--grad-accum', type=int, default=1,
-                            help=accum_help or "micro-steps per optimizer step")
-        parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32'],
-                            help="autocast dtype on CUDA (float32: the stable fallback; CPU runs "
-                            "fp32)")
-        parser.add_argument('--log-every', type=int, default=None,
-                            help="steps between log lines (the only host syncs)")
-        parser.add_argument('--ckpt-every', type=int, default=None,
-                            help="steps between checkpoints (and one at the end)")
+        arg('--grad-accum', type=int, default=1,
+            help=accum_help or "micro-steps per optimizer step")
+        arg('--dtype', default='bfloat16', choices=['bfloat16', 'float32'],
+            help="autocast dtype on CUDA (float32: the stable fallback; CPU runs fp32)")
+        arg('--log-every', type=int, default=None,
+            help="steps between log lines (the only host syncs)")
+        arg('--ckpt-every', type=int, default=None,
+            help="steps between checkpoints (and one at the end)")
 
 
 def split_batch(batch_size, world_size, grad_accum, name='--batch-size'):
@@ -1854,7 +1855,8 @@ def open_run(out_dir, resume, master):
         with os.fdopen(fd, 'w') as f:
             f.write(f"{socket.gethostname()} {os.getpid()}\n")
     except OSError as e:
-        raise SystemExit(f"error: cannot write to --out-dir {out_dir} ({e.strerror or e})") from None
+        raise SystemExit(f"error: cannot write to --out-dir {out_dir} "
+                         f"({e.strerror or e})") from None
     _LOCKS.append(lock)
     if path is None and any(os.path.exists(os.path.join(out_dir, f))
                             for f in ('ckpt.pt', 'log.jsonl')):
@@ -1927,7 +1929,8 @@ def file_sha256(path):
 
 def rng_state(device):
     return {'cpu': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state(device) if torch.device(device).type == 'cuda' else None}
+            'cuda': (torch.cuda.get_rng_state(device) if torch.device(device).type == 'cuda'
+                     else None)}
 
 
 def set_rng_state(state, device):
@@ -1965,9 +1968,9 @@ def save_checkpoint(ckpt, path):
 
 
 def start_log(out_dir, start_step, max_steps):
-    """OUT_DIR/log.jsonl, fresh for a new run; on resume, without the lines a killed run wrote after its
-    checkpoint, so the log reads as one uninterrupted run (rank 0). Returns its path and the progress
-    bar of the loop (shown on rank 0)."""
+    """OUT_DIR/log.jsonl, fresh for a new run; on resume, without the lines a killed run wrote after
+    its checkpoint, so the log reads as one uninterrupted run (rank 0). Returns its path and the
+    progress bar of the loop (shown on rank 0)."""
 
     log_path = os.path.join(out_dir, 'log.jsonl')
     rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -2086,7 +2089,8 @@ def bench(step, n, samples_per_step, flops_per_sample, device, world_size, what,
     else:  # the process's peak resident set: weights, activations and the Python/torch runtime
         mem = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB"
     peak = gpu_peak_flops(device) if device.type == 'cuda' else None
-    mfu = f"{flops_per_sample * per_s / (peak * world_size):.1%}" if peak else 'n/a (CPU or unknown GPU)'
+    mfu = f"{flops_per_sample * per_s / (peak * world_size):.1%}" if peak else \
+        'n/a (CPU or unknown GPU)'
     flops = f"{flops_per_sample / 1e9:.3f} GFLOPs/sample counted"
     if measured is not None:
         flops += f", {measured / 1e9:.3f} measured by FlopCounterMode"

@@ -40,41 +40,36 @@ OBJECTIVES = {
     'CLIP+SSL+AE': [],
 }
 
-parser = argparse.ArgumentParser(description=__doc__.split('\n')[1],
+parser = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-parser.add_argument('--out-dir', default='out/ablation', help="where every run and the results go")
-parser.add_argument('--size', default='tiny', help="tokenizer preset (train_tokenizer.py --size)")
-parser.add_argument('--data', default='synthetic', help="tokenizer pre-training data")
-parser.add_argument('--dit-data', default='synthetic', help="generation data (class-labelled)")
-parser.add_argument('--objectives', default=','.join(OBJECTIVES), help="objective sets to compare")
-parser.add_argument('--budgets', default='300,600,900',
-                    help="pre-training steps at which checkpoints are compared, comma-separated, "
-                    "multiples of the first (the last is the run's length)")
-parser.add_argument('--dit-steps', type=int, default=0,
-                    help="DiT steps, equal for every tokenizer (default: train_dit.py's recipe)")
-parser.add_argument('--dit-seeds', type=int, default=2, help="DiT seeds at the last budget")
-parser.add_argument('--num-samples', type=int, default=400,
-                    help="samples per DiT (20 per class on tiny)")
-parser.add_argument('--cfg-scale', type=float, default=1.0,
-                    help="sampling guidance (1 = none, as the paper's gFID). Rerun with another "
-                    "scale to sample the same DiTs again: rows carry it, its plot is "
-                    "ablation_cfgS.png")
-parser.add_argument('--sample-steps', type=int, default=50, help="Euler time points of the samples")
-parser.add_argument('--eval-images', type=int, default=10000,
-                    help="images of the linear probe's train set (its val set and the "
-                    "reconstruction metrics use a tenth, at least 64)")
-parser.add_argument('--condition', default='class', choices=['class', 'text'],
-                    help="the DiTs: class- or text-conditional (fig. 8: text on the synthetic "
-                    "captions, prompts 'a {class}.')")
-parser.add_argument('--text-encoder', default=None,
-                    help="--condition text: one VTP text tower for every DiT, so that only the "
-                    "latents differ (default: the CLIP+SSL+AE tokenizer's last checkpoint; "
-                    "AE-only tokenizers have none)")
-parser.add_argument('--tokenizer-args', default='', help="more flags for train_tokenizer.py")
-parser.add_argument('--dit-args', default='', help="more flags for train_dit.py")
-parser.add_argument('--launch', default=sys.executable,
-                    help="how a stage script is started, e.g. 'torchrun --standalone "
-                    "--nproc_per_node 8'")
+arg = parser.add_argument
+arg('--out-dir', default='out/ablation', help="where every run and the results go")
+arg('--size', default='tiny', help="tokenizer preset (train_tokenizer.py --size)")
+arg('--data', default='synthetic', help="tokenizer pre-training data")
+arg('--dit-data', default='synthetic', help="generation data (class-labelled)")
+arg('--objectives', default=','.join(OBJECTIVES), help="objective sets to compare")
+arg('--budgets', default='300,600,900', help="pre-training steps at which checkpoints are "
+    "compared, comma-separated, multiples of the first (the last is the run's length)")
+arg('--dit-steps', type=int, default=0,
+    help="DiT steps, equal for every tokenizer (default: train_dit.py's recipe)")
+arg('--dit-seeds', type=int, default=2, help="DiT seeds at the last budget")
+arg('--num-samples', type=int, default=400, help="samples per DiT (20 per class on tiny)")
+arg('--cfg-scale', type=float, default=1.0, help="sampling guidance (1 = none, as the paper's "
+    "gFID). Rerun with another scale to sample the same DiTs again: rows carry it, its plot is "
+    "ablation_cfgS.png")
+arg('--sample-steps', type=int, default=50, help="Euler time points of the samples")
+arg('--eval-images', type=int, default=10000, help="images of the linear probe's train set (its "
+    "val set and the reconstruction metrics use a tenth, at least 64)")
+arg('--condition', default='class', choices=['class', 'text'],
+    help="class- or text-conditional DiTs (fig. 8: text on the synthetic captions, prompts "
+    "'a {class}.')")
+arg('--text-encoder', default=None, help="--condition text: one VTP text tower for every DiT, "
+    "so that only the latents differ (default: the CLIP+SSL+AE tokenizer's last checkpoint; "
+    "AE-only tokenizers have none)")
+arg('--tokenizer-args', default='', help="more flags for train_tokenizer.py")
+arg('--dit-args', default='', help="more flags for train_dit.py")
+arg('--launch', default=sys.executable,
+    help="how a stage script is started, e.g. 'torchrun --standalone --nproc_per_node 8'")
 args = parser.parse_args()
 os.makedirs(args.out_dir, exist_ok=True)
 results_path = os.path.join(args.out_dir, 'results.jsonl')
@@ -138,8 +133,8 @@ for name in args.objectives.split(','):
 
 # -----------------------------------------------------------------------------
 # 2. on every kept checkpoint: understanding, reconstruction, generation at equal DiT compute
-text_encoder = args.text_encoder or os.path.join(args.out_dir, 'CLIP_SSL_AE',
-                                                f'ckpt_{max(budgets):06d}.pt')
+text_encoder = args.text_encoder or \
+    os.path.join(args.out_dir, 'CLIP_SSL_AE', f'ckpt_{max(budgets):06d}.pt')
 prompts_file = os.path.join(args.out_dir, 'prompts.txt')
 if args.condition == 'text':
     import data

@@ -18,12 +18,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import vtp  # noqa: E402
 
-parser = argparse.ArgumentParser(description=__doc__.split('\n')[1])
-parser.add_argument('--size', default='L', choices=list(vtp.VTP_CONFIGS))
-parser.add_argument('--gpus', type=int, default=8, help="GPUs in the run")
-parser.add_argument('--gpu-memory', type=float, default=80, help="GiB per GPU")
-parser.add_argument('--decoder-depth', type=int, default=4,
-                    help="the paper's experiment decoder: 4 blocks")
+parser = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0])
+arg = parser.add_argument
+arg('--size', default='L', choices=list(vtp.VTP_CONFIGS))
+arg('--gpus', type=int, default=8, help="GPUs in the run")
+arg('--gpu-memory', type=float, default=80, help="GiB per GPU")
+arg('--decoder-depth', type=int, default=4, help="the paper's experiment decoder: 4 blocks")
 args = parser.parse_args()
 torch.set_num_threads(os.cpu_count() or 1)
 

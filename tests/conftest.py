@@ -1,4 +1,5 @@
 """Shared fixtures: one briefly trained tiny tokenizer for the tests of every later stage."""
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,28 @@ import pytest
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_STEPS = 300  # the quick start's recipe, 15 % of its length; README "Tests" has its figures
+# the quick start's recipe, 15 % of its length; README "Tests" has its figures
+TOKENIZER_STEPS = 300
+
+
+def run_stage(script, args, out_dir, nproc=1, check=True, **kw):
+    """Run a stage script as a subprocess writing to out_dir, under torchrun with gloo when
+    nproc > 1 (one thread per rank then). Raises with the output's tails if it fails and `check`."""
+    threads = '1' if nproc > 1 else os.environ.get('OMP_NUM_THREADS', '2')
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+    cmd = launcher + [str(ROOT / script), '--out-dir', str(out_dir)] + args
+    p = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS=threads),
+                       capture_output=True, text=True, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def read_log(out_dir):
+    """The run's log.jsonl as a list of dicts."""
+    return [json.loads(line) for line in open(Path(out_dir) / 'log.jsonl')]
 
 
 @pytest.fixture(scope='session')

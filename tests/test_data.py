@@ -147,8 +147,8 @@ def test_loader_batch_layout_and_masks(synth):
     b = take(data.TrainLoader(synth, data.ByteTokenizer(24), mask_ratio=(0.1, 0.5), **kw), 1)[0]
     N, n = 16, 8
     assert b['images'].shape == (16, 3, 48, 48) and b['tokens'].shape == (16, 24)
-    assert b['global_crops'].shape == (2 * n, 3, 64, 64) and b['local_crops'].shape == (2 * n, 3,
-        32, 32)
+    assert b['global_crops'].shape == (2 * n, 3, 64, 64)
+    assert b['local_crops'].shape == (2 * n, 3, 32, 32)
     assert b['masks'].shape == (2 * n, N) and b['n_rec'] == 4 and b['n_ssl'] == n
     assert b['step'] == 0 and b['micro'] == 0 and b['skipped'] == {}
     pos = b['positions']
@@ -187,7 +187,7 @@ def test_loader_workers_resume_and_rng(synth):
 
 
 def per_position(batches):
-    """position -> (image, tokens, label, in SSL, in rec, its two global crops, its local crops, masks)."""
+    """position -> (image, tokens, label, in SSL, in rec, two global crops, local crops, masks)."""
     out = {}
     for b in batches:
         n = b['n_ssl']
@@ -315,7 +315,8 @@ def test_broken_folder_counts_and_converts(tmp_path):
         ev, ev_counts = list(data.eval_batches(ds, bs, 16)), {}
         for b in ev:
             data.add_counts(ev_counts, b['skipped'])
-        assert ev_counts == counts and sum(len(b['labels']) for b in ev if b['images'] is not None) == 6
+        n_labels = sum(len(b['labels']) for b in ev if b['images'] is not None)
+        assert ev_counts == counts and n_labels == 6
     assert ev[-1]['images'] is not None and list(data.eval_batches(ds, 4, 16))[-1]['images'] is None
     with pytest.raises(data.BadSample):
         ds[ds.files.index(str(tmp_path / 'sub' / 'zero.png'))]

@@ -29,7 +29,7 @@ def run(script, *args, preexec_fn=None):
 
 
 def one_line_error(p, *words):
-    """The run failed with one 'error: ...' line on stderr that mentions every word; no traceback."""
+    """The run failed with one 'error: ...' stderr line that mentions every word; no traceback."""
     lines = [line for line in p.stderr.splitlines() if line.startswith('error:')]
     assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr[-2000:]
     assert len(lines) == 1, p.stderr[-2000:]
@@ -49,11 +49,11 @@ def bad_files(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize('name,words', [('empty.pt', ['is empty']), ('truncated.pt',
-    ['not a readable']),
+@pytest.mark.parametrize('name,words', [('empty.pt', ['is empty']),
+                                        ('truncated.pt', ['not a readable']),
                                         ('foreign.pt', ['not a stage-1 checkpoint']),
-                                        ('pickle.pt', ['not a readable']), ('missing.pt',
-                                            ['no such'])])
+                                        ('pickle.pt', ['not a readable']),
+                                        ('missing.pt', ['no such'])])
 def test_bad_resume_is_one_line(tmp_path, bad_files, name, words):
     p = run('train_tokenizer.py', *QUICK, '--max-steps', 1, '--out-dir', tmp_path, '--resume',
             bad_files / name)
@@ -174,7 +174,8 @@ def test_sample_refuses_a_changed_tokenizer(tmp_path, tiny_tokenizer):
 
 
 def test_killing_the_launcher_stops_the_ranks(tmp_path):
-    """SIGKILL to torchrun alone: its ranks get SIGTERM (PR_SET_PDEATHSIG) and stop, releasing the lock."""
+    """SIGKILL to torchrun alone: its ranks get SIGTERM (PR_SET_PDEATHSIG) and stop, which
+    releases the lock."""
     out = tmp_path / 'ddp'
     launcher = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone',
                                  '--nproc_per_node=2', str(ROOT / 'train_tokenizer.py'), *QUICK,
@@ -191,7 +192,8 @@ def test_killing_the_launcher_stops_the_ranks(tmp_path):
     launcher.kill()
     launcher.wait()
     deadline = time.time() + 30
-    while any(Path(f'/proc/{r}').exists() and 'Z' not in Path(f'/proc/{r}/stat').read_text().split()[2]
+    while any(Path(f'/proc/{r}').exists()
+              and 'Z' not in Path(f'/proc/{r}/stat').read_text().split()[2]
               for r in ranks):
         assert time.time() < deadline, "the ranks kept training after their launcher died"
         time.sleep(0.2)

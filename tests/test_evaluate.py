@@ -35,14 +35,15 @@ def test_frechet_diagonal_closed_form_and_symmetry():
     expect = 1 + 4 + 0 + (1 + 1 + 1)
     assert E.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expect, abs=1e-9)
     rng = np.random.default_rng(1)
-    m1, m2, s1, s2 = rng.standard_normal(6), rng.standard_normal(6), random_cov(rng,
-        6), random_cov(rng, 6)
-    assert E.frechet_distance(m1, s1, m2, s2) == pytest.approx(E.frechet_distance(m2, s2, m1, s1),
-        rel=1e-8)
+    m1, m2, s1, s2 = rng.standard_normal(6), rng.standard_normal(6), random_cov(rng, 6), \
+        random_cov(rng, 6)
+    swapped = E.frechet_distance(m2, s2, m1, s1)
+    assert E.frechet_distance(m1, s1, m2, s2) == pytest.approx(swapped, rel=1e-8)
 
 
 def fid_by_eigh(f1, f2):
-    """Reference: Tr (S1 S2)^(1/2) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2))), symmetric eigensolvers only."""
+    """Reference: Tr (S1 S2)^(1/2) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2))), computed with
+    symmetric eigensolvers only."""
     mu1, s1 = f1.mean(0), np.cov(f1, rowvar=False)
     mu2, s2 = f2.mean(0), np.cov(f2, rowvar=False)
     w, v = np.linalg.eigh(s1)
@@ -96,7 +97,7 @@ def test_psnr_constant_offset():
 
 
 def ssim_by_hand(x, y, size=11, sigma=1.5, c1=0.01 ** 2, c2=0.03 ** 2):
-    """Direct SSIM for one image (C, H, W): reflect pad, a weighted window around every pixel, crop."""
+    """Direct SSIM for one image (C, H, W): reflect pad, a weighted window at every pixel, crop."""
     d = np.arange(size) - (size - 1) / 2
     g = np.exp(-d ** 2 / (2 * sigma ** 2))
     w = np.outer(g, g) / np.outer(g, g).sum()
@@ -110,7 +111,9 @@ def ssim_by_hand(x, y, size=11, sigma=1.5, c1=0.01 ** 2, c2=0.03 ** 2):
                 ma, mb = (w * a).sum(), (w * b).sum()
                 va, vb = (w * a * a).sum() - ma ** 2, (w * b * b).sum() - mb ** 2
                 cov = (w * a * b).sum() - ma * mb
-                vals.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
+                num = (2 * ma * mb + c1) * (2 * cov + c2)
+                den = (ma ** 2 + mb ** 2 + c1) * (va + vb + c2)
+                vals.append(num / den)
     return float(np.mean(vals))
 
 
@@ -127,9 +130,8 @@ def test_ssim_identical_constant_and_by_hand():
     got, got32 = E.ssim(x.double(), y.double()), E.ssim(x, y)
     for i in range(2):
         ref = ssim_by_hand(x[i].double().numpy(), y[i].double().numpy())
-        assert got[i].item() == pytest.approx(ref,
-                                              abs=1e-9) and got32[i].item() == pytest.approx(ref,
-                                                  abs=1e-4)
+        assert got[i].item() == pytest.approx(ref, abs=1e-9)
+        assert got32[i].item() == pytest.approx(ref, abs=1e-4)
 
 
 # -----------------------------------------------------------------------------
@@ -213,8 +215,10 @@ def test_recon_cli_on_tiny_checkpoint(tmp_path, tiny_ckpt, inception_file):
             '--num-workers', '0', '--device', 'cpu', '--lpips', 'none',
             '--inception-weights', inception_file[1], '--out', str(out)])
     r = json.loads(out.read_text())
-    assert r['num_images'] == 3 and 0 < r['psnr'] < 60 and -1 <= r['ssim'] <= 1 and r['rfid'] >= -1e-6
-    assert r['lpips'] == 'off' and 'center_crop_arr' in r['preprocess'] and r['rfid_def']['count'] == 3
+    assert (r['num_images'] == 3 and 0 < r['psnr'] < 60 and -1 <= r['ssim'] <= 1
+            and r['rfid'] >= -1e-6)
+    assert (r['lpips'] == 'off' and 'center_crop_arr' in r['preprocess']
+            and r['rfid_def']['count'] == 3)
 
 
 class PassThrough(torch.nn.Module):
@@ -344,11 +348,16 @@ def test_fid_rejects_mismatched_sizes(tmp_path):
 
 
 def test_synthetic_judge_ranks_real_below_noised(tmp_path):
-    """The judge's Fréchet distance to real val images: other real images < lightly noised < heavily
-    noised; and the class accuracy of real images labelled as sample.py would label them is ~100 %."""
+    """The judge's Fréchet distance to real val images: other real images < lightly noised <
+    heavily noised; and the class accuracy of real images labelled as sample.py would label them
+    is ~100 %."""
     x, y = E.synthetic_images('train', 300, 64)  # other images than the val reference
     g = torch.Generator().manual_seed(0)
-    noisy = lambda s: (x.float() + s * torch.randn(x.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+
+    def noisy(s):
+        noised = x.float() + s * torch.randn(x.shape, generator=g)
+        return noised.clamp(0, 255).to(torch.uint8)
+
     fd = {}
     for name, imgs in (('real', x), ('light', noisy(15)), ('heavy', noisy(60))):
         np.savez(tmp_path / f'{name}.npz', arr_0=imgs.permute(0, 2, 3, 1).numpy())
@@ -360,7 +369,8 @@ def test_synthetic_judge_ranks_real_below_noised(tmp_path):
     order = torch.cat([torch.nonzero(y == c)[0] for c in range(20)])
     (tmp_path / 'cls').mkdir()
     np.savez(tmp_path / 'cls' / 'samples.npz', arr_0=x[order].permute(0, 2, 3, 1).numpy())
-    (tmp_path / 'cls' / 'sample_args.json').write_text(json.dumps({'labels': None,
-                                                                  'dit_config': {'num_classes': 20}}))
-    r = E.main(['synthetic', '--samples', str(tmp_path / 'cls' / 'samples.npz'), '--num-real', '64'])
+    sample_args = {'labels': None, 'dit_config': {'num_classes': 20}}
+    (tmp_path / 'cls' / 'sample_args.json').write_text(json.dumps(sample_args))
+    r = E.main(['synthetic', '--samples', str(tmp_path / 'cls' / 'samples.npz'),
+                '--num-real', '64'])
     assert r['class_accuracy'] == 100.0

@@ -2,10 +2,6 @@
 end to end on a tiny random stage-1 checkpoint: D learns, the encoder stays bit-identical, L1 does
 not get worse, resume is exact, 2 gloo ranks equal one process, the output is a tokenizer, bad input
 gives one line."""
-import json
-import os
-import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,7 +9,7 @@ import pytest
 import torch
 
 import vtp
-
+from conftest import read_log, run_stage
 from vtp import NLayerDiscriminator, hinge_d_loss, generator_loss, adaptive_weight
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +34,8 @@ def test_hinge_and_generator_loss_match_their_formulas():
 
 
 def test_adaptive_weight_equals_hand_computation():
-    """Toy graph y = W x: L_rec = mean |y - t|, L_G = -mean(y^2); the gradients w.r.t. W are written out."""
+    """Toy graph y = W x: L_rec = mean |y - t|, L_G = -mean(y^2); the gradients w.r.t. W
+    are written out."""
     torch.manual_seed(0)
     W = torch.randn(3, 4, requires_grad=True)
     x, t = torch.randn(4, 5), torch.randn(3, 5)
@@ -70,21 +67,9 @@ def test_patchgan_shape_and_init(norm):
 
 # --- the script
 # ------------------------------------------------------------------------------------------
-def run(args, out_dir, nproc=1, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS='1' if nproc > 1 else os.environ.get('OMP_NUM_THREADS',
-        '2'))
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                f'--nproc_per_node={nproc}'] \
-        if nproc > 1 else [sys.executable]
-    cmd = launcher + [str(ROOT / 'finetune_decoder.py'), '--out-dir', str(out_dir)] + args
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
+def run(args, out_dir, nproc=1, check=True, **kw):
+    return run_stage('finetune_decoder.py', args, out_dir, nproc, check, **kw)
 
-
-def read_log(out_dir):
-    return [json.loads(line) for line in open(Path(out_dir) / 'log.jsonl')]
 
 
 @pytest.fixture(scope='module')
@@ -145,7 +130,8 @@ def test_output_checkpoint_is_a_tokenizer(full_run):
 
 
 def test_resumed_run_matches_uninterrupted(stage1, full_run, tmp_path):
-    """7 steps, then 5 more with --resume auto (across --disc-start and with D in its state) == 12 in one go."""
+    """7 steps, then 5 more with --resume auto (across --disc-start and with D in its state)
+    == 12 in one go."""
     base = ['--tokenizer', str(stage1)] + SMALL
     run(base + ['--max-steps', '7'], tmp_path)
     run(base + ['--max-steps', '12', '--resume', 'auto'], tmp_path)

@@ -62,7 +62,8 @@ def test_shared_flags_mean_the_same_everywhere():
 
 @pytest.mark.parametrize('batch', [8, 16])
 def test_small_batches_take_the_recipe_fractions(tmp_path, batch):
-    """--batch-size alone: B_ssl and B_rec follow it (tiny: 1/2 each), as the paper's 1/4 and 1/8 would."""
+    """--batch-size alone: B_ssl and B_rec follow it (tiny: 1/2 each),
+    as the paper's 1/4 and 1/8 would."""
     out = tmp_path / 'run'
     p = subprocess.run([sys.executable, 'train_tokenizer.py', '--batch-size', str(batch),
                         '--max-steps', '2',
@@ -76,4 +77,5 @@ def test_small_batches_take_the_recipe_fractions(tmp_path, batch):
                         '--ssl-batch-size', '3',
                         '--out-dir', str(tmp_path / 'bad')], cwd=ROOT, env=ENV,
                        capture_output=True, text=True)
-    assert p.returncode != 0 and 'must divide --batch-size' in p.stderr and 'Traceback' not in p.stderr
+    assert (p.returncode != 0 and 'must divide --batch-size' in p.stderr
+            and 'Traceback' not in p.stderr)

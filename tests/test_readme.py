@@ -1,6 +1,7 @@
-"""Every CPU command block of the README (the ones marked `<!-- cpu -->`) runs as written, in order, in a
-fresh folder, and leaves the files the README promises; only the run lengths are shortened (flags
-appended, which win over the written ones), so that the whole walk-through takes a couple of minutes."""
+"""Every CPU command block of the README (the ones marked `<!-- cpu -->`) runs as written, in order,
+in a fresh folder, and leaves the files the README promises; only the run lengths are shortened
+(flags appended, which win over the written ones), so that the whole walk-through takes a couple
+of minutes."""
 import json
 import os
 import re
@@ -9,15 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = {  # appended to each command of that script: the run lengths only
-    'train_tokenizer.py': ['--max-steps', '12', '--eval-every', '6', '--num-val', '32', '--log-every', '3'],
-    'finetune_decoder.py': ['--max-steps', '6', '--disc-start', '3', '--eval-every', '3', '--num-val', '8',
-                            '--batch-size', '8', '--disc-ndf', '16'],
-    'train_dit.py': ['--max-steps', '10', '--num-images', '128', '--sample-every', '10', '--sample-steps', '4',
-                     '--log-every', '5'],
+    'train_tokenizer.py': ['--max-steps', '12', '--eval-every', '6', '--num-val', '32',
+                           '--log-every', '3'],
+    'finetune_decoder.py': ['--max-steps', '6', '--disc-start', '3', '--eval-every', '3',
+                            '--num-val', '8', '--batch-size', '8', '--disc-ndf', '16'],
+    'train_dit.py': ['--max-steps', '10', '--num-images', '128', '--sample-every', '10',
+                     '--sample-steps', '4', '--log-every', '5'],
     'sample.py': ['--num-samples', '8', '--num-steps', '4', '--batch-size', '8'],
     'evaluate.py': {'recon': ['--num-images', '16'], 'zeroshot': ['--num-images', '32'],
                     'linprobe': ['--num-train', '128', '--num-val', '32', '--epochs', '2'],
@@ -42,8 +43,10 @@ def readme_commands():
 
 def test_readme_cpu_blocks_run_as_written(tmp_path):
     cmds = readme_commands()
-    scripts = [shlex.split(c)[1] for c in cmds if c.startswith('python ') and c.split()[1].endswith('.py')]
-    assert scripts[:4] == ['train_tokenizer.py', 'finetune_decoder.py', 'train_dit.py', 'sample.py'], scripts
+    scripts = [shlex.split(c)[1] for c in cmds
+               if c.startswith('python ') and c.split()[1].endswith('.py')]
+    stages = ['train_tokenizer.py', 'finetune_decoder.py', 'train_dit.py', 'sample.py']
+    assert scripts[:4] == stages, scripts
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     for cmd in cmds:
         argv = shlex.split(cmd)
@@ -60,8 +63,9 @@ def test_readme_cpu_blocks_run_as_written(tmp_path):
     out = tmp_path / 'out'
     # what the README promises
     log = [json.loads(line) for line in (out / 'tokenizer' / 'log.jsonl').read_text().splitlines()]
-    assert {'loss', 'loss_clip', 'loss_dino', 'loss_ibot', 'loss_koleo', 'loss_rec', 'lr', 'grad_norm',
-            'img_per_s', 'flops', 'ssl_target_entropy', 'teacher_distance'} <= set(log[-1])
+    keys = {'loss', 'loss_clip', 'loss_dino', 'loss_ibot', 'loss_koleo', 'loss_rec', 'lr',
+            'grad_norm', 'img_per_s', 'flops', 'ssl_target_entropy', 'teacher_distance'}
+    assert keys <= set(log[-1])
     assert any('val_psnr' in r and 'val_zeroshot_top1' in r for r in log)
     assert list((out / 'tokenizer').glob('recon_*.png'))
     for f in ('tokenizer/ckpt.pt', 'decoder/ckpt.pt', 'dit/ckpt.pt', 'dit/samples/samples.npz',

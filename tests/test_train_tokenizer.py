@@ -1,9 +1,7 @@
 """Stage 1 end to end on CPU: the tiny run learns, 2-rank DDP equals one process, resume is exact,
 bad data is skipped and counted, a non-finite loss stops the run. Each test runs train_tokenizer.py
 as a user would."""
-import json
 import math
-import os
 import re
 import signal
 import subprocess
@@ -16,12 +14,14 @@ import torch
 from PIL import Image
 
 import vtp
+from conftest import read_log, run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 # the conftest run (300 steps) measured: DINO 0.78 ln K, iBOT 0.91 x its start, Sinkhorn target
 # entropy 0.60 ln K, CLIP 2.19 (ln 64 = 4.16 at chance), zero-shot 27.7 % (chance 5), PSNR 18.2 dB
 # (17.6 at step 150). An objective that does not learn stays at ~1 ln K, 1x, ln K, 4.16, 5 %.
-DINO_MAX, IBOT_MAX, TARGET_ENTROPY_MAX, CLIP_MAX, ZEROSHOT_MIN, PSNR_MIN = 0.9, 0.95, 0.8, 3.0, 15, 17
+DINO_MAX, IBOT_MAX, TARGET_ENTROPY_MAX = 0.9, 0.95, 0.8
+CLIP_MAX, ZEROSHOT_MIN, PSNR_MIN = 3.0, 15, 17
 # a small stage-1 run: every objective on, batch 16 (the tiny recipe's halves: 8 SSL, 8 rec)
 SMALL = ['--size', 'tiny', '--batch-size', '16', '--num-workers', '0', '--eval-every', '0',
          '--log-every', '1',
@@ -29,28 +29,16 @@ SMALL = ['--size', 'tiny', '--batch-size', '16', '--num-workers', '0', '--eval-e
 
 
 def run(args, out_dir, nproc=1, check=True, **kw):
-    env = dict(os.environ, OMP_NUM_THREADS='1' if nproc > 1 else os.environ.get('OMP_NUM_THREADS',
-        '2'))
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                f'--nproc_per_node={nproc}'] \
-        if nproc > 1 else [sys.executable]
-    cmd = launcher + [str(ROOT / 'train_tokenizer.py'), '--out-dir', str(out_dir)] + args
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, **kw)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
+    return run_stage('train_tokenizer.py', args, out_dir, nproc, check, **kw)
 
-
-def read_log(out_dir):
-    return [json.loads(line) for line in open(Path(out_dir) / 'log.jsonl')]
 
 
 @pytest.mark.slow
 def test_tiny_run_learns_every_objective(tiny_tokenizer):
-    """The quick start's recipe, 15 % of its length (tests/conftest.py trains it once for every stage's
-    tests): each objective's figure moves well away from where an objective that does not learn stays
-    (random init: zero-shot at chance, DINO at ln K, Sinkhorn targets uniform, the reconstruction of a
-    random decoder). Thresholds set from measured runs (README "Tests")."""
+    """The quick start's recipe, 15 % of its length (tests/conftest.py trains it once for every
+    stage's tests): each objective's figure moves well away from where an objective that does not
+    learn stays (random init: zero-shot at chance, DINO at ln K, Sinkhorn targets uniform, the
+    reconstruction of a random decoder). Thresholds set from measured runs (README "Tests")."""
     out = tiny_tokenizer.parent
     log = read_log(out)
     train = [r for r in log if 'loss' in r]
@@ -60,7 +48,8 @@ def test_tiny_run_learns_every_objective(tiny_tokenizer):
     last = {k: sum(r[k] for r in train[-5:]) / 5 for k in keys}  # mean of the last 5 log lines
     lnK = math.log(64)
     assert first['loss_dino'] > 0.95 * lnK and last['loss_dino'] < DINO_MAX * lnK, (first, last)
-    assert last['loss_ibot'] < IBOT_MAX * first['loss_ibot'], (first['loss_ibot'], last['loss_ibot'])
+    ibot_first, ibot_last = first['loss_ibot'], last['loss_ibot']
+    assert ibot_last < IBOT_MAX * ibot_first, (ibot_first, ibot_last)
     assert last['ssl_target_entropy'] < TARGET_ENTROPY_MAX * lnK  # sharp targets: the teacher knows
     assert 0 < last['teacher_distance'] < 0.5
     assert last['loss_clip'] < CLIP_MAX and last['loss_koleo'] < first['loss_koleo']
@@ -97,7 +86,8 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
 
 
 def test_objective_off_builds_nothing_and_trains(tmp_path):
-    """The AE-only ablation (§4.3): no text tower, no SSL heads, no teacher; only reconstruction is logged."""
+    """The AE-only ablation (§4.3): no text tower, no SSL heads, no teacher; only
+    reconstruction is logged."""
     run(SMALL + ['--max-steps', '2', '--lambda-clip', '0', '--lambda-ssl', '0'], tmp_path)
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert ckpt['ema'] is None  # the SSL teacher
@@ -108,7 +98,8 @@ def test_objective_off_builds_nothing_and_trains(tmp_path):
     # resuming it with every objective on is refused in one line
     p = run(SMALL + ['--max-steps', '3', '--resume', str(tmp_path / 'ckpt.pt')], tmp_path / 'all',
             check=False)
-    assert p.returncode != 0 and 'does not fit' in p.stdout + p.stderr and 'Traceback' not in p.stderr
+    assert (p.returncode != 0 and 'does not fit' in p.stdout + p.stderr
+            and 'Traceback' not in p.stderr)
     # AE only: only the B_rec rows are loaded and encoded: a quarter of the rows, a quarter of the
     # work (measured by FlopCounterMode on the real step, not only counted)
     measured = lambda rec: float(re.search(r'([\d.]+) measured', run(
@@ -213,8 +204,8 @@ def test_flops_count_matches_flop_counter(tmp_path):
     """The counted training FLOPs (vtp.train_flops_per_sample, the x-axis of the scaling plots)
     against torch's FlopCounterMode on the real train step (--bench), for every objective
     combination."""
-    for name, flags in (('AE', ['--lambda-clip', '0', '--lambda-ssl', '0']), ('CLIP+AE',
-        ['--lambda-ssl', '0']),
+    for name, flags in (('AE', ['--lambda-clip', '0', '--lambda-ssl', '0']),
+                        ('CLIP+AE', ['--lambda-ssl', '0']),
                         ('SSL+AE', ['--lambda-clip', '0']), ('all', []),
                         ('AE+LPIPS', ['--lambda-clip', '0', '--lambda-ssl', '0', '--perceptual',
                                       'random'])):

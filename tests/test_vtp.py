@@ -106,13 +106,13 @@ def test_official_parity():
 
 
 def write_safetensors(path, tensors):
-    """A minimal safetensors writer (the format: header size, JSON header, raw little-endian bytes)."""
+    """A minimal safetensors writer (format: header size, JSON header, raw little-endian bytes)."""
     names = {torch.float32: 'F32', torch.bfloat16: 'BF16', torch.int64: 'I64'}
     header, blobs, offset = {}, [], 0
     for k, t in tensors.items():
         raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[k] = {'dtype': names[t.dtype], 'shape': list(t.shape), 'data_offsets': [offset,
-            offset + len(raw)]}
+        header[k] = {'dtype': names[t.dtype], 'shape': list(t.shape),
+                     'data_offsets': [offset, offset + len(raw)]}
         blobs.append(raw)
         offset += len(raw)
     h = json.dumps(header).encode()
@@ -131,10 +131,16 @@ def test_from_official_hf_folder_and_legacy_keys(tmp_path):
         torch.testing.assert_close(model.text_features(g['inputs']['text']),
                                    g['outputs']['clip_text'])
         torch.testing.assert_close(model.encode(g['inputs']['image']), g['outputs']['latents'])
+
     # the legacy meta-arch names, with its training-only parts, load through the same mapping
-    legacy = {('proj.' + k[len('visual_proj.'):] if k.startswith('visual_proj.') else
-               'transformer.' + k[len('text_transformer.'):] if k.startswith('text_transformer.') else k): v
-              for k, v in g['state_dict'].items()}
+    def legacy_name(k):
+        if k.startswith('visual_proj.'):
+            return 'proj.' + k[len('visual_proj.'):]
+        if k.startswith('text_transformer.'):
+            return 'transformer.' + k[len('text_transformer.'):]
+        return k
+
+    legacy = {legacy_name(k): v for k, v in g['state_dict'].items()}
     legacy['teacher_proj.weight'] = torch.zeros(3)
     legacy['dino_head.mlp.0.weight'] = torch.zeros(3)
     m2 = vtp.VTP.from_official(legacy, g['config']).eval()
@@ -261,7 +267,10 @@ def _distributed_losses(rank, world, port, inputs, results):
     loss.backward()
     # DINO: teacher/student rows are crop-major chunks; each rank holds its samples of every crop
     m = t_logits.shape[0] // 2 // world
-    local = lambda x, crops: torch.cat([c[rank * m:(rank + 1) * m] for c in x.split(len(x) // crops)])
+
+    def local(x, crops):
+        return torch.cat([c[rank * m:(rank + 1) * m] for c in x.split(len(x) // crops)])
+
     probs = vtp.sinkhorn_knopp(local(t_logits, 2), 0.07)
     dino = vtp.dino_loss(local(s_logits, 4), probs)
     # iBOT's masked patches: rank 1 may hold none at all; Sinkhorn-Knopp still agrees with one
@@ -330,8 +339,10 @@ def test_param_groups_layer_decay_patch_embed_and_prototypes():
     L = 2
     assert mult(m.trunk.patch_embed.proj.weight) == 0.5 ** (L + 1) * 0.2
     assert mult(m.trunk.cls_token) == 0.5 ** (L + 1)
-    assert mult(m.trunk.blocks[0].attn.qkv.weight) == 0.5 ** L and mult(m.trunk.blocks[1].mlp.w1.weight) == 0.5
-    assert mult(m.trunk.norm.weight) == mult(m.dino_head.mlp[0].weight) == mult(m.pixel_decoder.proj_out.weight) == 1
+    assert mult(m.trunk.blocks[0].attn.qkv.weight) == 0.5 ** L
+    assert mult(m.trunk.blocks[1].mlp.w1.weight) == 0.5
+    assert (mult(m.trunk.norm.weight) == mult(m.dino_head.mlp[0].weight)
+            == mult(m.pixel_decoder.proj_out.weight) == 1)
     assert where[id(m.dino_head.last_layer.weight_v)]['last_layer']
     assert not where[id(m.dino_head.mlp[0].weight)]['last_layer']
     # no weight decay on norms, biases, tokens, the logit scale, the prototypes' gains
@@ -384,7 +395,9 @@ def test_grad_checkpointing_gives_the_same_gradients():
         m.zero_grad()
         torch.manual_seed(1)
         out = m(images=x, tokens=tokens, n_rec=2)
-        (out['image_features'].sum() + out['text_features'].sum() + out['reconstruction'].square().mean()).backward()
+        loss = (out['image_features'].sum() + out['text_features'].sum()
+                + out['reconstruction'].square().mean())
+        loss.backward()
         grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
