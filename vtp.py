@@ -1801,10 +1801,10 @@ def add_run_flags(parser, out_dir, tokenizer, tokenizer_default=None, batch_help
     arg('--out-dir', default=out_dir, help="where the run writes (one run per folder)")
     arg('--device', default='auto', choices=['auto', 'cpu', 'cuda'],
         help="auto: CUDA if available, else CPU")
-    # one seed drives init and data: a sample's crops, masks and captions depend on (seed,
-    # position) only, which is what makes resume exact and 1 x B equal 2 x B/2 ranks
+    # one seed drives init and data: what is drawn for a sample depends on (seed, its position)
+    # only, which is what makes resume exact and 1 rank x B equal to 2 ranks x B/2
     arg('--seed', type=int, default=0, help="seed of the initialisation and of every random choice "
-        "of the data")
+        "of the data (they depend on (seed, sample position) only)")
     arg('--compile', action='store_true', help="torch.compile the model (CUDA)")
     arg('--bench', type=int, default=0, help="time this many steps on cached inputs, print "
         "throughput, peak memory and MFU, and exit (no data, logs or checkpoints)")
