@@ -147,8 +147,7 @@ def bytes_to_unicode():
 # CLIP's pre-tokenizer uses the `regex` module: specials | contractions | \p{L}+ | \p{N} |
 # [^\s\p{L}\p{N}]+. With plain `re`: letters = [^\W\d_]+, digits = \d, other = runs of (non-space
 # non-word char or '_'). Difference: numeric characters that are not decimal digits (No/Nl: '²',
-# '½', 'Ⅻ') count as letters here, as single numbers there. ASCII and ordinary text tokenize
-# identically.
+# '½', 'Ⅻ') count as letters here, as single numbers there. ASCII and ordinary text: the same.
 BPE_PATTERN = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
                          r"|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.IGNORECASE)
 
@@ -197,8 +196,7 @@ class BPETokenizer:
         return word
 
     def encode(self, text):
-        # cleaning as the official code without ftfy: double html.unescape, strip, collapse spaces,
-        # lowercase
+        # as the official code without ftfy: html.unescape twice, strip, collapse spaces, lowercase
         text = html.unescape(html.unescape(text)).strip()
         text = re.sub(r'\s+', ' ', text).strip().lower()
         ids = []
@@ -232,8 +230,8 @@ def text_tokenizer(cfg, bpe_path=None):
 
 
 # -----------------------------------------------------------------------------
-# 2. synthetic shapes: a coloured object (sometimes a small distractor) on a plain/gradient/striped
-# background
+# 2. synthetic shapes: a coloured object (sometimes a small distractor) on a plain, gradient or
+#    striped background
 
 # bump when the drawing or captions change: caches keyed on the data are rebuilt
 SYNTHETIC_VERSION = 2
@@ -309,9 +307,9 @@ class SyntheticDataset(Dataset):
                  vertical=bool(rng.integers(2)), stripe=float(rng.uniform(0.08, 0.2)),
                  angle=float(rng.uniform(-0.35, 0.35)), jitter=rng.uniform(-0.03, 0.03, 2),
                  rgb_noise=rng.integers(-20, 21, 3), tint=rng.integers(-8, 9, 3))
-        # large enough for a tiny ViT to tell the shapes apart within minutes: at radii 0.15-0.34 a
-        # supervised ViT-tiny (patch 16) recognised 70 % of val shapes after 600 steps, at these 87
-        # %
+        # large enough for a tiny ViT to tell the shapes apart within minutes: at radii 0.15-0.34
+        # a supervised ViT-tiny (patch 16) recognised 70 % of val shapes after 600 steps, at these
+        # radii 87 %
         a['radius'] = float(rng.uniform(0.36, 0.44) if a['size'] == 'large' else
                             rng.uniform(0.21, 0.26))
         a['distractor'] = None
@@ -410,9 +408,8 @@ IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 TAR_IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
 MIN_SIDE = 8                    # smaller images are skipped ('too_small')
 HUGE_PIXELS = 4096 * 4096       # larger ones are counted as 'downscaled_huge'
-# PIL refuses images above 2 x MAX_IMAGE_PIXELS (decompression-bomb guard, default ~179 Mpx). Raised
-# to 268 Mpx: JPEGs are decoded at reduced scale through draft(); anything larger is counted
-# 'too_large'.
+# PIL refuses images above 2 x MAX_IMAGE_PIXELS (decompression-bomb guard, default ~179 Mpx).
+# Raised to 268 Mpx: JPEGs are decoded at reduced scale through draft(); larger is 'too_large'.
 Image.MAX_IMAGE_PIXELS = 2 ** 27
 warnings.filterwarnings('ignore', category=Image.DecompressionBombWarning)
 # real-data templates (zero-shot prompts and ImageFolder captions)
@@ -920,9 +917,8 @@ class MicroBatchBuilder:
         return batch
 
     def mask(self, rng):
-        # DINOv2 masks exactly half of a batch's global crops with stratified ratios; an independent
-        # draw per crop (probability mask_prob, ratio ~ U(mask_ratio)) keeps every choice a function
-        # of p alone
+        # DINOv2 masks exactly half of a batch's global crops with stratified ratios; we draw per
+        # crop (probability mask_prob, ratio ~ U(mask_ratio)) so every choice depends on p alone
         g = self.global_size // self.patch_size
         if rng.random() >= self.mask_prob:
             return np.zeros(g * g, dtype=bool)
@@ -935,8 +931,7 @@ class MicroBatchBuilder:
         per_image = m.sum(1)  # (2n,)
         w = 1.0 / per_image[idx // self.n_patches]
         assert len(idx) <= self.ibot_size
-        # the real entries first, then padding (weight 0): the teacher runs on the n_masked real
-        # ones
+        # the real entries first, then padding (weight 0); the teacher sees the n_masked real ones
         index = torch.zeros(self.ibot_size, dtype=torch.long)
         weight = torch.zeros(self.ibot_size, dtype=torch.float)
         index[:len(idx)] = torch.from_numpy(idx)

@@ -183,8 +183,7 @@ def precision_recall(real, fake, k=3, device='cpu'):
 
 
 # -----------------------------------------------------------------------------
-# 2. the FID Inception: torchvision's InceptionV3 with the TF graph's pooling quirks (as pytorch-
-# fid)
+# 2. the FID Inception: torchvision's InceptionV3 with the TF graph's pooling quirks (pytorch-fid)
 
 
 class FIDInceptionA(InceptionA):
@@ -276,8 +275,7 @@ def build_fid_inception(weights=None, random_init=False):
     numbers mean nothing). The model carries `.info`, a description for the result JSON."""
     model = FIDInceptionV3()
     if random_init:
-        # variance-preserving init so activations stay O(1) through the 90-odd layers with BN in
-        # eval mode
+        # variance-preserving init: activations stay O(1) through 90-odd layers of eval-mode BN
         g = torch.Generator().manual_seed(0)
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -331,8 +329,7 @@ def to_uint8(x01):
     return (x01.clamp(0, 1) * 255).to(torch.uint8)
 
 
-# --- image sources for `fid`: a folder of images or an npz (arr_0 uint8 NHWC, or mu/sigma
-# statistics)
+# --- image sources for `fid`: an image folder or an npz (arr_0 uint8 NHWC, or mu/sigma) ---------
 
 
 class ImageFiles(Dataset):
@@ -1023,8 +1020,7 @@ def cmd_linprobe(args):
     val_set = open_data(args.val, 'val', crop)
     # the train crops (one random view per image, features cached once)
     torch.manual_seed(args.seed)
-    # the synthetic world: a crop down to 8 % of a 64 px image cuts the object out of many train
-    # views
+    # the synthetic world: crops down to 8 % of a 64 px image would cut many objects out
     aug = args.train_aug
     if aug == 'auto':  # the synthetic objects are small: random crops would cut them out
         aug = 'none' if args.train == 'synthetic' else 'rrc'

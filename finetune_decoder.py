@@ -35,8 +35,8 @@ import vtp
 # -----------------------------------------------------------------------------
 # config. The paper gives no stage-2 hyper-parameters: the loss recipe is LDM's (PatchGAN, hinge,
 # adaptive weight, Adam betas (0.5, 0.9), disc weight 0.5 as LDM KL-f16 and VA-VAE); the full-size
-# run length and batch follow VA-VAE (assumed). Flags left at None follow the tokenizer: below 256
-# px 'toy'.
+# run length and batch follow VA-VAE (assumed). Flags left at None follow the tokenizer ('toy'
+# below 256 px).
 RECIPES = {
     'toy': dict(batch_size=32, max_steps=400, disc_start=100, log_every=10, eval_every=100,
                 ckpt_every=200, num_workers=1, perceptual='auto'),
@@ -112,8 +112,8 @@ print0(f"tokenizer {args.tokenizer}: {model.num_params() / 1e6:.2f}M parameters,
 disc = vtp.NLayerDiscriminator(3, args.disc_ndf, args.disc_layers, args.disc_norm).to(device)
 if ddp and device.type == 'cuda' and args.disc_norm == 'batch':
     # batch statistics over the whole micro-batch of all ranks: D does not change with the GPU
-    # count. (SyncBatchNorm is CUDA-only; CPU/gloo runs keep per-rank statistics: --disc-norm group
-    # avoids them)
+    # count (SyncBatchNorm is CUDA-only: CPU/gloo runs keep per-rank statistics, which
+    # --disc-norm group avoids)
     disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
 print0(f"discriminator: PatchGAN {args.disc_layers} layers, ndf {args.disc_ndf}, {args.disc_norm} "
        f"norm, {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M parameters")

@@ -226,8 +226,7 @@ for k in range(n_batches):
 if ddp:
     torch.distributed.barrier()
 if master:
-    # the ADM-style npz, streamed: the PNGs go one by one into a memory-mapped .npy, stored in the
-    # zip
+    # the ADM-style npz, streamed: the PNGs go one by one into a memory-mapped .npy, then the zip
     first = np.asarray(Image.open(os.path.join(image_dir, '000000.png')))
     npy = os.path.join(out_dir, 'arr_0.npy')
     arr = np.lib.format.open_memmap(npy, mode='w+', dtype=np.uint8,

@@ -230,8 +230,7 @@ def dit_train_flops_per_sample(cfg):
 
 
 def step_seed(step, micro):
-    # noise, t and label dropout of a micro-step depend on (seed, step, micro, rank) only: resume
-    # is exact
+    # noise, t and label dropout depend on (seed, step, micro-step, rank) only: resume is exact
     return data.mix64(data.mix64(data.mix64(args.seed, step), micro), rank) >> 1
 
 

@@ -75,8 +75,7 @@ def make_norm(kind, dim, eps=None):
 
 
 def swiglu_hidden(dim, mlp_ratio=4.0, align=8):
-    # the official VTP rounds 2/3 of the MLP width up to a multiple of `align` (LightningDiT does
-    # not)
+    # the official VTP rounds 2/3 of the MLP width up to a multiple of `align`; LightningDiT not
     d = int(int(dim * mlp_ratio) * 2 / 3)
     return d + (-d % align)
 
@@ -735,8 +734,8 @@ def config_from_official(sd, config=None):
     config = dict(config or {})
     count = lambda prefix: len({k[len(prefix):].split('.')[0] for k in sd if k.startswith(prefix)})
     D = sd['trunk.cls_token'].shape[-1]
-    kw = {new: config[old] for old,
-          new in OFFICIAL_CONFIG_FIELDS.items() if config.get(old) is not None}
+    kw = {new: config[old] for old, new in OFFICIAL_CONFIG_FIELDS.items()
+          if config.get(old) is not None}
     kw.update(embed_dim=D, depth=count('trunk.blocks.'),
               patch_size=sd['trunk.patch_embed.proj.weight'].shape[-1],
               num_heads=D // (4 * len(sd['trunk.rope_embed.periods'])),
@@ -874,8 +873,8 @@ def clip_loss(image_features, text_features, logit_scale, cache=None, chunk=0):
         k = cache[0].shape[0]
         img = torch.cat([img if j == chunk else cache[0][j] for j in range(k)])  # (k world b, W)
         txt = torch.cat([txt if j == chunk else cache[1][j] for j in range(k)])
+        # this rank's rows of every chunk
         labels = (torch.arange(k, device=img.device)[:, None] * world * b + rank * b +
-                  # this rank's rows, all chunks
                   torch.arange(b, device=img.device)[None]).flatten()
         rows_img, rows_txt = img[labels], txt[labels]
     logits_i2t = logit_scale * rows_img @ txt.t()  # (rows, all columns)
@@ -904,10 +903,9 @@ def sinkhorn_knopp(teacher_logits, temp, n_iters=3):
     B = _all_reduce(torch.tensor([Q.shape[1]], dtype=torch.float32, device=Q.device)).clamp_min(1)
     tiny = torch.finfo(torch.float32).tiny
     Q = Q / _all_reduce(Q.sum().reshape(1)).clamp_min(tiny)
-    for _ in range(n_iters):
-        # prototypes: equal shares
+    for _ in range(n_iters):  # rows: each prototype gets 1/K of the mass; columns: each sample 1/B
         Q = Q / _all_reduce(Q.sum(dim=1, keepdim=True)).clamp_min(tiny) / K
-        Q = Q / Q.sum(dim=0, keepdim=True).clamp_min(tiny) / B  # samples: each one a distribution
+        Q = Q / Q.sum(dim=0, keepdim=True).clamp_min(tiny) / B
     return (Q * B).t()
 
 
@@ -921,8 +919,8 @@ def dino_loss(student_logits, teacher_probs, student_temp=0.1):
     n = teacher_probs.shape[0] // 2
     log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1).split(n)
     t = teacher_probs.split(n)
-    losses = [-(tj * si).sum(-1).mean() for i, si in enumerate(log_p) for j,
-              tj in enumerate(t) if i != j]
+    losses = [-(tj * si).sum(-1).mean() for i, si in enumerate(log_p)
+              for j, tj in enumerate(t) if i != j]
     return sum(losses) / (2 + max(len(losses) - 2, 1))
 
 
@@ -1037,10 +1035,9 @@ def clip_grad_norms(groups, max_norm):
 
 
 # FLOPs are counted from the shapes, 2 per multiply-add, for the matrix products (linear layers,
-# convolutions, attention), which is what torch.utils.flop_counter counts; tests/test_flops.py
-# checks the stage-1 count against it on the real train step. Training = forward + backward = 3x the
-# forward (the backward computes input and weight gradients), 2x for a layer whose input needs no
-# gradient.
+# convolutions, attention), which is what torch.utils.flop_counter counts (a test checks the
+# stage-1 count against it on the real train step). Training = forward + backward = 3x the forward
+# (the backward computes input and weight gradients), 2x where the input needs no gradient.
 
 def vit_flops(dim, depth, hidden, n_tokens, mlp_mats=3):
     """Forward FLOPs of `depth` pre-norm blocks on one sequence: qkv + proj, the attention matmuls
@@ -1200,8 +1197,7 @@ class DiTConfig:
     wo_shift: bool = False
     learn_sigma: bool = False
     # text-to-image (paper §5; ours, no public code has it): > 0 conditions on the frozen VTP text
-    # tower's features, (1 + text_len) vectors of text_dim: its pooled embedding, then its per-token
-    # features
+    # tower's (1 + text_len) vectors of text_dim: its pooled embedding, then its token features
     text_dim: int = 0
     text_len: int = 0
 
@@ -1546,8 +1542,7 @@ def dit_config_from_state_dict(sd):
 
 
 # --- flow matching (SiT "Linear" path, velocity prediction; dit_full.md §2) ---------------------
-# t = 0 is noise x0 ~ N(0, I), t = 1 is data x1: x_t = t x1 + (1 - t) x0, target velocity
-# u = x1 - x0.
+# t = 0 is noise x0 ~ N(0, I), t = 1 is data x1: x_t = t x1 + (1 - t) x0, velocity u = x1 - x0.
 
 def sample_t(n, device=None, lognorm=(0.0, 1.0)):
     """Training times (n,): logit-normal sigmoid(N(mu, sigma)) (as in SD3), or uniform if lognorm is
@@ -1588,8 +1583,7 @@ def flow_loss(model, x1, y, lognorm=(0.0, 1.0), use_cosine=True):
     return loss, {'loss_mse': mse.mean().detach(), 'loss_cos': cos.mean().detach()}
 
 
-# --- sampling
-# ----------------------------------------------------------------------------------------
+# --- sampling -------------------------------------------------------------------------------------
 
 def time_grid(num_steps, shift=0.0):
     """num_steps points from 0 (noise) to 1 (data): num_steps - 1 solver steps. A shift s > 0 maps
@@ -1646,8 +1640,7 @@ def euler_sample(model_fn, noise, y, num_steps=250, shift=0.0, cfg_scale=1.0,
 
 
 # -----------------------------------------------------------------------------
-# 7. stage-2 GAN losses: PatchGAN discriminator, hinge loss, adaptive weight (paper §3.2; LDM/taming
-# recipe)
+# 7. stage-2 GAN losses: PatchGAN discriminator, hinge loss, adaptive weight (paper §3.2; LDM)
 
 
 class NLayerDiscriminator(nn.Module):
@@ -1710,8 +1703,7 @@ def adaptive_weight(rec_loss, g_loss, last_layer_weight, max=1e4):
 
 
 # -----------------------------------------------------------------------------
-# 8. run plumbing shared by the stage scripts: launch, flags, run folder, checkpoints, log,
-# benchmark
+# 8. run plumbing of every stage script: launch, flags, run folder, checkpoints, log, benchmark
 
 
 def init_distributed(device='auto'):
@@ -1728,7 +1720,7 @@ def init_distributed(device='auto'):
             ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM when it dies
         dist.init_process_group('nccl' if cuda else 'gloo')
     # SIGTERM (a scheduler, the line above) ends the run like Ctrl-C: exit handlers run, the lock
-    # goes
+    # is given back
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     local_rank = int(os.environ.get('LOCAL_RANK', 0))

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-# one torch thread per process: the stage scripts run as subprocesses beside data workers (and 2 DDP
-# ranks), and on a 2-core machine oversubscribed OpenMP threads slow torch down by an order of
-# magnitude
+# one torch thread per process: the stage scripts run as subprocesses beside data workers (and 2
+# DDP ranks), and on a 2-core machine oversubscribed OpenMP threads slow torch down 10x
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -36,8 +36,7 @@ def assert_batches_equal(a, b):
             assert a[k] == b[k], k
 
 
-# --- tokenizers
-# -------------------------------------------------------------------------------------------
+# --- tokenizers -----------------------------------------------------------------------------------
 
 
 def test_byte_tokenizer():
@@ -67,8 +66,7 @@ def test_bpe_tokenizer():
     assert len(tok.encode('2024')) == 4  # digits are single pre-tokens
 
 
-# --- synthetic data
-# ---------------------------------------------------------------------------------------
+# --- synthetic data -------------------------------------------------------------------------------
 
 
 def test_synthetic_deterministic_disjoint_consistent():
@@ -115,8 +113,7 @@ def test_center_crop_arr_matches_adm():
     assert np.array_equal(np.asarray(out), arr[y:y + 64, x:x + 64])
 
 
-# --- masks and permutations
-# -------------------------------------------------------------------------------
+# --- masks and permutations -----------------------------------------------------------------------
 
 
 def test_block_mask_and_permutation():
@@ -133,8 +130,7 @@ def test_block_mask_and_permutation():
         [data.permute_index(i, 1000, 3, 6) for i in range(20)]  # a new shuffle every epoch
 
 
-# --- training loader
-# --------------------------------------------------------------------------------------
+# --- training loader ------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope='module')
@@ -239,8 +235,7 @@ def test_eval_batches_synthetic():
     assert torch.cat([x['labels'] for x in a]).tolist() == [val[i][2] for i in range(20)]
 
 
-# --- real data: broken files, folders, tar shards
-# ---------------------------------------------------------
+# --- real data: broken files, folders, tar shards -------------------------------------------------
 
 
 def jpeg_bytes(img, **kw):

@@ -39,8 +39,7 @@ def randomize(model, seed=0, std=0.2):
     return model
 
 
-# --- parity with the official code
-# ---------------------------------------------------------------------
+# --- parity with the official code ----------------------------------------------------------------
 
 @pytest.fixture(scope='module')
 def golden():
@@ -186,8 +185,7 @@ def test_official_init_is_zero_output(detailed):
             assert abs(mine.std() / v.std() - 1) < 0.1, k
 
 
-# --- model behaviour
-# -------------------------------------------------------------------------------------
+# --- model behaviour ------------------------------------------------------------------------------
 
 def test_zero_init_outputs_exactly_zero():
     torch.manual_seed(0)
@@ -238,8 +236,7 @@ def test_rope_is_a_rotation_of_relative_position():
     assert torch.allclose(rot(q, 5).norm(), q.norm(), atol=1e-5)
 
 
-# --- flow matching
-# -----------------------------------------------------------------------------------
+# --- flow matching --------------------------------------------------------------------------------
 
 def test_flow_loss_terms_match_direct_computation():
     g = torch.Generator().manual_seed(0)
@@ -284,8 +281,7 @@ def test_sample_t_distributions():
     assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
 
 
-# --- sampling
-# -----------------------------------------------------------------------------------------
+# --- sampling -------------------------------------------------------------------------------------
 
 def test_time_grid():
     assert torch.equal(time_grid(7, 0.0), torch.linspace(0, 1, 7))

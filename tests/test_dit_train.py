@@ -31,8 +31,7 @@ N_SAMPLES = 400       # 20 per class for the end-to-end check
 # measured on the conftest runs (percent of 400 samples, chance 5): class-conditional 12.5 without
 # guidance, 22.0 at cfg 4; text-to-image 18.75 and 26.25
 CLASS_ACC_CFG1, CLASS_ACC_CFG4, TEXT_ACC_CFG4 = 5.0, 10.0, 10.0
-# the toy recipe's defaults (DiT-T/1, lr 2e-3, EMA 0.99: what a tiny tokenizer gets) but the run
-# length
+# the toy recipe's defaults (DiT-T/1, lr 2e-3, EMA 0.99: what a tiny tokenizer gets), shorter
 TRAIN_FLAGS = ['--batch-size', str(BATCH), '--num-images', str(N_IMAGES), '--log-every', '10',
                '--sample-every', '0',
                '--num-workers', '0']
@@ -100,8 +99,7 @@ def trained_dit(tiny_tokenizer, latent_dir, tmp_path_factory):
     return out
 
 
-# --- latent cache
-# ---------------------------------------------------------------------------------------
+# --- latent cache ---------------------------------------------------------------------------------
 
 def test_latent_cache_matches_direct_encoding_and_normalises(tiny_tokenizer, latent_dir):
     meta, built = build_cache(tiny_tokenizer, latent_dir, N_IMAGES)
@@ -123,8 +121,7 @@ def test_latent_cache_matches_direct_encoding_and_normalises(tiny_tokenizer, lat
     z = shard['latents'].double()
     torch.testing.assert_close(stats['mean'], z.mean((0, 2, 3), keepdim=True).float())
     torch.testing.assert_close(stats['std'], z.std((0, 2, 3), keepdim=True).float())
-    # one epoch of the dataset: every latent once, about half flipped, normalised to mean 0 / std 1
-    # per channel
+    # one epoch: every latent once, about half flipped, normalised to mean 0 / std 1 per channel
     lds = data.LatentDataset(latent_dir, seed=0)
     where = [lds.locate(p) for p in range(len(lds))]
     assert sorted(lds.starts[k] + j for k, j, _ in where) == list(range(N_IMAGES))
@@ -134,8 +131,7 @@ def test_latent_cache_matches_direct_encoding_and_normalises(tiny_tokenizer, lat
     zn = torch.stack([lds[p][0] for p in range(len(lds))])  # (N, C, h, w)
     assert zn.mean((0, 2, 3)).abs().max() < 0.05
     assert (zn.std((0, 2, 3)) - 1).abs().max() < 0.05
-    # positions decide everything: a fresh instance gives the same items, another epoch another
-    # order
+    # positions decide everything: a fresh instance gives the same items, a new epoch a new order
     again = data.LatentDataset(latent_dir, seed=0)
     assert all(torch.equal(lds[p][0], again[p][0]) for p in (0, 5, 4321))
     assert [lds.locate(p)[:2] for p in range(8)] != [lds.locate(N_IMAGES + p)[:2] for p in range(8)]
@@ -164,8 +160,7 @@ def test_latent_cache_reused_and_rebuilt_for_another_encoder(tiny_tokenizer, tmp
     assert not torch.allclose(torch.load(shard, weights_only=True)['latents'], old)
 
 
-# --- training
-# --------------------------------------------------------------------------------------------
+# --- training -------------------------------------------------------------------------------------
 
 def test_dit_loss_falls(trained_dit):
     log = read_log(trained_dit)
@@ -202,8 +197,7 @@ def test_bench_and_bad_input(tiny_tokenizer, tmp_path):
             run(script, *args)
 
 
-# --- sampling
-# ----------------------------------------------------------------------------------------------
+# --- sampling -------------------------------------------------------------------------------------
 
 def test_sampling_is_the_same_on_one_and_two_ranks(trained_dit, tmp_path):
     # the same per-rank batch (2) on both: bit-identical GEMMs, so bit-identical images
@@ -235,8 +229,7 @@ def test_samples_are_recognised_as_their_class(trained_dit, tmp_path):
     assert acc[4] > CLASS_ACC_CFG4 and acc[1] > CLASS_ACC_CFG1 and acc[4] > acc[1] + 5, acc
 
 
-# --- text-to-image (paper §5)
-# -------------------------------------------------------------------------------
+# --- text-to-image (paper §5) ---------------------------------------------------------------------
 
 TEXT_STEPS = 400
 

@@ -101,8 +101,7 @@ def test_out_dir_read_only_full_in_use_or_holding_a_run(tmp_path):
     # its lock is stale once the process is gone: the run continues
     p = run('train_tokenizer.py', *QUICK, '--max-steps', 3, '--out-dir', out, '--resume', 'auto')
     assert p.returncode == 0 and not (out / '.lock').exists(), p.stderr[-2000:]
-    # a full disk (a file-size limit stands in for it): one line, no .tmp left, the checkpoint
-    # intact
+    # a full disk (a file-size limit stands in): one line, no .tmp left, the checkpoint intact
     before = (out / 'ckpt.pt').read_bytes()
 
     def small_files():
@@ -120,8 +119,7 @@ def test_missing_data_and_weights(tmp_path):
     one_line_error(run('train_tokenizer.py', *QUICK, '--data', tmp_path / 'nowhere', '--out-dir',
                        tmp_path / 'a'),
                    'not found', 'nowhere')
-    # S on a machine without VGG16 weights: --perceptual lpips (the paper's default) stops in one
-    # line
+    # S without VGG16 weights on the machine: --perceptual lpips (paper default) stops in one line
     home = tmp_path / 'home'  # an empty torch hub cache
     p = subprocess.run([sys.executable, str(ROOT / 'train_tokenizer.py'), '--size', 'S',
                         '--batch-size', '8',

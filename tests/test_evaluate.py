@@ -157,8 +157,7 @@ def test_inception_state_dict_loads_strict(inception_file):
     x = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
     feats, logits = E.inception_features([x], loaded)
     assert feats.shape == (2, 2048) and logits.shape == (2, 1008) and np.isfinite(feats).all()
-    # the logits are pool3 @ fc.weight^T without the bias (what IS reads); the pool is the FID
-    # feature
+    # logits = pool3 @ fc.weight^T without the bias (what IS reads); pool3 is the FID feature
     ref = torch.from_numpy(feats).float() @ sd['fc.weight'].t()
     assert torch.allclose(torch.from_numpy(logits).float(), ref, atol=1e-3)
     bad = {k: v for k, v in sd.items() if k != 'fc.bias'}

@@ -20,8 +20,7 @@ SMALL = ['--batch-size', '8', '--disc-ndf', '8', '--disc-start', '2', '--num-wor
          '--disc-lr', '3e-4']
 
 
-# --- the losses
-# --------------------------------------------------------------------------------------------
+# --- the losses -----------------------------------------------------------------------------------
 def test_hinge_and_generator_loss_match_their_formulas():
     torch.manual_seed(0)
     real, fake = torch.randn(4, 1, 6, 6) * 2, torch.randn(4, 1, 6, 6) * 2
@@ -65,8 +64,7 @@ def test_patchgan_shape_and_init(norm):
     assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002
 
 
-# --- the script
-# ------------------------------------------------------------------------------------------
+# --- the script -----------------------------------------------------------------------------------
 def run(args, out_dir, nproc=1, check=True, **kw):
     return run_stage('finetune_decoder.py', args, out_dir, nproc, check, **kw)
 
@@ -103,8 +101,8 @@ def test_discriminator_learns_encoder_frozen_l1_not_worse(stage1, full_run):
     assert train[-1]['loss_l1'] < train[0]['loss_l1']
     print(f"\nstage 2, tiny, CPU, batch 8: {train[-1]['img_per_s']:.0f} img/s with the GAN "
           f"(ndf 8), {train[0]['img_per_s']:.0f} img/s before --disc-start")
-    # val PSNR: logged for the stage-1 decoder (step 0) and at the end, with the input | before |
-    # after grid
+    # val PSNR, logged for the stage-1 decoder (step 0) and at the end, and the grid of input |
+    # stage-1 decoder | tuned decoder
     evals = [r for r in log if 'val_psnr' in r]
     assert [r['step'] for r in evals] == [0, 12] and evals[-1]['val_psnr'] > evals[0]['val_psnr']
     assert (full_run / 'recon_000012.png').exists()

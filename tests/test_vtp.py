@@ -273,8 +273,7 @@ def _distributed_losses(rank, world, port, inputs, results):
 
     probs = vtp.sinkhorn_knopp(local(t_logits, 2), 0.07)
     dino = vtp.dino_loss(local(s_logits, 4), probs)
-    # iBOT's masked patches: rank 1 may hold none at all; Sinkhorn-Knopp still agrees with one
-    # process
+    # iBOT's masked patches: rank 1 may hold none; Sinkhorn-Knopp still agrees with one process
     ibot = vtp.sinkhorn_knopp(t_logits[:5] if rank == 0 else t_logits[:0], 0.07)
     results[rank] = (loss.detach(), img_r.grad, txt_r.grad, dino, probs, ibot)
     dist.destroy_process_group()
@@ -297,8 +296,7 @@ def test_distributed_clip_and_dino_equal_single_process():
     dino = vtp.dino_loss(s_logits, probs)
     r0, r1 = results[0], results[1]
     torch.testing.assert_close((r0[0] + r1[0]) / 2, loss.detach())
-    # DDP averages gradients over ranks: the per-rank feature gradients are world_size x the global
-    # ones
+    # DDP averages gradients over ranks: per-rank feature gradients are world_size x the global
     torch.testing.assert_close(torch.cat([r0[1], r1[1]]) / 2, img1.grad)
     torch.testing.assert_close(torch.cat([r0[2], r1[2]]) / 2, txt1.grad)
     torch.testing.assert_close((r0[3] + r1[3]) / 2, dino)
@@ -315,8 +313,7 @@ def test_flops_count_matches_a_direct_count():
     per_block = 2 * n * (3 * 768 * 768 + 768 * 768 + 3 * 768 * 2048) + 2 * 2 * n * n * 768
     blocks, embed = vtp.encoder_flops(cfg, 256)
     assert blocks == 12 * per_block and embed == 2 * 256 * 3 * 16 * 16 * 768
-    # LPIPS-VGG16 at 224 px: 15.3 GMACs, the known figure for VGG16's convolutions, + the 1x1 lin
-    # layers
+    # LPIPS-VGG16 at 224 px: 15.3 GMACs (the known figure for VGG16's convolutions) + 1x1 lins
     assert abs(vtp.vgg16_lpips_flops(224) / 2 - 15.35e9) < 0.05e9
     # the objectives add up: CLIP adds the text tower, reconstruction the decoder and LPIPS
     ae = vtp.train_flops_per_sample(cfg, 256, clip=False, rec_frac=1.0)
@@ -327,8 +324,7 @@ def test_flops_count_matches_a_direct_count():
                                  0.125 * 3 * vtp.decoder_flops(cfg, 256))
 
 
-# --- DINOv2's optimisation pieces and the memory lever
-# --------------------------------------------------
+# --- DINOv2's optimisation pieces and the memory lever --------------------------------------------
 
 
 def test_param_groups_layer_decay_patch_embed_and_prototypes():
@@ -363,8 +359,7 @@ def test_clip_grad_norms_per_module():
     assert total.item() == pytest.approx((50 ** 2 + 0.5 ** 2) ** 0.5)
     assert a.grad.norm().item() == pytest.approx(1.0)  # the large part clipped to 1 ...
     assert torch.equal(b.grad, torch.tensor([0.3, 0.4, 0.0, 0.0]))  # ... the small one untouched
-    # a global clip would have scaled the small part down 50x: that is what per-module clipping
-    # avoids
+    # a global clip would have scaled the small part down 50x: per-module clipping avoids that
 
 
 def test_drop_path_runs_the_branch_on_a_subset():
