@@ -883,9 +883,9 @@ class MicroBatchBuilder:
         step, micro = divmod(k, self.grad_accum)
         # index in the batch
         kk = (micro * self.world_size + self.rank) * self.b + np.arange(self.b)
-        none = np.zeros(self.b, bool)
-        rec = kk % (self.global_batch // self.rec_batch) == 0 if self.rec_batch else none
-        ssl = kk % (self.global_batch // self.ssl_batch) == 0 if self.ssl_batch else none
+        no_rows = np.zeros(self.b, bool)  # an objective that is off selects no rows
+        rec = kk % (self.global_batch // self.rec_batch) == 0 if self.rec_batch else no_rows
+        ssl = kk % (self.global_batch // self.ssl_batch) == 0 if self.ssl_batch else no_rows
         rest = np.flatnonzero(~ssl & ~rec) if self.clip else np.zeros(0, int)
         order = np.concatenate([np.flatnonzero(rec), np.flatnonzero(ssl & ~rec), rest])
         return step, micro, step * self.global_batch + kk[order], int(rec.sum()), ssl[order]

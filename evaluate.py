@@ -833,7 +833,7 @@ def cmd_synthetic(args):
     fd, method = fid_from_features(f_fake, f_real)
     result = {**header(args, 'synthetic', 'cpu'), 'samples': os.path.abspath(args.samples),
               'num_samples': len(fake), 'num_real': len(real), 'fd_judge': fd, 'fd_method': method,
-              'judge': f'SyntheticJudge (3 conv blocks, 64-d max-pooled features), trained on '
+              'judge': 'SyntheticJudge (3 conv blocks, 64-d max-pooled features), trained on '
                        f'{JUDGE_IMAGES} real synthetic train images, {JUDGE_EPOCHS} epochs; real '
                        f'val images: {100 * (p_real == real_y).float().mean().item():.1f} % '
                        'recognised',

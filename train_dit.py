@@ -40,8 +40,7 @@ import vtp
 # 2000 steps 0.9999 would still hold 82 % of the random init.
 RECIPES = {
     'toy': dict(model='DiT-T/1', batch_size=32, lr=2e-3, ema_decay=0.99, max_steps=2000,
-                log_every=50,
-                sample_every=500, ckpt_every=500, num_workers=1, num_images=20000),
+                log_every=50, sample_every=500, ckpt_every=500, num_workers=1, num_images=20000),
     'paper': dict(model='DiT-XL/1', batch_size=1024, lr=2e-4, ema_decay=0.9999, max_steps=100000,
                   log_every=100, sample_every=10000, ckpt_every=5000, num_workers=4, num_images=0),
 }

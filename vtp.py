@@ -75,7 +75,7 @@ def make_norm(kind, dim, eps=None):
 
 
 def swiglu_hidden(dim, mlp_ratio=4.0, align=8):
-    # the official VTP rounds 2/3 of the MLP width up to a multiple of `align`; LightningDiT not
+    # official VTP: 2/3 of the MLP width, rounded up to a multiple of `align` (LightningDiT: no)
     d = int(int(dim * mlp_ratio) * 2 / 3)
     return d + (-d % align)
 
@@ -306,12 +306,10 @@ VTP_CONFIGS = {
     # heads of 32 rather than 2 of 64: a supervised probe of this ViT learnt the shapes to 94 % in
     # 600 steps, 87 % with 2 heads, 65 % at patch 8 (measured; README "Quick start").
     'tiny': VTPConfig(image_size=64, patch_size=16, embed_dim=128, depth=4, num_heads=4,
-                      bottleneck_dim=64,
-                      decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
-                      text_embed_dim=128, text_depth=2, text_num_heads=4, text_context_length=32,
-                      text_vocab_size=4094, text_tokenizer='word', dino_out_dim=64,
-                      dino_hidden_dim=256,
-                      dino_bottleneck_dim=64),
+                      bottleneck_dim=64, decoder_embed_dim=128, decoder_depth=2,
+                      decoder_num_heads=4, text_embed_dim=128, text_depth=2, text_num_heads=4,
+                      text_context_length=32, text_vocab_size=4094, text_tokenizer='word',
+                      dino_out_dim=64, dino_hidden_dim=256, dino_bottleneck_dim=64),
     'S': VTPConfig(embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=384, decoder_depth=12,
                    decoder_num_heads=6),
     'B': VTPConfig(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=768, decoder_depth=12,

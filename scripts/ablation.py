@@ -30,8 +30,14 @@ import shlex
 import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import data  # noqa: E402  (the repository's modules, found through ROOT)
+import evaluate as E  # noqa: E402
+import vtp  # noqa: E402
+
 # name: the λ flags of train_tokenizer.py (eq. 3); an objective with weight 0 is off
 OBJECTIVES = {
     'AE': ['--lambda-clip', '0', '--lambda-ssl', '0'],
@@ -98,14 +104,10 @@ def evaluate(*argv):
         return json.load(f)
 
 
-@__import__('torch').no_grad()
+@torch.no_grad()
 def reconstruction_fd(ckpt, n=1000):
     """The judge's Fréchet distance between real val images and their reconstructions (rFD),
     offline."""
-    import torch
-    import data
-    import evaluate as E
-    import vtp
     tok = vtp.load_tokenizer(ckpt)
     S = tok.config.image_size
     x, _ = E.synthetic_images('val', n, S)
@@ -137,7 +139,6 @@ text_encoder = args.text_encoder or \
     os.path.join(args.out_dir, 'CLIP_SSL_AE', f'ckpt_{max(budgets):06d}.pt')
 prompts_file = os.path.join(args.out_dir, 'prompts.txt')
 if args.condition == 'text':
-    import data
     with open(prompts_file, 'w') as f:
         f.writelines(f"a {c}.\n" for c in data.SyntheticDataset.class_names)
 for name in args.objectives.split(','):
@@ -158,7 +159,6 @@ for name in args.objectives.split(','):
                 rec.update({k: v for k, v in first.items() if not k.startswith(('gen_', 'dit_'))
                             and k not in rec})
             else:
-                import torch
                 meta = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True)
                 rec['pretrain_flops'] = meta['flops']
                 if 'CLIP' in name:

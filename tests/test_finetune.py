@@ -69,7 +69,6 @@ def run(args, out_dir, nproc=1, check=True, **kw):
     return run_stage('finetune_decoder.py', args, out_dir, nproc, check, **kw)
 
 
-
 @pytest.fixture(scope='module')
 def stage1(tmp_path_factory):
     """A tiny random-init VTP saved as train_tokenizer.py saves it."""

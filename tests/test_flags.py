@@ -20,8 +20,8 @@ SHARED = ('--tokenizer', '--batch-size', '--resume', '--out-dir', '--device', '-
 
 def help_of(*argv):
     """{flag: its help text, whitespace collapsed} from a script's --help."""
-    p = subprocess.run([sys.executable, *argv, '--help'], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True)
+    p = subprocess.run([sys.executable, *argv, '--help'], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     options = p.stdout.split('options:', 1)[1]
     out = {}
@@ -66,16 +66,13 @@ def test_small_batches_take_the_recipe_fractions(tmp_path, batch):
     as the paper's 1/4 and 1/8 would."""
     out = tmp_path / 'run'
     p = subprocess.run([sys.executable, 'train_tokenizer.py', '--batch-size', str(batch),
-                        '--max-steps', '2',
-                        '--num-workers', '0', '--eval-every', '0', '--out-dir', str(out)],
-                       cwd=ROOT, env=ENV,
-                       capture_output=True, text=True)
+                        '--max-steps', '2', '--num-workers', '0', '--eval-every', '0',
+                        '--out-dir', str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert f"batch {batch} (ssl {batch // 2}, rec {batch // 2})" in p.stdout
     # a subset that does not divide the batch is refused in one line
     p = subprocess.run([sys.executable, 'train_tokenizer.py', '--batch-size', str(batch),
-                        '--ssl-batch-size', '3',
-                        '--out-dir', str(tmp_path / 'bad')], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True)
+                        '--ssl-batch-size', '3', '--out-dir', str(tmp_path / 'bad')],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert (p.returncode != 0 and 'must divide --batch-size' in p.stderr
             and 'Traceback' not in p.stderr)

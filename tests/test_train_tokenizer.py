@@ -24,13 +24,11 @@ DINO_MAX, IBOT_MAX, TARGET_ENTROPY_MAX = 0.9, 0.95, 0.8
 CLIP_MAX, ZEROSHOT_MIN, PSNR_MIN = 3.0, 15, 17
 # a small stage-1 run: every objective on, batch 16 (the tiny recipe's halves: 8 SSL, 8 rec)
 SMALL = ['--size', 'tiny', '--batch-size', '16', '--num-workers', '0', '--eval-every', '0',
-         '--log-every', '1',
-         '--warmup-steps', '2']
+         '--log-every', '1', '--warmup-steps', '2']
 
 
 def run(args, out_dir, nproc=1, check=True, **kw):
     return run_stage('train_tokenizer.py', args, out_dir, nproc, check, **kw)
-
 
 
 @pytest.mark.slow
@@ -93,8 +91,8 @@ def test_objective_off_builds_nothing_and_trains(tmp_path):
     assert ckpt['ema'] is None  # the SSL teacher
     assert not any(k.startswith(('text_transformer', 'dino_head',
                                  'visual_proj')) for k in ckpt['model'])
-    assert {'loss_rec',
-            'loss'} <= set(read_log(tmp_path)[-1]) and 'loss_clip' not in read_log(tmp_path)[-1]
+    logged = set(read_log(tmp_path)[-1])
+    assert {'loss_rec', 'loss'} <= logged and 'loss_clip' not in logged
     # resuming it with every objective on is refused in one line
     p = run(SMALL + ['--max-steps', '3', '--resume', str(tmp_path / 'ckpt.pt')], tmp_path / 'all',
             check=False)
@@ -102,10 +100,12 @@ def test_objective_off_builds_nothing_and_trains(tmp_path):
             and 'Traceback' not in p.stderr)
     # AE only: only the B_rec rows are loaded and encoded: a quarter of the rows, a quarter of the
     # work (measured by FlopCounterMode on the real step, not only counted)
-    measured = lambda rec: float(re.search(r'([\d.]+) measured', run(
-        SMALL + ['--lambda-clip', '0', '--lambda-ssl', '0', '--rec-batch-size', rec, '--bench',
-                 '1'],
-        tmp_path / f'bench{rec}').stdout).group(1))
+
+    def measured(rec):
+        out = run(SMALL + ['--lambda-clip', '0', '--lambda-ssl', '0', '--rec-batch-size', rec,
+                           '--bench', '1'], tmp_path / f'bench{rec}').stdout
+        return float(re.search(r'([\d.]+) measured', out).group(1))
+
     assert measured('4') == pytest.approx(measured('16') / 4, rel=0.02)
 
 
