@@ -1090,6 +1090,14 @@ class TrainLoader:
                                 f"{max(num_workers, 1)} workers: need at least one shard per "
                                 "(rank, worker); use fewer workers")
 
+    def peek(self):
+        """The first micro-batch, built in this process (the memory probe's input)."""
+        k0 = self.start_step * self.grad_accum
+        if self.streaming:
+            return next(iter(StreamMicroBatches(self.dataset, self.builder, k0, self.start_step, 1,
+                                                self.shuffle_buffer)))
+        return MapMicroBatches(self.dataset, self.builder)[k0]
+
     def __iter__(self):
         k0 = self.start_step * self.grad_accum
         if self.streaming:
@@ -1172,14 +1180,22 @@ def eval_batches(dataset, batch_size, image_size=None, transform=None, tokenizer
                           generator=torch.Generator().manual_seed(0))
 
 
-def worker_count(requested, say=None):
-    """DataLoader workers: at most one per CPU of this process (more only thrash); say() it once
-    when fewer than requested."""
+MAX_WORKERS = 16  # DINOv2 uses 10 per GPU, OpenCLIP 8: more only thrash on most machines
+
+
+def worker_count(requested=None, say=None):
+    """DataLoader workers per rank. Default: the CPUs this rank may use (the process's CPUs shared
+    by the ranks of the node) less one for the training loop, at least 1, at most MAX_WORKERS:
+    1 on a 2-core laptop, 15 on a 16-core GPU machine, where one worker left the tiny run waiting
+    for data (README "GPU"). A request above the CPUs is lowered, and say() says so once."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    if requested > cpus and say is not None:
-        say(f"using {cpus} data worker(s), not {requested}: this machine gives the process {cpus} "
-            "CPU(s)")
-    return max(0, min(requested, cpus))
+    per_rank = max(1, cpus // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+    if requested is None:
+        return min(MAX_WORKERS, max(1, per_rank - 1))
+    if requested > per_rank and say is not None:
+        say(f"using {per_rank} data worker(s), not {requested}: this machine gives each rank "
+            f"{per_rank} CPU(s)")
+    return max(0, min(requested, per_rank))
 
 
 # -----------------------------------------------------------------------------

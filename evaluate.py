@@ -1138,8 +1138,8 @@ def add_common(p, checkpoint=True):
                    help="auto: CUDA if available, else CPU")
     p.add_argument('--batch-size', type=int, default=50,
                    help="images per batch (the official scripts use 50)")
-    p.add_argument('--num-workers', type=int, default=4,
-                   help="data loader processes (at most one per CPU)")
+    p.add_argument('--num-workers', type=int, default=None, help="data loader processes per "
+                   "rank (default: the CPUs per rank less one, at most 16)")
     p.add_argument('--out', default=None,
                    help="result JSON (default: eval_<command>.json next to the checkpoint, or in "
                    "the working directory)")

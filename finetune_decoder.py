@@ -39,9 +39,9 @@ import vtp
 # below 256 px).
 RECIPES = {
     'toy': dict(batch_size=32, max_steps=400, disc_start=100, log_every=10, eval_every=100,
-                ckpt_every=200, num_workers=1, perceptual='auto'),
+                ckpt_every=200, perceptual='auto'),
     'paper': dict(batch_size=256, max_steps=50000, disc_start=5000, log_every=50, eval_every=2000,
-                  ckpt_every=1000, num_workers=8, perceptual='lpips'),
+                  ckpt_every=1000, perceptual='lpips'),
 }
 parser = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -58,7 +58,8 @@ arg('--val-data', default=None,
     help="val set for PSNR and grids (default: the synthetic val split when --data synthetic)")
 arg('--num-val', type=int, default=64, help="val images (the first ones) for val_psnr")
 arg('--image-size', type=int, default=None, help="training resolution (the tokenizer's)")
-arg('--num-workers', type=int, default=None, help="data loader processes per rank")
+arg('--num-workers', type=int, default=None, help="data loader processes per rank (default: "
+    "the CPUs per rank less one, at most 16)")
 # objective
 arg('--perceptual', default=None, choices=['auto', 'lpips', 'none', 'random'],
     help="LPIPS term: auto uses it if VGG16 weights can be had (random: tests only)")
@@ -91,12 +92,14 @@ cfg = model.config
 if not cfg.train_reconstruction:
     raise SystemExit(f"error: --tokenizer {args.tokenizer} has no pixel decoder (trained without "
                      "reconstruction)")
-recipe = RECIPES['toy' if cfg.image_size < 256 else 'paper']
-for k, v in recipe.items():
+recipe_name = 'toy' if cfg.image_size < 256 else 'paper'
+for k, v in RECIPES[recipe_name].items():
     if getattr(args, k) is None:
         setattr(args, k, v)
+if args.compile is None:  # compile where it pays: full-size models on the GPU
+    args.compile = device.type == 'cuda' and recipe_name == 'paper'
 B = args.batch_size
-b = vtp.split_batch(B, world_size, args.grad_accum)
+vtp.split_batch(B, world_size, args.grad_accum or 1)  # a bad --batch-size stops here
 args.image_size = args.image_size or cfg.image_size
 if args.image_size % cfg.patch_size:
     raise SystemExit(f"error: --image-size {args.image_size} is not a multiple of the patch size "
@@ -124,7 +127,8 @@ opt_d = torch.optim.Adam(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9), f
 
 start_step, skipped = 0, {}
 ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
-resume = vtp.open_run(args.out_dir, args.resume, master) if not args.bench else None
+measuring = args.bench or args.profile or args.bench_data  # no run folder, log or checkpoint
+resume = vtp.open_run(args.out_dir, args.resume, master) if not measuring else None
 if resume:
     ckpt = vtp.load_checkpoint(resume, stage=2)
     if ckpt.get("config") != asdict(cfg):
@@ -139,12 +143,12 @@ if resume:
     print0(f"resumed from {resume} at step {start_step}")
 
 # the encoder runs once per sample under no_grad; DDP wraps only what trains (decoder; D on its own)
-encode = torch.compile(model.encode, dynamic=False) if args.compile else model.encode
-train_decoder = torch.compile(decoder, dynamic=False) if args.compile else decoder
-train_disc = disc
+if args.compile:  # one block at a time, in place
+    vtp.compile_model(model)
+train_decoder, train_disc = decoder, disc
 if ddp:
     ids = [local_rank] if device.type == 'cuda' else None
-    train_decoder = DDP(train_decoder, device_ids=ids)
+    train_decoder = DDP(decoder, device_ids=ids)
     # D runs twice (real, fake) per backward: re-broadcasting BN buffers in between would bump the
     # version of tensors saved for backward; in train mode the running stats are unused anyway
     # (still so in torch >= 2.4)
@@ -156,21 +160,22 @@ if ddp:
 train_set, val_set = data.open_train_val(args.data, args.val_data, args.image_size, args.seed)
 val_images = None
 # the first --num-val images
-if master and val_set is not None and args.eval_every and not args.bench:
+if master and val_set is not None and args.eval_every and not measuring:
     val_images = torch.cat([vb['images'] for vb in data.eval_batches(val_set, 64, args.image_size,
                                                                      limit=args.num_val)
                             # (n, 3, S, S), ImageNet-normalised
                             if vb['images'] is not None]).to(device)
 elif val_set is None:
     print0("no --val-data: no val PSNR or grids")
-loader = data.TrainLoader(train_set, None, image_size=args.image_size, global_size=0, local_size=0,
-                          n_local=0,
-                          global_batch=B, ssl_batch=0, rec_batch=B, world_size=world_size,
-                          rank=rank,
-                          grad_accum=args.grad_accum, seed=args.seed, start_step=start_step,
-                          num_workers=data.worker_count(args.num_workers, print0),
-                          patch_size=cfg.patch_size)
-batches = iter(loader)
+workers = data.worker_count(args.num_workers, print0)
+
+
+def make_loader(grad_accum, num_workers):
+    return data.TrainLoader(train_set, None, image_size=args.image_size, global_size=0,
+                            local_size=0, n_local=0, global_batch=B, ssl_batch=0, rec_batch=B,
+                            world_size=world_size, rank=rank, grad_accum=grad_accum,
+                            seed=args.seed, start_step=start_step, num_workers=num_workers,
+                            patch_size=cfg.patch_size)
 
 
 @torch.no_grad()
@@ -180,7 +185,7 @@ def reconstruct(images):
     decoder.eval()
     out = []
     for x in images.split(64):
-        with autocast:
+        with autocast, vtp.eager():  # a few batches: compiling them would not pay
             out.append(vtp.to_unit_range(model.decode(model.encode(x)).float()).clamp(0, 1))
     decoder.train(was_training)
     return torch.cat(out)
@@ -204,40 +209,59 @@ def evaluate(step):
     return {'val_psnr': round(vtp.psnr(rec, x).mean().item(), 4)}
 
 
+def generator_pass(x, z, gan, net, k):
+    """L_G of one micro-batch (images x, their latents z) and the backward of L_G / k (k
+    micro-steps): L1 + LPIPS, and from --disc-start the adversarial term with the adaptive
+    weight."""
+    with autocast:
+        rec = net(z)  # (b, 3, S, S)
+    l1, lp = vtp.reconstruction_loss(rec, x, perceptual)
+    loss_rec = l1 + args.perceptual_weight * lp
+    terms = {'loss_rec': loss_rec, 'loss_l1': l1}
+    if perceptual is not None:
+        terms['loss_lpips'] = lp
+    loss = loss_rec
+    if gan:
+        with autocast:
+            logits_fake = disc(to_disc(rec))  # the raw module: D's DDP is for D's own step
+        loss_g = vtp.generator_loss(logits_fake)
+        # W_last of the adaptive weight: the decoder's final 1x1 conv
+        w = vtp.adaptive_weight(loss_rec, loss_g, decoder.proj_out.weight)
+        loss = loss_rec + args.disc_weight * w * loss_g
+        terms.update(loss_g=loss_g, adaptive_weight=w)
+    terms['loss'] = loss
+    (loss / k).backward()
+    return terms
+
+
+def disc_pass(x, z, net, k):
+    """D's hinge loss on the real images x and fresh reconstructions of z, and the backward of the
+    loss / k."""
+    with torch.no_grad(), autocast:
+        fake = decoder(z)  # fresh reconstructions from the updated decoder
+    with autocast:
+        logits_real, logits_fake = net(to_disc(x)), net(to_disc(fake))
+    loss_d = vtp.hinge_d_loss(logits_real, logits_fake)
+    (loss_d / k).backward()
+    return {'loss_d': loss_d, 'logits_real': logits_real.float().mean(),
+            'logits_fake': logits_fake.float().mean()}
+
+
 def train_step(step, micro_batches, meter):
     """A decoder update on the micro-batches, then (from --disc-start) a D update on the same images
     with fresh reconstructions from the updated decoder (LDM alternates the two optimizers so)."""
-    gan = step >= args.disc_start
-    last_w = decoder.proj_out.weight  # W_last of the adaptive weight: the decoder's final 1x1 conv
+    gan, k = step >= args.disc_start, len(micro_batches)
     disc.requires_grad_(False)  # the generator step only needs gradients through D, not for it
     zs, loss_sum = [], 0.0
     for micro, x in enumerate(micro_batches):
         with torch.no_grad(), autocast:
-            z = encode(x)  # (b, d, S/p, S/p), frozen
-        zs.append(z)
-        last = micro == len(micro_batches) - 1  # DDP all-reduces on the last micro-step only
+            zs.append(model.encode(x))  # (b, d, S/p, S/p), frozen
+        last = micro == k - 1  # DDP all-reduces on the last micro-step only
         with train_decoder.no_sync() if ddp and not last else contextlib.nullcontext():
-            with autocast:
-                rec = train_decoder(z)  # (b, 3, S, S)
-            l1, lp = vtp.reconstruction_loss(rec, x, perceptual)
-            loss_rec = l1 + args.perceptual_weight * lp
-            terms = {'loss_rec': loss_rec, 'loss_l1': l1}
-            if perceptual is not None:
-                terms['loss_lpips'] = lp
-            loss = loss_rec
-            if gan:
-                with autocast:
-                    logits_fake = disc(to_disc(rec))  # the raw module: D's DDP is for D's own step
-                loss_g = vtp.generator_loss(logits_fake)
-                w = vtp.adaptive_weight(loss_rec, loss_g, last_w)
-                loss = loss_rec + args.disc_weight * w * loss_g
-                terms.update(loss_g=loss_g, adaptive_weight=w)
-            terms['loss'] = loss
-            (loss / args.grad_accum).backward()
+            terms = generator_pass(x, zs[-1], gan, train_decoder, k)
         meter.add(terms)
-        loss_sum = loss_sum + loss.detach()
-    # logged, not clipped
-    grad_norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), float('inf'))
+        loss_sum = loss_sum + terms['loss'].detach()
+    grad_norm = vtp.clip_grad_norms([list(decoder.parameters())], 0.0)  # logged, not clipped
     found = vtp.skip_if_not_finite(opt_g, grad_norm, loss_sum)
     opt_g.step()
     opt_g.zero_grad(set_to_none=True)
@@ -246,17 +270,11 @@ def train_step(step, micro_batches, meter):
         disc.requires_grad_(True)
         d_sum = 0.0
         for micro, (x, z) in enumerate(zip(micro_batches, zs)):
-            with torch.no_grad(), autocast:
-                fake = decoder(z)  # fresh reconstructions from the updated decoder
-            sync = train_disc.no_sync() if ddp and micro < len(zs) - 1 else contextlib.nullcontext()
-            with sync:
-                with autocast:
-                    logits_real, logits_fake = train_disc(to_disc(x)), train_disc(to_disc(fake))
-                loss_d = vtp.hinge_d_loss(logits_real, logits_fake)
-                (loss_d / args.grad_accum).backward()
-            meter.add({'loss_d': loss_d, 'logits_real': logits_real.float().mean(),
-                       'logits_fake': logits_fake.float().mean()})
-            d_sum = d_sum + loss_d.detach()
+            last = micro == k - 1
+            with train_disc.no_sync() if ddp and not last else contextlib.nullcontext():
+                terms = disc_pass(x, z, train_disc, k)
+            meter.add(terms)
+            d_sum = d_sum + terms['loss_d'].detach()
         vtp.skip_if_not_finite(opt_d, d_sum)
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)
@@ -272,18 +290,49 @@ def save(step):
 
 
 # -----------------------------------------------------------------------------
+# micro-batches: --grad-accum, or on CUDA the fewest micro-steps whose micro-batch fits (probed)
+def probe(b):
+    """One micro-step of b images per rank with the GAN on: the passes of the decoder and of D,
+    forward and backward, nothing updated (D's batch-norm statistics put back)."""
+    buffers = {k: v.clone() for k, v in disc.state_dict().items()}
+    try:
+        x = torch.randn(b, 3, args.image_size, args.image_size, device=device)
+        with torch.no_grad(), autocast:
+            z = model.encode(x)
+        generator_pass(x, z, True, decoder, 1)
+        disc_pass(x, z, disc, 1)
+    finally:
+        opt_g.zero_grad(set_to_none=True)
+        opt_d.zero_grad(set_to_none=True)
+        disc.load_state_dict(buffers)
+
+
+if args.grad_accum is None:
+    trained = [p for p in (*decoder.parameters(), *disc.parameters())]
+    moments = 0 if opt_g.state else 8 * sum(p.numel() for p in trained)  # Adam's, fp32, made later
+    args.grad_accum = vtp.fit_grad_accum(probe, B, world_size, device, reserve_bytes=moments)
+b = vtp.split_batch(B, world_size, args.grad_accum)
+# the bench and the profile time the step on a cached batch: made here, no workers left busy
+loader = make_loader(args.grad_accum, workers if args.bench_data or not measuring else 0)
+batches = iter(loader)
+
+# -----------------------------------------------------------------------------
 # training loop
 print0(f"batch {B} = {world_size} ranks x {args.grad_accum} micro x {b}; GAN from step "
-       f"{args.disc_start}")
+       f"{args.disc_start}; {workers} data worker(s) per rank{'; compiled' if args.compile else ''}")
 meter = vtp.Meter()
-if args.bench:  # the train step alone (with the GAN on), one cached step of micro-batches
+if args.bench_data:  # the loader alone
+    vtp.bench_data(lambda: [next(batches) for _ in range(args.grad_accum)], args.bench_data, B,
+                   workers)
+if args.bench or args.profile:  # the train step alone (GAN on), one cached step of micro-batches
     cached = [next(batches)['images'].to(device) for _ in range(args.grad_accum)]
     flops = 3 * vtp.decoder_flops(cfg, args.image_size) + vtp.encoder_flops(cfg, args.image_size)[0]
     vtp.bench(lambda: train_step(args.disc_start, cached, meter), args.bench, B, flops, device,
               world_size,
               f"stage 2 {args.image_size}px batch {B} (decoder + encoder counted; D and LPIPS not)",
-              measure_flops=not args.compile)
-    del train_decoder, train_disc
+              profile_steps=args.profile, trace_dir=args.out_dir)
+if measuring:
+    del train_decoder, train_disc, loader, batches
     vtp.teardown()
     raise SystemExit(0)
 log_path, pbar = vtp.start_log(args.out_dir, start_step, args.max_steps)

@@ -91,7 +91,10 @@ except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
                      f"{vtp._first_line(e)[:200]}")
 dit = model.to(device).eval()
 cfg = dit.config
-model = torch.compile(dit, dynamic=False) if args.compile else dit
+if args.compile is None:  # 250 steps a batch: compiling the blocks pays on the GPU
+    args.compile = device.type == 'cuda'
+if args.compile:  # one block at a time, in place
+    vtp.compile_model(dit)
 if args.latent_stats:
     stats = vtp.load_checkpoint(args.latent_stats, '--latent-stats')
 elif ours:
@@ -193,7 +196,7 @@ def noise_of(i):
 def sample(idx):
     """Samples idx -> uint8 images (n, H, W, 3), decoded by the tokenizer (fp32, as upstream)."""
     noise = torch.stack([noise_of(i) for i in idx]).to(device)  # (n, C, H, W)
-    z = vtp.euler_sample(model, noise, condition(idx), args.num_steps, args.timestep_shift,
+    z = vtp.euler_sample(dit, noise, condition(idx), args.num_steps, args.timestep_shift,
                          args.cfg_scale,
                          args.cfg_interval_start, null_class=dit.null_condition(),
                          cfg_channels=args.cfg_channels or None, heun=args.heun)

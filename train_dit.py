@@ -40,9 +40,9 @@ import vtp
 # 2000 steps 0.9999 would still hold 82 % of the random init.
 RECIPES = {
     'toy': dict(model='DiT-T/1', batch_size=32, lr=2e-3, ema_decay=0.99, max_steps=2000,
-                log_every=50, sample_every=500, ckpt_every=500, num_workers=1, num_images=20000),
+                log_every=50, sample_every=500, ckpt_every=500, num_images=20000),
     'paper': dict(model='DiT-XL/1', batch_size=1024, lr=2e-4, ema_decay=0.9999, max_steps=100000,
-                  log_every=100, sample_every=10000, ckpt_every=5000, num_workers=4, num_images=0),
+                  log_every=100, sample_every=10000, ckpt_every=5000, num_images=0),
 }
 parser = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -89,7 +89,8 @@ arg('--sample-every', type=int, default=None,
 arg('--sample-steps', type=int, default=250, help="Euler time points of the previews")
 arg('--timestep-shift', type=float, default=0.075, help="preview time shift (VTP 0.075)")
 # system
-arg('--num-workers', type=int, default=None, help="data loader processes per rank")
+arg('--num-workers', type=int, default=None, help="data loader processes per rank (default: "
+    "the CPUs per rank less one, at most 16)")
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------
@@ -112,12 +113,14 @@ if not hasattr(tokenizer, 'pixel_decoder'):
 if text and not hasattr(text_encoder, 'text_transformer'):
     raise SystemExit(f"error: {args.text_encoder or args.tokenizer} has no text tower (trained "
                      f"without CLIP): pass --text-encoder with one that has")
-recipe = RECIPES['toy' if tokenizer.config.image_size < 256 else 'paper']
-for k, v in recipe.items():
+recipe_name = 'toy' if tokenizer.config.image_size < 256 else 'paper'
+for k, v in RECIPES[recipe_name].items():
     if getattr(args, k) is None:
         setattr(args, k, v)
+if args.compile is None:  # compile where it pays: full-size models on the GPU
+    args.compile = device.type == 'cuda' and recipe_name == 'paper'
 G = args.batch_size
-b = vtp.split_batch(G, world_size, args.grad_accum)
+vtp.split_batch(G, world_size, args.grad_accum or 1)  # a bad --batch-size stops here
 image_size = args.image_size or tokenizer.config.image_size
 stride, latent_dim = tokenizer.config.patch_size, tokenizer.config.bottleneck_dim
 if image_size % stride:
@@ -130,8 +133,9 @@ fingerprint = {'path': os.path.abspath(args.tokenizer),
                'encoder_sha256': data.encoder_fingerprint(tokenizer), 'image_size': image_size}
 latent_dir = args.latent_dir or os.path.join(args.out_dir, 'latents')
 workers = data.worker_count(args.num_workers, print0)
-resume = vtp.open_run(args.out_dir, args.resume, master) if not args.bench else None
-if args.bench:
+measuring = args.bench or args.profile  # random latents: no data, cache, log or checkpoint
+resume = vtp.open_run(args.out_dir, args.resume, master) if not measuring else None
+if measuring:
     num_classes = args.num_classes or 1000
     stats = {'mean': torch.zeros(1, latent_dim, 1, 1), 'std': torch.ones(1, latent_dim, 1, 1)}
 else:
@@ -205,9 +209,10 @@ if resume:
     vtp.set_rng_state(ckpt['rng'], device)
     print0(f"resumed from {resume} at step {start_step}")
 
-train_model = torch.compile(model, dynamic=False) if args.compile else model
-if ddp:
-    train_model = DDP(train_model, device_ids=[local_rank] if device.type == 'cuda' else None)
+if args.compile:  # one block at a time, in place (after the EMA copy, which stays eager)
+    vtp.compile_model(model)
+train_model = DDP(model, device_ids=[local_rank] if device.type == 'cuda' else None) if ddp \
+    else model
 
 
 def dit_train_flops_per_sample(cfg):
@@ -233,6 +238,14 @@ def step_seed(step, micro):
     return data.mix64(data.mix64(data.mix64(args.seed, step), micro), rank) >> 1
 
 
+def forward_backward(x, y, net, k=1):
+    """The flow-matching loss of one micro-batch, and the backward of loss / k (k micro-steps)."""
+    with autocast:
+        loss, terms = vtp.flow_loss(net, x, y, lognorm=lognorm, use_cosine=not args.no_cosine_loss)
+    (loss / k).backward()
+    return loss, terms
+
+
 def train_step(step, micro_batches, meter):
     """Forward and backward over the micro-batches, then the optimizer and EMA steps."""
     loss_sum = 0.0
@@ -240,13 +253,10 @@ def train_step(step, micro_batches, meter):
         torch.manual_seed(step_seed(step, micro))
         last = micro == len(micro_batches) - 1  # DDP all-reduces on the last micro-step only
         with train_model.no_sync() if ddp and not last else contextlib.nullcontext():
-            with autocast:
-                loss, terms = vtp.flow_loss(train_model, x, y, lognorm=lognorm,
-                                            use_cosine=not args.no_cosine_loss)
-            (loss / args.grad_accum).backward()
+            loss, terms = forward_backward(x, y, train_model, len(micro_batches))
         meter.add({'loss': loss, **terms})
         loss_sum = loss_sum + loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float('inf'))
+    grad_norm = vtp.clip_grad_norms([list(model.parameters())], args.grad_clip)
     skipped = vtp.skip_if_not_finite(optimizer, grad_norm, loss_sum)  # on the device, no sync
     meter.add({'grad_norm': grad_norm, 'skipped_steps': skipped})
     optimizer.step()
@@ -290,21 +300,43 @@ def save(step):
 
 
 # -----------------------------------------------------------------------------
+# micro-batches: --grad-accum, or on CUDA the fewest micro-steps whose micro-batch fits (probed)
+def random_batch(n):
+    """n random latents and conditions of this run's shapes (the probe's and --bench's input)."""
+    x = torch.randn(n, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
+    y = torch.randn(n, 1 + cfg.text_len, cfg.text_dim, device=device) if text else \
+        torch.randint(0, num_classes, (n,), device=device)
+    return x, y
+
+
+def probe(b):
+    """One micro-step of b samples per rank, forward and backward, nothing updated."""
+    try:
+        forward_backward(*random_batch(b), model)
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+
+
+if args.grad_accum is None:
+    moments = 0 if optimizer.state else 8 * sum(p.numel() for p in model.parameters()
+                                                if p.requires_grad)  # AdamW's, fp32, made later
+    args.grad_accum = vtp.fit_grad_accum(probe, G, world_size, device, reserve_bytes=moments)
+b = vtp.split_batch(G, world_size, args.grad_accum)
+
+# -----------------------------------------------------------------------------
 # training loop
 flops_per_sample = dit_train_flops_per_sample(cfg)
 peak_flops = vtp.gpu_peak_flops(device) if device.type == 'cuda' else None
 print0(f"batch {G} = {world_size} ranks x {args.grad_accum} micro x {b}; "
-       f"{flops_per_sample / 1e9:.3f} GFLOPs/latent (training)")
+       f"{flops_per_sample / 1e9:.3f} GFLOPs/latent (training); {workers} data worker(s) per "
+       f"rank{'; compiled' if args.compile else ''}")
 model.train()
 meter = vtp.Meter()
-if args.bench:  # the train step alone on a cached random batch
-    x = torch.randn(b, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
-    y = torch.randn(b, 1 + cfg.text_len, cfg.text_dim, device=device) if text else \
-        torch.randint(0, num_classes, (b,), device=device)
-    vtp.bench(lambda: train_step(0, [(x, y)] * args.grad_accum, meter), args.bench, G,
-              flops_per_sample, device, world_size,
-              f"{args.model} {cfg.input_size}x{cfg.input_size}x{cfg.in_channels} batch {G}",
-              measure_flops=not args.compile)
+if measuring:  # the train step alone on a cached random batch
+    cached = [random_batch(b)] * args.grad_accum
+    vtp.bench(lambda: train_step(0, cached, meter), args.bench, G, flops_per_sample, device,
+              world_size, f"{args.model} {cfg.input_size}x{cfg.input_size}x{cfg.in_channels} "
+              f"batch {G}", profile_steps=args.profile, trace_dir=args.out_dir)
     del train_model
     vtp.teardown()
     raise SystemExit(0)
@@ -313,6 +345,12 @@ positions = data.latent_positions(start_step, G, world_size, rank, args.grad_acc
 loader = DataLoader(train_set, batch_size=b, sampler=positions, num_workers=workers,
                     pin_memory=device.type == 'cuda', persistent_workers=workers > 0)
 batches = iter(loader)
+if args.bench_data:  # the loader alone (with the text tower for --condition text)
+    vtp.bench_data(lambda: [encode_text(next(batches)[2]) if text else next(batches)
+                            for _ in range(args.grad_accum)], args.bench_data, G, workers)
+    del train_model, loader, batches
+    vtp.teardown()
+    raise SystemExit(0)
 log_path, pbar = vtp.start_log(args.out_dir, start_step, args.max_steps)
 t0, samples_since = time.time(), 0
 for step in pbar:

@@ -40,14 +40,14 @@ RECIPES = {
                  teacher_momentum_final=0.99, teacher_temp=0.04, teacher_temp_warmup_steps=0,
                  color_jitter=0.5, grayscale_p=0.0, perceptual='none', freeze_last_layer_steps=0,
                  patch_embed_lr_mult=1.0, log_every=10, eval_every=100, ckpt_every=200,
-                 num_workers=1, num_val=512),
+                 num_val=512),
     'paper': dict(image_size=256, global_crop_size=224, local_crop_size=96, n_local_crops=8,
                   batch_size=16384, ssl_frac=1 / 4, rec_frac=1 / 8, lr=5e-4, weight_decay=0.2,
                   warmup_steps=10000, max_steps=67000, prototypes=65536, teacher_momentum=0.992,
                   teacher_momentum_final=1.0, teacher_temp=0.07, teacher_temp_warmup_steps=37500,
                   color_jitter=1.0, grayscale_p=0.2, perceptual='lpips',
                   freeze_last_layer_steps=1250, patch_embed_lr_mult=0.2, log_every=50,
-                  eval_every=2000, ckpt_every=1000, num_workers=8, num_val=10000),
+                  eval_every=2000, ckpt_every=1000, num_val=10000),
 }
 
 parser = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0],
@@ -85,7 +85,8 @@ arg('--grayscale-p', type=float, default=None, help="SSL grayscale probability (
 arg('--text-tokenizer', default=None, choices=['word', 'byte', 'bpe'], help="caption tokenizer, "
     "stored in the model config (default: the preset's: tiny word-level, else OpenAI CLIP BPE)")
 arg('--bpe-path', default=None, help="CLIP BPE vocabulary file (downloaded once if unset)")
-arg('--num-workers', type=int, default=None, help="data loader processes per rank")
+arg('--num-workers', type=int, default=None, help="data loader processes per rank (default: "
+    "the CPUs per rank less one, at most 16)")
 arg('--shuffle-buffer', type=int, default=1000,
     help=".tar streams: samples shuffled across shards per worker (webdataset/OpenCLIP-style)")
 # objective (eq. 3) and batch sampling (§3.6)
@@ -150,18 +151,15 @@ use_clip, use_ssl, use_rec = args.lambda_clip > 0, args.lambda_ssl > 0, args.lam
 if not (use_clip or use_ssl or use_rec):
     raise SystemExit("error: --lambda-clip, --lambda-ssl and --lambda-rec are all 0: "
                      "nothing to train")
-B, k_acc = args.batch_size, args.grad_accum
-b = vtp.split_batch(B, world_size, k_acc)  # per-rank micro-batch of the CLIP batch
-parts = world_size * k_acc
-# the global B_ssl / B_rec: subsets of the batch (§3.6), each split over ranks x micro-steps
-subset = {}
+B = args.batch_size
+# the global B_ssl / B_rec: subsets of the batch (§3.6); an objective that is off has none
+subset = {'ssl': 0, 'rec': 0}
 for name, on, size, frac in (('ssl', use_ssl, args.ssl_batch_size, args.ssl_frac),
                              ('rec', use_rec, args.rec_batch_size, args.rec_frac)):
-    n = (size if size is not None else int(B * frac)) if on else 0
-    if on and (n < parts or B % n or n % parts):
-        raise SystemExit(f"error: --{name}-batch-size {n} must divide --batch-size {B} and split "
-                         f"over {world_size} rank(s) x {k_acc} micro-step(s)")
-    subset[name] = n
+    if on:
+        subset[name] = size if size is not None else int(B * frac)
+subset_flags = {f'--{name}-batch-size': n for name, n in subset.items() if n}
+vtp.split_batch(B, world_size, args.grad_accum or 1, subset_flags)  # bad sizes stop here
 
 # -----------------------------------------------------------------------------
 # model: an objective with weight 0 builds no modules, so DDP needs no find_unused_parameters
@@ -219,7 +217,8 @@ for name, p in model.named_parameters():
 
 start_step, flops_done, skipped = 0, 0.0, {}
 ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
-resume = vtp.open_run(args.out_dir, args.resume, master) if not args.bench else None
+measuring = args.bench or args.profile or args.bench_data  # no run folder, log or checkpoint
+resume = vtp.open_run(args.out_dir, args.resume, master) if not measuring else None
 if resume:
     ckpt = vtp.load_checkpoint(resume, stage=1)
     vtp.load_state(model, ckpt['model'], f"--resume {resume}")
@@ -230,23 +229,30 @@ if resume:
     vtp.set_rng_state(ckpt['rng'], device)
     print0(f"resumed from {resume} at step {start_step}")
 
-fwd = torch.compile(model, dynamic=False) if args.compile else model
-train_model = DDP(fwd, device_ids=[local_rank] if device.type == 'cuda' else None) if ddp else fwd
+if args.compile is None:  # compile where it pays: full-size models on the GPU
+    args.compile = device.type == 'cuda' and args.size != 'tiny'
+if args.compile:  # one block at a time, in place: `model` keeps its keys for checkpoints and EMA
+    vtp.compile_model(model)
+    if teacher is not None:  # its heads see the real masked patches, a count that varies: eager
+        vtp.compile_model(teacher.trunk)
+train_model = DDP(model, device_ids=[local_rank] if device.type == 'cuda' else None) if ddp \
+    else model
 
 # -----------------------------------------------------------------------------
 # data: every micro-batch is built in workers from the global sample positions it covers
 train_set, val_set = data.open_train_val(args.data, args.val_data, args.image_size, args.seed)
 workers = data.worker_count(args.num_workers, print0)
-loader = data.TrainLoader(train_set, tokenizer, image_size=args.image_size,
-                          global_size=args.global_crop_size, local_size=args.local_crop_size,
-                          n_local=args.n_local_crops, global_batch=B,
-                          ssl_batch=subset['ssl'], rec_batch=subset['rec'], world_size=world_size,
-                          rank=rank, grad_accum=k_acc, seed=args.seed, start_step=start_step,
-                          num_workers=workers, patch_size=cfg.patch_size, clip=use_clip,
-                          jitter=args.color_jitter, gray_p=args.grayscale_p,
-                          shuffle_buffer=args.shuffle_buffer)
-batches = iter(loader)
-n_ssl = subset['ssl'] // parts  # per micro-batch
+
+
+def make_loader(grad_accum, num_workers):
+    return data.TrainLoader(train_set, tokenizer, image_size=args.image_size,
+                            global_size=args.global_crop_size, local_size=args.local_crop_size,
+                            n_local=args.n_local_crops, global_batch=B, ssl_batch=subset['ssl'],
+                            rec_batch=subset['rec'], world_size=world_size, rank=rank,
+                            grad_accum=grad_accum, seed=args.seed, start_step=start_step,
+                            num_workers=num_workers, patch_size=cfg.patch_size, clip=use_clip,
+                            jitter=args.color_jitter, gray_p=args.grayscale_p,
+                            shuffle_buffer=args.shuffle_buffer)
 
 
 # -----------------------------------------------------------------------------
@@ -298,14 +304,16 @@ def clip_cache(micro_batches):
     for mb in micro_batches:
         states.append(vtp.rng_state(device))
         with autocast:
-            out = fwd(images=mb['images'], tokens=mb['tokens'])
+            out = model(images=mb['images'], tokens=mb['tokens'])
         imgs.append(vtp.all_gather(out['image_features']))
         txts.append(vtp.all_gather(out['text_features']))
     return (torch.stack(imgs), torch.stack(txts)), states
 
 
-def train_step(step, micro_batches):
-    """Forward and backward of one optimizer step; returns the logged terms (0-dim tensors)."""
+def train_step(step, micro_batches, net=None):
+    """Forward and backward of one optimizer step; returns the logged terms (0-dim tensors). net:
+    the model to run (default: the DDP-wrapped one)."""
+    net = net or train_model
     temp, k = teacher_temp_at(step), len(micro_batches)
     terms = {}
     if use_ssl:
@@ -321,13 +329,13 @@ def train_step(step, micro_batches):
             vtp.set_rng_state(states[m], device)
         last = m == k - 1
         # DDP all-reduces the gradients once, in the last micro-step
-        sync = train_model.no_sync() if ddp and not last else contextlib.nullcontext()
+        sync = net.no_sync() if net is not model and not last else contextlib.nullcontext()
         with sync:
             ssl_inputs = dict(global_crops=mb['global_crops'], local_crops=mb['local_crops'],
                               masks=mb['masks'],
                               ibot_index=mb['ibot_index']) if use_ssl else {}
             with autocast:  # one forward for every objective: the rec rows reuse the CLIP view
-                out = train_model(images=mb['images'], tokens=mb['tokens'] if use_clip else None,
+                out = net(images=mb['images'], tokens=mb['tokens'] if use_clip else None,
                                   n_rec=mb['n_rec'] if use_rec else 0, **ssl_inputs)
             # CLIP's loss is the whole step's in every micro-step (each one carries the gradient
             # through its own features only), so it is not divided by k; the other terms are means
@@ -445,6 +453,29 @@ def save(step):
 
 
 # -----------------------------------------------------------------------------
+# micro-batches: --grad-accum, or on CUDA the fewest micro-steps whose micro-batch fits (probed)
+def probe(b):
+    """One micro-step of b samples per rank, forward and backward, nothing updated."""
+    try:
+        mb = to_device(make_loader(B // (world_size * b), 0).peek())
+        train_step(0, [mb], net=model)
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+
+
+if args.grad_accum is None:
+    moments = 0 if optimizer.state else 8 * sum(p.numel() for p in model.parameters()
+                                                if p.requires_grad)  # AdamW's, fp32, made later
+    args.grad_accum = vtp.fit_grad_accum(probe, B, world_size, device, subset_flags.values(),
+                                         reserve_bytes=moments)
+k_acc = args.grad_accum
+b = vtp.split_batch(B, world_size, k_acc, subset_flags)  # per-rank micro-batch of the CLIP batch
+# the bench and the profile time the step on a cached batch: made here, no workers left busy
+loader = make_loader(k_acc, workers if args.bench_data or not measuring else 0)
+batches = iter(loader)
+n_ssl = subset['ssl'] // (world_size * k_acc)  # per micro-batch
+
+# -----------------------------------------------------------------------------
 # training loop. The FLOPs count what runs (an objective with weight 0 adds nothing; the student's
 # iBOT head runs on the padded masked rows, the teacher's on the real ones): the x-axis of fig. 5
 ibot_rows = loader.builder.ibot_size / max(n_ssl, 1)  # padded masked-patch rows per SSL sample
@@ -456,17 +487,22 @@ flops_per_sample = vtp.train_flops_per_sample(
     rec_frac=subset['rec'] / B, lpips=perceptual is not None)
 peak_flops = vtp.gpu_peak_flops(device) if device.type == 'cuda' else None
 print0(f"batch {B} (ssl {subset['ssl']}, rec {subset['rec']}) = {world_size} ranks x {k_acc} micro "
-       f"x {b}; {flops_per_sample / 1e9:.3f} GFLOPs/sample")
+       f"x {b}; {flops_per_sample / 1e9:.3f} GFLOPs/sample; {workers} data worker(s) per rank"
+       f"{'; compiled' if args.compile else ''}")
 model.train()
-if args.bench:  # the train step alone, on one cached step of micro-batches
+if args.bench_data:  # the loader alone
+    vtp.bench_data(lambda: [next(batches) for _ in range(k_acc)], args.bench_data, B, workers)
+if args.bench or args.profile:  # the train step alone, on one cached step of micro-batches
     cached = [to_device(next(batches)) for _ in range(k_acc)]
 
     def bench_step():
         optimizer_step(0, train_step(0, cached))
 
     vtp.bench(bench_step, args.bench, B, flops_per_sample, device, world_size,
-              f"VTP-{args.size} {args.image_size}px batch {B}", measure_flops=not args.compile)
-    del train_model, fwd
+              f"VTP-{args.size} {args.image_size}px batch {B}", profile_steps=args.profile,
+              trace_dir=args.out_dir)
+if measuring:
+    del train_model, loader, batches
     vtp.teardown()
     raise SystemExit(0)
 
@@ -506,7 +542,8 @@ for step in pbar:
             rec['logit_scale'] = round(model.logit_scale.exp().item(), 3)
         t0, samples_since = time.time(), 0
     if eval_due:
-        rec = {'step': done, **rec, **evaluate(done)}
+        with vtp.eager():  # a few batches of other shapes: compiling them would not pay
+            rec = {'step': done, **rec, **evaluate(done)}
     if master and rec:
         vtp.append_log(log_path, rec)
         if 'loss' in rec:
@@ -517,5 +554,5 @@ for step in pbar:
 
 print0(f"done: {args.max_steps} steps, {flops_done:.3e} FLOPs; checkpoint {ckpt_path}, "
        f"log {log_path}")
-del train_model, fwd  # DDP holds the process group: release it first, or gloo may abort at exit
+del train_model  # DDP holds the process group: release it first, or gloo may abort at exit
 vtp.teardown()

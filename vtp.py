@@ -16,10 +16,12 @@ Sections:
 The module and parameter names follow the official release (MiniMax-AI/VTP, `VTPModel`), so an
 official state dict loads with only the legacy renames of `OFFICIAL_RENAMES`.
 """
+import argparse
 import atexit
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -807,7 +809,9 @@ def load_tokenizer(path, map_location='cpu'):
 
 
 def is_distributed():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """More than one rank, and collectives wanted (single_process() turns them off)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and \
+        not _SINGLE_PROCESS
 
 
 def _rank_world():
@@ -898,7 +902,9 @@ def sinkhorn_knopp(teacher_logits, temp, n_iters=3):
     shift = _all_reduce(local_max, dist.ReduceOp.MAX if is_distributed() else None)
     Q = torch.exp((logits - shift) / temp).t()  # (K, B); a shift common to all ranks cancels out
     K = Q.shape[0]
-    B = _all_reduce(torch.tensor([Q.shape[1]], dtype=torch.float32, device=Q.device)).clamp_min(1)
+    # the sample count as a device tensor made by a fill, not copied from the host (a copy would
+    # wait for the GPU: a host sync in the step)
+    B = _all_reduce(Q.new_full((1,), Q.shape[1])).clamp_min(1)
     tiny = torch.finfo(torch.float32).tiny
     Q = Q / _all_reduce(Q.sum().reshape(1)).clamp_min(tiny)
     for _ in range(n_iters):  # rows: each prototype gets 1/K of the mass; columns: each sample 1/B
@@ -939,10 +945,17 @@ def koleo_loss(x, eps=1e-8):
     return -torch.log(F.pairwise_distance(x, x[nn_idx], eps=eps) + eps).mean()
 
 
+@functools.lru_cache
+def imagenet_stats(device, dtype):
+    """The ImageNet mean and std as (1, 3, 1, 1) tensors, copied to the device once: a fresh copy
+    from the host at every call would wait for the GPU (a host sync in the training step)."""
+    return tuple(torch.tensor(v, dtype=dtype).view(1, 3, 1, 1).to(device)
+                 for v in (IMAGENET_MEAN, IMAGENET_STD))
+
+
 def to_unit_range(x):
     """ImageNet-normalised images -> [0, 1] (not clamped)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean, std = imagenet_stats(x.device, x.dtype)
     return x * std + mean
 
 
@@ -1027,8 +1040,13 @@ def param_groups(model, weight_decay, layer_decay=1.0, patch_embed_lr_mult=1.0):
 def clip_grad_norms(groups, max_norm):
     """Clip each group of parameters to max_norm on its own (DINOv2 clips backbone and heads apart,
     so one part's large gradients do not scale another's down); returns the norm of the whole
-    gradient, before clipping (0-dim tensor, no host sync). max_norm 0: no clipping."""
-    norms = [torch.nn.utils.clip_grad_norm_(ps, max_norm or float('inf')) for ps in groups]
+    gradient, before clipping (0-dim tensor, no host sync). max_norm 0: no clipping, and the
+    gradients are only read (clip_grad_norm_ with an infinite bound would rewrite them all)."""
+    if max_norm:
+        norms = [torch.nn.utils.clip_grad_norm_(ps, max_norm) for ps in groups]
+    else:
+        norms = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
+            [p.grad for p in ps if p.grad is not None]))) for ps in groups]
     return torch.stack(norms).square().sum().sqrt()
 
 
@@ -1795,12 +1813,18 @@ def add_run_flags(parser, out_dir, tokenizer, tokenizer_default=None, batch_help
     # only, which is what makes resume exact and 1 rank x B equal to 2 ranks x B/2
     arg('--seed', type=int, default=0, help="seed of the initialisation and of every random choice "
         "of the data (they depend on (seed, sample position) only)")
-    arg('--compile', action='store_true', help="torch.compile the model (CUDA)")
+    arg('--compile', action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile each transformer block (default: on CUDA for full-size models, "
+        "off for toy ones and on the CPU)")
     arg('--bench', type=int, default=0, help="time this many steps on cached inputs, print "
         "throughput, peak memory and MFU, and exit (no data, logs or checkpoints)")
     if training:
-        arg('--grad-accum', type=int, default=1,
-            help=accum_help or "micro-steps per optimizer step")
+        arg('--profile', type=int, default=0, help="profile this many steps on cached inputs "
+            "(after --bench's, if any): the top ops by share of the step, and a trace in OUT_DIR")
+        arg('--bench-data', type=int, default=0,
+            help="time this many steps of the data loader alone, print its samples/s, and exit")
+        arg('--grad-accum', type=int, default=None, help=accum_help or "micro-steps per "
+            "optimizer step (default: on CUDA the fewest whose micro-batch fits, probed; else 1)")
         arg('--dtype', default='bfloat16', choices=['bfloat16', 'float32'],
             help="autocast dtype on CUDA (float32: the stable fallback; CPU runs fp32)")
         arg('--log-every', type=int, default=None,
@@ -1809,12 +1833,19 @@ def add_run_flags(parser, out_dir, tokenizer, tokenizer_default=None, batch_help
             help="steps between checkpoints (and one at the end)")
 
 
-def split_batch(batch_size, world_size, grad_accum, name='--batch-size'):
-    """Per-rank micro-batch of a global batch, or one line saying why it does not split."""
-    if batch_size < 1 or batch_size % (world_size * grad_accum):
-        raise SystemExit(f"error: {name} {batch_size} does not split over {world_size} rank(s) x "
-                         f"{grad_accum} micro-step(s)")
-    return batch_size // (world_size * grad_accum)
+def split_batch(batch_size, world_size, grad_accum, subsets=None):
+    """Per-rank micro-batch of a global batch, or one line saying why it does not split. subsets
+    ({flag: size}) are batches drawn from it (stage 1's B_ssl and B_rec, §3.6): each must divide it
+    and split over the ranks and micro-steps as well."""
+    parts = world_size * grad_accum
+    if batch_size < 1 or batch_size % parts:
+        raise SystemExit(f"error: --batch-size {batch_size} does not split over {world_size} "
+                         f"rank(s) x {grad_accum} micro-step(s)")
+    for flag, n in (subsets or {}).items():
+        if n < parts or batch_size % n or n % parts:
+            raise SystemExit(f"error: {flag} {n} must divide --batch-size {batch_size} and split "
+                             f"over {world_size} rank(s) x {grad_accum} micro-step(s)")
+    return batch_size // parts
 
 
 def open_run(out_dir, resume, master):
@@ -2054,35 +2085,191 @@ def flop_counter():
 
 
 def bench(step, n, samples_per_step, flops_per_sample, device, world_size, what,
-          measure_flops=True):
-    """`--bench`: time n calls of step() after 3 untimed warm-up calls (compile, allocator) and
-    print samples/s, peak memory and MFU. The first warm-up call runs under torch's FlopCounterMode,
-    so the FLOPs counted from the shapes (flops_per_sample) are checked against what actually
-    ran."""
+          measure_flops=True, profile_steps=0, trace_dir=None):
+    """`--bench` and `--profile`: step() runs 3 untimed warm-up calls (compilation, allocator,
+    autotuning), then n timed calls, then profile_steps calls under torch.profiler.
+
+    The bench line gives samples/s, peak memory and MFU. The first warm-up call runs eagerly under
+    torch's FlopCounterMode, so the FLOPs counted from the shapes (flops_per_sample) are checked
+    against what actually ran. The profile prints the top ops by their share of the step and writes
+    a trace for chrome://tracing or perfetto.dev into trace_dir."""
     device = torch.device(device)
-    sync = lambda: torch.cuda.synchronize(device) if device.type == 'cuda' else None
-    measured = None
-    for i in range(3 + n):
+    for i in range(3):
         if i == 0 and measure_flops:
-            with flop_counter() as counter:
+            with eager(), flop_counter() as counter:
                 step()
             measured = counter.get_total_flops() / (samples_per_step / world_size)
             continue
-        if i == 3:
-            sync()
-            t0 = time.time()
         step()
-    sync()
-    per_s = n * samples_per_step / (time.time() - t0)
-    if device.type == 'cuda':
-        mem = f"peak memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
-    else:  # the process's peak resident set: weights, activations and the Python/torch runtime
-        mem = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB"
-    peak = gpu_peak_flops(device) if device.type == 'cuda' else None
-    mfu = f"{flops_per_sample * per_s / (peak * world_size):.1%}" if peak else \
-        'n/a (CPU or unknown GPU)'
-    flops = f"{flops_per_sample / 1e9:.3f} GFLOPs/sample counted"
-    if measured is not None:
-        flops += f", {measured / 1e9:.3f} measured by FlopCounterMode"
-    print(f"bench {what} on {world_size} x {device.type}: {per_s:.1f} samples/s "
-          f"({per_s / world_size:.1f} per device), {mem}, MFU {mfu}; {flops}", flush=True)
+    if n:
+        seconds = time_steps(step, n, device)
+        per_s = n * samples_per_step / seconds
+        if device.type == 'cuda':
+            mem = f"peak memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
+        else:  # the process's peak resident set: weights, activations and the Python/torch runtime
+            mem = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB"
+        peak = gpu_peak_flops(device) if device.type == 'cuda' else None
+        mfu = f"{flops_per_sample * per_s / (peak * world_size):.1%}" if peak else \
+            'n/a (CPU or unknown GPU)'
+        flops = f"{flops_per_sample / 1e9:.3f} GFLOPs/sample counted"
+        if measure_flops:
+            flops += f", {measured / 1e9:.3f} measured by FlopCounterMode"
+        print0(f"bench {what} on {world_size} x {device.type}: {per_s:.1f} samples/s "
+               f"({per_s / world_size:.1f} per device), {mem}, MFU {mfu}; {flops}")
+    if profile_steps:
+        profile(step, profile_steps, device, trace_dir)
+
+
+def time_steps(step, n, device):
+    """Wall-clock seconds of n calls of step(), the device's queue drained before and after."""
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda _: None)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def profile(step, n, device, trace_dir=None, top=10):
+    """Profile n calls of step() (warmed up by the caller) and print the top ops by their share of
+    the step: on CUDA the kernels by GPU time, with how busy the GPU was (a GPU idle between kernels
+    waits for the host: launches, the loader, host syncs); on the CPU the ops by their own CPU
+    time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    cuda = device.type == 'cuda'
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        wall = time_steps(step, n, device) / n
+    events = prof.key_averages()
+
+    def own_time(e):  # microseconds spent in the op itself (its children excluded)
+        if not cuda:
+            return e.self_cpu_time_total
+        return getattr(e, 'self_device_time_total', None) or getattr(e, 'self_cuda_time_total', 0)
+
+    total = sum(own_time(e) for e in events) / n
+    rows = sorted((e for e in events if own_time(e) > 0), key=own_time, reverse=True)[:top]
+    where = f"GPU busy {total / 1e3:.1f} ms" if cuda else f"CPU ops {total / 1e3:.1f} ms"
+    print0(f"profile of {n} step(s): {wall * 1e3:.1f} ms per step, {where}; top {len(rows)}:")
+    print0(f"  {'share':>6}  {'ms/step':>8}  {'calls':>6}  op")
+    for e in rows:
+        t = own_time(e) / n
+        print0(f"  {t / total:6.1%}  {t / 1e3:8.2f}  {e.count / n:6.0f}  {e.key[:70]}")
+    if trace_dir and (not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0):
+        os.makedirs(trace_dir, exist_ok=True)
+        path = os.path.join(trace_dir, 'profile_trace.json')
+        prof.export_chrome_trace(path)
+        print0(f"trace (chrome://tracing, ui.perfetto.dev): {path}")
+
+
+def bench_data(next_step, n, samples_per_step, workers):
+    """`--bench-data`: the loader's samples/s alone (n steps after one to start the workers), to
+    set beside the train step's: a loader slower than the step leaves the GPU waiting."""
+    next_step()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        next_step()
+    per_s = n * samples_per_step / (time.perf_counter() - t0)
+    print0(f"bench data: {per_s:.1f} samples/s from the loader with {workers} worker(s) per rank")
+
+
+# --- fast by default on the GPU: regional compilation, and micro-batches that fit --------------
+
+def compile_model(model):
+    """Regional compilation: torch.compile each transformer block and head of `model` in place, one
+    at a time (module.compile(); the keys of its state dict stay as they are). Blocks of one kind
+    share one compiled graph per input shape, so the compile time is that of a few blocks, and
+    activation checkpointing wraps a compiled block as it wraps an eager one. Elementwise work
+    (norms, RoPE, modulation, SwiGLU, residuals) is fused around the matrix products: on an H200
+    that doubles the step of an eager DiT-XL (README "GPU"). Compiled kernels round to bf16 where
+    eager does (emulate_precision_casts), so the two agree to float noise."""
+    regions = (Block, TextBlock, DINOHead, DiTBlock, FinalLayer, TimestepEmbedder)
+    # one graph per input shape and grad mode: a stage-1 step alone has ~8 (main view, global and
+    # local crops, teacher, decoder, text) where torch's default limit is 8
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._inductor.config.emulate_precision_casts = True
+    for m in model.modules():
+        if isinstance(m, regions):
+            m.compile(dynamic=False)
+    return model
+
+
+def eager():
+    """Within it, compiled modules run eagerly: evaluation and the memory probe, whose batches of
+    other shapes would each compile anew for little use (torch >= 2.6; else compiled)."""
+    set_stance = getattr(torch.compiler, 'set_stance', None)
+    return set_stance('force_eager') if set_stance else contextlib.nullcontext()
+
+
+_SINGLE_PROCESS = False  # set by single_process(): collectives are skipped
+
+
+@contextlib.contextmanager
+def single_process():
+    """Within it, the losses act as if this rank were alone (no collective): each rank probes its
+    memory on its own, and one rank running out of memory cannot leave the others waiting."""
+    global _SINGLE_PROCESS
+    _SINGLE_PROCESS = True
+    try:
+        yield
+    finally:
+        _SINGLE_PROCESS = False
+
+
+def fit_grad_accum(try_micro, batch_size, world_size, device, divides=(), reserve_bytes=0,
+                   probe=None):
+    """--grad-accum left unset: the fewest micro-steps k per optimizer step, i.e. the largest
+    per-rank micro-batch b = batch_size / (world_size k), whose forward and backward fit in 90 % of
+    the device's memory. try_micro(b) runs them; a CUDA out-of-memory error means b does not fit,
+    and b is halved. k also splits every batch in `divides` (stage 1: B_ssl and B_rec) evenly over
+    the ranks. reserve_bytes are held during the probe for what training allocates later (AdamW's
+    moments). The ranks take the largest k any of them needs. Without a probe (the CPU's default): 1.
+    The optimizer step is that of the whole batch whatever k is (the scripts' accumulation is
+    exact), so this choice changes speed, not the recipe."""
+    if not (device.type == 'cuda' if probe is None else probe):
+        return 1
+    ks = [k for k in range(1, batch_size // world_size + 1)
+          if all(n % (world_size * k) == 0 for n in (batch_size, *divides))]
+    found = None
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        last = None
+        for k in ks:
+            b = batch_size // (world_size * k)
+            if last is not None and b > last // 2:  # halve: the next candidate is at most b / 2
+                continue
+            if micro_batch_fits(try_micro, b, device, reserve_bytes):
+                found = k
+                break
+            last = b
+    if is_distributed():  # every rank trains with the same k: the largest any rank needs
+        t = torch.tensor([found or 0, found is None], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        found = None if t[1] else int(t[0])
+    if found is None:
+        smallest = batch_size // (world_size * ks[-1])
+        fail(f"one micro-batch of {smallest} sample(s) does not fit in this device's memory; try "
+             f"--grad-checkpointing, more ranks, or a smaller --batch-size")
+    return found
+
+
+def micro_batch_fits(try_micro, b, device, reserve_bytes=0, fraction=0.9):
+    """Whether try_micro(b) runs without a CUDA out-of-memory error (on a GPU: within `fraction` of
+    its memory, with reserve_bytes held aside)."""
+    cuda = device.type == 'cuda'
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
+    held = None
+    try:
+        held = torch.empty(reserve_bytes, dtype=torch.uint8, device=device) if cuda else None
+        with single_process(), eager():
+            try_micro(b)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        del held
+        if cuda:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+            torch.cuda.empty_cache()

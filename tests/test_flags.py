@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 TRAINING = ('train_tokenizer.py', 'finetune_decoder.py', 'train_dit.py')
 SHARED = ('--tokenizer', '--batch-size', '--resume', '--out-dir', '--device', '--seed',
-          '--compile', '--bench')
+          '--compile', '--bench', '--profile', '--bench-data', '--grad-accum', '--num-workers')
 
 
 def help_of(*argv):
@@ -46,8 +46,10 @@ def test_shared_flags_mean_the_same_everywhere():
             assert flag_help(helps[script], flag), (script, flag)
     canonical = {'--tokenizer': vtp.TOKENIZER_HELP, '--resume': "'auto'",
                  '--out-dir': "where the run writes", '--device': "auto: CUDA if available",
-                 '--seed': "seed of the initialisation", '--compile': "torch.compile the model",
-                 '--bench': "time this many steps"}
+                 '--seed': "seed of the initialisation", '--compile': "torch.compile each transformer block",
+                 '--bench': "time this many steps", '--profile': "profile this many steps",
+                 '--grad-accum': "micro-steps per optimizer step",
+                 '--num-workers': "data loader processes per rank (default: the CPUs per rank"}
     for script, text in helps.items():
         for flag, meaning in canonical.items():
             h = flag_help(text, flag)

@@ -1,0 +1,112 @@
+"""The fast path: compiled blocks compute what eager ones do, the memory probe halves the micro-batch
+until it fits and keeps the optimizer step the recipe's, the data loader's worker count follows the
+machine."""
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+import data
+import vtp
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close(a, b, rtol):
+    """Every tensor of a within rtol of b's scale: max |a - b| / max |b|, where the scale is at
+    least 1e-3 of the largest tensor's (a gradient that cancels to ~0 has no scale of its own)."""
+    floor = 1e-3 * max(v.abs().max() for v in b.values())
+    for k in b:
+        err = (a[k] - b[k]).abs().max() / torch.maximum(b[k].abs().max(), floor)
+        assert err < rtol, (k, err.item())
+
+
+def test_compiled_blocks_equal_eager():
+    """Regional compilation (the default on CUDA) changes no number beyond float noise: the stage-1
+    forward of every objective and its gradients, and a DiT with activation checkpointing around
+    its compiled blocks. On the CPU the compiled kernels are C++ rather than Triton, but the graphs,
+    fusions and bf16 rounding are the same. Measured: the DiT within 4e-7 (fp32 rounding); the VTP
+    within 3e-4, as its RoPE runs in bf16 (eps 4e-3) as the official code does."""
+    torch.manual_seed(0)
+    cfg = replace(vtp.VTP_CONFIGS['tiny'], depth=2, text_depth=1, decoder_depth=1)
+    eager = vtp.VTP(cfg)
+    compiled = vtp.VTP(cfg)
+    compiled.load_state_dict(eager.state_dict())
+    vtp.compile_model(compiled)
+    n = 4
+    images, crops = torch.randn(2 * n, 3, 64, 64), torch.randn(2 * n, 3, 64, 64)
+    masks = torch.rand(2 * n, 16) < 0.3
+    inputs = dict(images=images, tokens=torch.randint(1, 4000, (2 * n, 32)), n_rec=n,
+                  global_crops=crops, local_crops=torch.randn(4 * n, 3, 32, 32), masks=masks,
+                  ibot_index=torch.nonzero(masks.flatten())[:, 0])
+    outs = []
+    for model in (eager, compiled):
+        out = model(**inputs)
+        loss = sum(v.float().square().mean() for v in out.values())
+        loss.backward()
+        outs.append(({k: v.detach() for k, v in out.items()}, grads(model)))
+    assert set(outs[0][1]) == set(outs[1][1]) and len(outs[0][1]) > 50
+    assert_close(outs[1][0], outs[0][0], 1e-3)
+    assert_close(outs[1][1], outs[0][1], 1e-3)
+
+    dit_cfg = replace(vtp.DIT_CONFIGS['DiT-T/1'], input_size=4, depth=2, num_classes=10)
+    dits = [vtp.DiT(dit_cfg) for _ in range(2)]
+    dits[1].load_state_dict(dits[0].state_dict())
+    for p in dits[0].parameters():  # adaLN-Zero starts at zero: move off it so every path counts
+        p.data += 0.02 * torch.randn_like(p)
+    dits[1].load_state_dict(dits[0].state_dict())
+    vtp.compile_model(dits[1])
+    x, t, y = torch.randn(6, 64, 4, 4), torch.rand(6), torch.randint(0, 10, (6,))
+    res = []
+    for dit in dits:
+        dit.grad_checkpointing = True
+        torch.manual_seed(1)  # the label dropout
+        out = dit(x, t, y)
+        out.square().mean().backward()
+        res.append(({'out': out.detach()}, grads(dit)))
+    assert_close(res[1][0], res[0][0], 1e-5)
+    assert_close(res[1][1], res[0][1], 1e-5)
+
+
+def test_grad_accum_probe_halves_on_out_of_memory():
+    """Without --grad-accum the scripts take the fewest micro-steps whose micro-batch fits: here a
+    simulated device on which more than `limit` samples run out of memory. The micro-batch is halved
+    from the whole per-rank batch until it fits; the subsets (stage 1's B_ssl and B_rec) must split
+    too, and the probe leaves the RNG as it was."""
+    tried, limit = [], 24
+
+    def try_micro(b):
+        tried.append(b)
+        torch.randn(3)  # a probe draws random numbers (drop path, dropout): they are put back
+        if b > limit:
+            raise torch.cuda.OutOfMemoryError(f"simulated: {b} samples do not fit")
+
+    state = torch.get_rng_state()
+    cpu = torch.device('cpu')
+    # 512 over 2 ranks: 256 per rank, halved to 16 (k = 16)
+    assert vtp.fit_grad_accum(try_micro, 512, 2, cpu, divides=(128, 64), probe=True) == 16
+    assert tried == [256, 128, 64, 32, 16]
+    assert torch.equal(torch.get_rng_state(), state)
+    # a per-rank batch of 96: 96, 48, 24
+    tried.clear()
+    assert vtp.fit_grad_accum(try_micro, 192, 2, cpu, probe=True) == 4 and tried == [96, 48, 24]
+    # B_rec = 32 over 2 ranks splits into at most 16 micro-steps of 16 samples: at a limit of 4
+    # nothing fits, and the run stops with one line
+    limit = 4
+    with pytest.raises(SystemExit, match='micro-batch of 16 sample.* does not fit'):
+        vtp.fit_grad_accum(try_micro, 512, 2, cpu, divides=(32,), probe=True)
+    assert vtp.fit_grad_accum(try_micro, 512, 1, cpu) == 1  # no probe on the CPU by default
+
+
+def test_worker_count_follows_the_machine(monkeypatch):
+    for cpus, ranks, want in ((2, 1, 1), (16, 1, 15), (64, 1, 16), (16, 8, 1), (128, 8, 15)):
+        monkeypatch.setattr(os, 'sched_getaffinity', lambda _: set(range(cpus)))
+        monkeypatch.setenv('LOCAL_WORLD_SIZE', str(ranks))
+        assert data.worker_count() == want, (cpus, ranks)
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda _: set(range(2)))
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '1')
+    said = []
+    assert data.worker_count(8, said.append) == 2 and said
