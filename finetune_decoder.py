@@ -319,7 +319,8 @@ batches = iter(loader)
 # -----------------------------------------------------------------------------
 # training loop
 print0(f"batch {B} = {world_size} ranks x {args.grad_accum} micro x {b}; GAN from step "
-       f"{args.disc_start}; {workers} data worker(s) per rank{'; compiled' if args.compile else ''}")
+       f"{args.disc_start}; {workers} data worker(s) per rank"
+       f"{'; compiled' if args.compile else ''}")
 meter = vtp.Meter()
 if args.bench_data:  # the loader alone
     vtp.bench_data(lambda: [next(batches) for _ in range(args.grad_accum)], args.bench_data, B,

@@ -2224,9 +2224,9 @@ def fit_grad_accum(try_micro, batch_size, world_size, device, divides=(), reserv
     the device's memory. try_micro(b) runs them; a CUDA out-of-memory error means b does not fit,
     and b is halved. k also splits every batch in `divides` (stage 1: B_ssl and B_rec) evenly over
     the ranks. reserve_bytes are held during the probe for what training allocates later (AdamW's
-    moments). The ranks take the largest k any of them needs. Without a probe (the CPU's default): 1.
-    The optimizer step is that of the whole batch whatever k is (the scripts' accumulation is
-    exact), so this choice changes speed, not the recipe."""
+    moments). The ranks take the largest k any of them needs. Without a probe (the CPU's default)
+    k is 1. The optimizer step is that of the whole batch whatever k is (the scripts' accumulation
+    is exact), so this choice changes speed, not the recipe."""
     if not (device.type == 'cuda' if probe is None else probe):
         return 1
     ks = [k for k in range(1, batch_size // world_size + 1)

@@ -46,7 +46,8 @@ def test_shared_flags_mean_the_same_everywhere():
             assert flag_help(helps[script], flag), (script, flag)
     canonical = {'--tokenizer': vtp.TOKENIZER_HELP, '--resume': "'auto'",
                  '--out-dir': "where the run writes", '--device': "auto: CUDA if available",
-                 '--seed': "seed of the initialisation", '--compile': "torch.compile each transformer block",
+                 '--seed': "seed of the initialisation",
+                 '--compile': "torch.compile each transformer block",
                  '--bench': "time this many steps", '--profile': "profile this many steps",
                  '--grad-accum': "micro-steps per optimizer step",
                  '--num-workers': "data loader processes per rank (default: the CPUs per rank"}

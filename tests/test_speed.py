@@ -1,6 +1,5 @@
-"""The fast path: compiled blocks compute what eager ones do, the memory probe halves the micro-batch
-until it fits and keeps the optimizer step the recipe's, the data loader's worker count follows the
-machine."""
+"""The fast path: compiled blocks compute what eager ones do, the memory probe halves the
+micro-batch until it fits, the data loader's worker count follows the machine."""
 import os
 from dataclasses import replace
 
