@@ -2221,22 +2221,26 @@ def fit_grad_accum(try_micro, batch_size, world_size, device, divides=(), reserv
                    probe=None):
     """--grad-accum left unset: the fewest micro-steps k per optimizer step, i.e. the largest
     per-rank micro-batch b = batch_size / (world_size k), whose forward and backward fit in 90 % of
-    the device's memory. try_micro(b) runs them; a CUDA out-of-memory error means b does not fit,
-    and b is halved. k also splits every batch in `divides` (stage 1: B_ssl and B_rec) evenly over
-    the ranks. reserve_bytes are held during the probe for what training allocates later (AdamW's
-    moments). The ranks take the largest k any of them needs. Without a probe (the CPU's default)
-    k is 1. The optimizer step is that of the whole batch whatever k is (the scripts' accumulation
-    is exact), so this choice changes speed, not the recipe."""
+    the device's memory. try_micro(b) runs them; a CUDA out-of-memory error means b does not fit.
+    On CUDA two small micro-batches are measured first (memory grows linearly with b), so the
+    first size tried is the largest predicted to fit, not the whole batch (stage 1 builds each
+    probe's batch on the CPU); from there b is halved until it fits. k also splits every batch in
+    `divides` (stage 1: B_ssl and B_rec) evenly over the ranks. reserve_bytes are held during the
+    probe for what training allocates later (AdamW's moments). The ranks take the largest k any of
+    them needs. Without a probe (the CPU's default) k is 1. The optimizer step is that of the whole
+    batch whatever k is (the scripts' accumulation is exact): this choice changes speed only."""
     if not (device.type == 'cuda' if probe is None else probe):
         return 1
     ks = [k for k in range(1, batch_size // world_size + 1)
           if all(n % (world_size * k) == 0 for n in (batch_size, *divides))]
+    sizes = [batch_size // (world_size * k) for k in ks]  # micro-batches, largest first
     found = None
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        first = predict_micro_batch(try_micro, sizes, device, reserve_bytes) \
+            if device.type == 'cuda' else sizes[0]
         last = None
-        for k in ks:
-            b = batch_size // (world_size * k)
-            if last is not None and b > last // 2:  # halve: the next candidate is at most b / 2
+        for k, b in zip(ks, sizes):
+            if b > first or last is not None and b > last // 2:  # halve after a failure
                 continue
             if micro_batch_fits(try_micro, b, device, reserve_bytes):
                 found = k
@@ -2247,10 +2251,30 @@ def fit_grad_accum(try_micro, batch_size, world_size, device, divides=(), reserv
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         found = None if t[1] else int(t[0])
     if found is None:
-        smallest = batch_size // (world_size * ks[-1])
-        fail(f"one micro-batch of {smallest} sample(s) does not fit in this device's memory; try "
+        fail(f"one micro-batch of {sizes[-1]} sample(s) does not fit in this device's memory; try "
              f"--grad-checkpointing, more ranks, or a smaller --batch-size")
     return found
+
+
+def predict_micro_batch(try_micro, sizes, device, reserve_bytes, fraction=0.9):
+    """The largest of `sizes` whose memory, extrapolated from two small micro-batches (the two
+    sizes nearest 32), fits in `fraction` of the device with reserve_bytes aside, less a tenth for
+    fragmentation; the smallest size if even the measurement runs out of memory."""
+    small = [b for b in sizes if b <= 32][:2] or sizes[-2:]
+    if len(small) < 2:
+        return sizes[-1]
+    base = torch.cuda.memory_allocated(device)
+    used = {}
+    for b in small:
+        torch.cuda.reset_peak_memory_stats(device)
+        if not micro_batch_fits(try_micro, b, device, reserve_bytes, fraction):
+            return sizes[-1]
+        used[b] = torch.cuda.max_memory_allocated(device) - base - reserve_bytes
+    (b2, m2), (b1, m1) = used.items()
+    per_sample = max((m2 - m1) / (b2 - b1), 1)
+    free = fraction * torch.cuda.get_device_properties(device).total_memory - base - reserve_bytes
+    fit = (0.9 * free - (m1 - b1 * per_sample)) / per_sample
+    return next((b for b in sizes if b <= fit), sizes[-1])
 
 
 def micro_batch_fits(try_micro, b, device, reserve_bytes=0, fraction=0.9):
