@@ -379,6 +379,7 @@ for step in pbar:
         save(done)
 
 print0(f"done: {args.max_steps} steps; tokenizer checkpoint {ckpt_path}, log {log_path}")
-# DDP holds the process group: release it first, or gloo may abort at exit
-del train_decoder, train_disc
+# release what holds resources before the end: DDP the process group (or gloo may abort at
+# exit), the loader its workers (left to the interpreter's exit, each waits 5 s to be killed)
+del train_decoder, train_disc, batches, loader
 vtp.teardown()

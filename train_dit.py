@@ -382,5 +382,7 @@ for step in pbar:
         save(done)
 
 print0(f"done: {args.max_steps} steps; checkpoint {ckpt_path}, log {log_path}")
-del train_model  # DDP holds the process group: release it first, or gloo may abort at exit
+# release what holds resources before the end: DDP the process group (or gloo may abort at
+# exit), the loader its workers (left to the interpreter's exit, each waits 5 s to be killed)
+del train_model, batches, loader
 vtp.teardown()

@@ -554,5 +554,7 @@ for step in pbar:
 
 print0(f"done: {args.max_steps} steps, {flops_done:.3e} FLOPs; checkpoint {ckpt_path}, "
        f"log {log_path}")
-del train_model  # DDP holds the process group: release it first, or gloo may abort at exit
+# release what holds resources before the end: DDP the process group (or gloo may abort at
+# exit), the loader its workers (left to the interpreter's exit, each waits 5 s to be killed)
+del train_model, batches, loader
 vtp.teardown()

@@ -2134,16 +2134,17 @@ def time_steps(step, n, device):
 def profile(step, n, device, trace_dir=None, top=10):
     """Profile n calls of step() (warmed up by the caller) and print the top ops by their share of
     the step: on CUDA the kernels by GPU time, with how busy the GPU was (a GPU idle between kernels
-    waits for the host: launches, the loader, host syncs); on the CPU the ops by their own CPU
-    time."""
+    waits for the host: Python, launches, host syncs); on the CPU the ops by their own CPU time."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     cuda = device.type == 'cuda'
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch_profile(activities=activities) as prof:
         wall = time_steps(step, n, device) / n
     events = prof.key_averages()
+    if cuda:  # the kernels themselves: an op's row would count its kernels a second time
+        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
 
-    def own_time(e):  # microseconds spent in the op itself (its children excluded)
+    def own_time(e):  # microseconds spent in the op or kernel itself (its children excluded)
         if not cuda:
             return e.self_cpu_time_total
         return getattr(e, 'self_device_time_total', None) or getattr(e, 'self_cuda_time_total', 0)
