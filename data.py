@@ -8,7 +8,7 @@ Sections:
   1. tokenizers (byte-level for tiny runs, OpenAI CLIP BPE as VTP uses)
   2. synthetic shapes dataset (offline default)
   3. real data: image loading with counted skips, image folders, caption folders, tar shards,
-  open_dataset
+     open_dataset
   4. views (main RandomResizedCrop, DINOv2 multi-crop, eval centre crop) and iBOT block masks
   5. TrainLoader (micro-batches built inside DataLoader workers) and eval_batches
   6. cached latents for the generation stage (encoded once, plain + flipped, with per-channel stats)
@@ -36,7 +36,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from vtp import IMAGENET_MEAN, IMAGENET_STD
+import vtp
 
 
 class DataError(SystemExit):
@@ -52,8 +52,8 @@ class DataError(SystemExit):
 
 
 class ByteTokenizer:
-    """UTF-8 bytes: pad 0, byte b -> b + 1, SOT 257, EOT 258 (the largest id: the text tower pools
-    at argmax)."""
+    """UTF-8 bytes: pad 0, byte b -> b + 1, SOT 257, EOT 258 (the largest id: the text tower
+    pools at argmax)."""
     vocab_size = 259
     sot, eot = 257, 258
 
@@ -68,12 +68,12 @@ class ByteTokenizer:
 
 
 class WordTokenizer:
-    """Words and punctuation marks, each hashed (crc32) to one of 4091 ids: pad 0, SOT 4092, EOT
-    4093 (the largest id: the text tower pools at argmax). A toy for tiny runs, offline like the
-    byte tokenizer, but a word is one token: captions are ~15 tokens instead of ~70 bytes, and a
-    2-layer text tower learns the synthetic shape words within the quick start, which at the byte
-    level it did not (README: measured). Distinct words may share an id (hashing); the synthetic
-    vocabulary has no such collision (tested)."""
+    """Words and punctuation marks, each hashed (crc32) to one of 4091 ids: pad 0, SOT 4092,
+    EOT 4093 (the largest id: the text tower pools at argmax). A toy for tiny runs, offline like
+    the byte tokenizer, but a word is one token: captions are ~15 tokens instead of ~70 bytes, and
+    a 2-layer text tower learns the synthetic shape words within the quick start, which at the
+    byte level it did not (README: measured). Distinct words may share an id (hashing); the
+    synthetic vocabulary has no such collision (tested)."""
     vocab_size = 4094
     sot, eot = 4092, 4093
 
@@ -172,6 +172,10 @@ class BPETokenizer:
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.cache = {}
 
+    def rank(self, pair):
+        """A merge's priority: its line in the merges file (lower merges first)."""
+        return self.ranks.get(pair, math.inf)
+
     def bpe(self, token):
         """Greedy lowest-rank merges of the word's symbols (the last one ends in '</w>')."""
         if token in self.cache:
@@ -179,7 +183,7 @@ class BPETokenizer:
         word = list(token[:-1]) + [token[-1] + '</w>']
         while len(word) > 1:
             pairs = set(zip(word, word[1:]))
-            best = min(pairs, key=lambda p: self.ranks.get(p, math.inf))
+            best = min(pairs, key=self.rank)
             if best not in self.ranks:
                 break
             merged, i = [], 0
@@ -307,9 +311,9 @@ class SyntheticDataset(Dataset):
                  vertical=bool(rng.integers(2)), stripe=float(rng.uniform(0.08, 0.2)),
                  angle=float(rng.uniform(-0.35, 0.35)), jitter=rng.uniform(-0.03, 0.03, 2),
                  rgb_noise=rng.integers(-20, 21, 3), tint=rng.integers(-8, 9, 3))
-        # large enough for a tiny ViT to tell the shapes apart within minutes: at radii 0.15-0.34
-        # a supervised ViT-tiny (patch 16) recognised 70 % of val shapes after 600 steps, at these
-        # radii 87 %
+        # large enough for a tiny ViT to tell the shapes apart within minutes: after 600 steps a
+        # supervised ViT-tiny (patch 16) recognised 70 % of val shapes at radii 0.15-0.34, 87 % at
+        # these radii
         a['radius'] = float(rng.uniform(0.36, 0.44) if a['size'] == 'large' else
                             rng.uniform(0.21, 0.26))
         a['distractor'] = None
@@ -360,7 +364,10 @@ class SyntheticDataset(Dataset):
 
     def caption(self, a):
         rng = a['caption_rng']
-        pick = lambda seq: seq[rng.integers(len(seq))]
+
+        def pick(seq):  # one of seq, drawn from the item's own stream
+            return seq[rng.integers(len(seq))]
+
         shape, color = SHAPES[a['shape']], tuple(COLORS)[a['color']]
         adjs = ([pick(SIZE_WORDS[a['size']])] if rng.random() < 0.5 else []) + \
                ([color] if rng.random() < 0.9 else [])
@@ -371,13 +378,14 @@ class SyntheticDataset(Dataset):
             mods.append(pick(POS_WORDS[a['pos']]))
         if rng.random() < 0.35:
             tone = a['tones'][0]
-            mods.append({'plain': pick((f'on a {tone} background', f'on {tone}')),
-                         'gradient': pick(('on a gradient',
-                                           f"on a {tone} to {a['tones'][1]} gradient")),
-                         'stripes': pick(('on a striped background', 'on stripes',
-                                          f"with {'vertical' if a['vertical'] else 'horizontal'} "
-                                          "stripes"))}
-                        [a['bg']])
+            # one phrase is drawn for each kind of background (the stream stays the same whatever
+            # the background), then the image's own is kept
+            stripes = f"with {'vertical' if a['vertical'] else 'horizontal'} stripes"
+            gradient = f"on a {tone} to {a['tones'][1]} gradient"
+            phrases = {'plain': pick((f'on a {tone} background', f'on {tone}')),
+                       'gradient': pick(('on a gradient', gradient)),
+                       'stripes': pick(('on a striped background', 'on stripes', stripes))}
+            mods.append(phrases[a['bg']])
         if a['distractor'] is not None and rng.random() < 0.6:
             s2, c2 = SHAPES[a['distractor'][0]], tuple(COLORS)[a['distractor'][1]]
             mods.append(pick((f'next to a small {c2} {s2}', f'and a tiny {c2} {s2} in a corner')))
@@ -404,7 +412,8 @@ class SyntheticDataset(Dataset):
 # -----------------------------------------------------------------------------
 # 3. real data
 
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')  # every reader's
+# the one list of image extensions for every folder reader (list_images, evaluate.py's fid)
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 TAR_IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
 MIN_SIDE = 8                    # smaller images are skipped ('too_small')
 HUGE_PIXELS = 4096 * 4096       # larger ones are counted as 'downscaled_huge'
@@ -444,8 +453,7 @@ def to_rgb(img, counts):
     return img.convert('RGB')  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-# EXIF orientation tag (0x0112) -> the transpose that displays the image upright (as
-# ImageOps.exif_transpose)
+# EXIF orientation (0x0112) -> the transpose showing the image upright (as ImageOps.exif_transpose)
 EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
                   6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
@@ -453,9 +461,8 @@ EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_
 
 
 def load_image(src, counts, min_short=0):
-    """A path or bytes -> PIL RGB, or None with the reason counted. Images are shrunk on load (JPEG
-    draft + integer box reduce) while the short side stays >= min_short, which keeps huge images
-    cheap."""
+    """A path or bytes -> PIL RGB, or None with the reason counted. Huge images stay cheap: they
+    are shrunk on load (JPEG draft + integer box reduce) while the short side stays >= min_short."""
     try:
         if isinstance(src, (bytes, bytearray)):
             if len(src) == 0:
@@ -588,9 +595,9 @@ def expand_braces(pattern):
 
 
 class TarShards(IterableDataset):
-    """webdataset-style shards as img2dataset writes them: members grouped by key (the path up to
-    the first '.' of the file name), key.jpg|jpeg|png|webp + key.txt [+ key.json, key.cls]; read
-    with tarfile only.
+    """webdataset-style shards as img2dataset writes them, read with tarfile only: members grouped
+    by key (the path up to the first '.' of the file name), key.jpg|jpeg|png|webp + key.txt
+    [+ key.json, key.cls].
 
     Iterating it directly streams every shard once in order (evaluation); TrainLoader instead gives
     each (rank, worker) its own shards in a seeded order (see StreamMicroBatches)."""
@@ -652,9 +659,9 @@ class TarShards(IterableDataset):
 
 
 def open_dataset(spec, split='train', image_size=64, seed=0, length=None):
-    """'synthetic' | folder of class sub-folders | folder of images + .txt captions | .tar shards (a
-    file, a folder of *.tar, a glob or a brace pattern). A folder with a sub-folder named `split`
-    uses that."""
+    """'synthetic' | folder of class sub-folders | folder of images + .txt captions | .tar shards
+    (a file, a folder of *.tar, a glob or a brace pattern). For a folder with a sub-folder named
+    `split`, that sub-folder is used."""
     if spec == 'synthetic':
         return SyntheticDataset(split, length=length, image_size=image_size, seed=seed)
     if not any(c in spec for c in '*?{') and not os.path.exists(spec):
@@ -674,8 +681,8 @@ def open_dataset(spec, split='train', image_size=64, seed=0, length=None):
             return ImageFolderDataset(spec, image_size)
         raise DataError(f"{spec} holds images without .txt captions or class sub-folders")
     if spec.endswith('.tar') or '*' in spec or '{' in spec:
-        globbed = lambda p: glob.glob(p) if '*' in p or '?' in p else [p]
-        shards = sorted(q for p in expand_braces(spec) for q in globbed(p))
+        shards = sorted(q for p in expand_braces(spec)
+                        for q in (glob.glob(p) if '*' in p or '?' in p else [p]))
         missing = [p for p in shards if not os.path.isfile(p)]
         if not shards or missing:
             raise DataError(f"shards not found: {missing[0] if missing else spec}")
@@ -692,8 +699,8 @@ def open_train_val(spec, val_spec, image_size, seed=0):
 
 
 def center_crop_arr(pil_image, size):
-    """ADM's centre crop (reconstruction eval, generation): halve with BOX while the short side >= 2
-    size, BICUBIC-resize the short side to size (rounding), centre crop."""
+    """ADM's centre crop (reconstruction eval, generation): halve with BOX while the short side
+    >= 2 * size, BICUBIC-resize the short side to size (rounding), centre crop."""
     img = pil_image
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
@@ -747,9 +754,8 @@ def color_jitter(img, rng, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1
 
 
 def ssl_view(img, rng, size, scale, blur_p, solarize_p=0.0, jitter=1.0, gray_p=0.2):
-    """One DINOv2 crop (recipe_full.md §4): crop + flip, colour jitter (DINOv2's strengths (0.4,
-    0.4,
-    0.2, 0.1) times `jitter`) with p 0.8, grayscale, Gaussian blur, solarize."""
+    """One DINOv2 crop (recipe_full.md §4): crop + flip, colour jitter (DINOv2's strengths
+    (0.4, 0.4, 0.2, 0.1) times `jitter`) with p 0.8, grayscale, Gaussian blur, solarize."""
     img = random_resized_crop(img, rng, size, scale)
     if rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
@@ -767,10 +773,9 @@ def ssl_view(img, rng, size, scale, blur_p, solarize_p=0.0, jitter=1.0, gray_p=0
 
 def multi_crop(img, rng, global_size, local_size, n_local, jitter=1.0, gray_p=0.2):
     """2 global crops and n_local local crops, DINOv2's pipeline as it trains rather than as
-    written: its GaussianBlur(p) hands 1 - p to RandomApply, so the written blur probabilities 1.0 /
-    0.1 /
-    0.5 (global 1 / global 2 / locals) are 0.0 / 0.9 / 0.5 in effect; global 2 is also solarized p
-    0.2."""
+    written: its GaussianBlur(p) hands 1 - p to RandomApply, so the written blur probabilities
+    1.0 / 0.1 / 0.5 (global 1 / global 2 / locals) are 0.0 / 0.9 / 0.5 in effect. Global 2 is also
+    solarized with p 0.2."""
     g = [ssl_view(img, rng, global_size, (0.32, 1.0), 0.0, 0.0, jitter, gray_p),
          ssl_view(img, rng, global_size, (0.32, 1.0), 0.9, 0.2, jitter, gray_p)]
     loc = [ssl_view(img, rng, local_size, (0.05, 0.32), 0.5, 0.0, jitter,
@@ -787,11 +792,9 @@ def eval_view(img, size):
     return np.asarray(center_crop_arr(img, size))
 
 
-def normalize(arrays):
-    """(H, W, 3) uint8 arrays -> (n, 3, H, W) ImageNet-normalised floats (transposed as uint8)."""
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (n, 3, H, W) uint8
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return x.float().mul_(1 / (255 * std)).sub_(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / std)
+def to_images(arrays):
+    """(H, W, 3) uint8 arrays -> ImageNet-normalised (n, 3, H, W) floats (vtp.normalize)."""
+    return vtp.normalize(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous())
 
 
 def block_mask(rng, h, w, ratio, min_patches=4, max_frac=0.5, aspect=0.3):
@@ -854,9 +857,9 @@ def mix64(x, key):
 
 class MicroBatchBuilder:
     """Turns (global micro-batch index, samples) into a batch. Positions, subsets, and every random
-    choice are functions of the global sample position p = step*global_batch + (micro*world +
-    rank)*b + j, so data do not depend on workers, resume point, or how the global batch is split
-    over ranks."""
+    choice are functions of the global sample position
+    p = step*global_batch + (micro*world + rank)*b + j,
+    so data do not depend on workers, resume point, or how the global batch is split over ranks."""
 
     def __init__(self, tokenizer, image_size, global_size, local_size, n_local, global_batch,
                  ssl_batch,
@@ -875,11 +878,15 @@ class MicroBatchBuilder:
         n_ssl = ssl_batch // (world_size * grad_accum)
         # fixed-size iBOT gather: an image never exceeds int(N * mask_ratio[1]) masked patches
         self.ibot_size = math.ceil(2 * n_ssl * self.n_patches * mask_ratio[1])
+        # the masked patches of an SSL sample's two global crops on average (the teacher's rows):
+        # a crop is masked with probability mask_prob, at a ratio drawn from U(mask_ratio)
+        self.masked_rows_per_sample = \
+            2 * mask_prob * ((mask_ratio[0] + mask_ratio[1]) / 2) * self.n_patches
 
     def positions(self, k):
-        """Micro-batch k (counted from step 0) -> step, micro, positions ordered rec, other SSL,
-        rest (the rest only with CLIP: without it they are not loaded at all), n_rec, per-row SSL
-        flags."""
+        """Micro-batch k (counted from step 0) -> step, micro, positions, n_rec, per-row SSL flags.
+        Positions are ordered rec, other SSL, rest (the rest only with CLIP: without it they are
+        not loaded at all)."""
         step, micro = divmod(k, self.grad_accum)
         # index in the batch
         kk = (micro * self.world_size + self.rank) * self.b + np.arange(self.b)
@@ -907,7 +914,7 @@ class MicroBatchBuilder:
                 glob_[1].append(g[1])
                 loc.append(l)
                 masks.append([self.mask(rng), self.mask(rng)])
-        batch = dict(images=normalize(main) if main else None, n_rec=n_rec, n_ssl=int(ssl.sum()),
+        batch = dict(images=to_images(main) if main else None, n_rec=n_rec, n_ssl=int(ssl.sum()),
                      labels=torch.tensor([s[2] for s in samples], dtype=torch.long),
                      positions=torch.from_numpy(pos), step=step, micro=micro, skipped=dict(counts))
         captions = [s[1] for s in samples]
@@ -937,8 +944,8 @@ class MicroBatchBuilder:
         index[:len(idx)] = torch.from_numpy(idx)
         weight[:len(idx)] = torch.from_numpy(w.astype(np.float32))
         local = [l[c] for c in range(self.n_local) for l in loc]
-        return dict(global_crops=normalize(glob_[0] + glob_[1]),
-                    local_crops=normalize(local) if local else None, masks=torch.from_numpy(m),
+        return dict(global_crops=to_images(glob_[0] + glob_[1]),
+                    local_crops=to_images(local) if local else None, masks=torch.from_numpy(m),
                     ibot_index=index, ibot_weight=weight, n_masked=len(idx))
 
 
@@ -984,14 +991,13 @@ class StreamMicroBatches(IterableDataset):
     over the data ("epoch") shuffles the shard list with (seed, start_step, epoch) and slot s takes
     shards s::slots. Samples then go through a shuffle buffer (as webdataset/OpenCLIP: raw bytes,
     decoded on the way out), so a micro-batch mixes samples of several shards and class-sorted
-    shards do not give single-class CLIP batches. Worker w yields micro-batches k0 + w, k0 + w +
-    workers, ... (the DataLoader interleaves them in order), so positions and subsets are as for
-    map-style data.
+    shards do not give single-class CLIP batches. Worker w yields micro-batches k0 + w,
+    k0 + w + workers, ... (the DataLoader interleaves them in order), so positions and subsets are
+    as for map-style data.
 
     Not exact on resume (as upstream streams): a run resumed at step s starts fresh passes over the
     shards in another order with an empty buffer; it does not replay the data seen before, nor
-    continue mid-shard. What is exact: a resumed run is the same whenever it is resumed at step
-    s."""
+    continue mid-shard. What is exact: runs resumed at the same step s are the same."""
 
     def __init__(self, dataset, builder, start_k, start_step, num_workers, shuffle_buffer=1000):
         self.dataset, self.builder, self.start_k = dataset, builder, start_k
@@ -1042,34 +1048,28 @@ class StreamMicroBatches(IterableDataset):
 
 
 class TrainLoader:
-    """Stage-1 micro-batches, forever, from start_step: (step s, micro 0..grad_accum-1), then s+1,
-    ...
+    """Stage-1 micro-batches, forever, from start_step: (step s, micro 0..grad_accum-1), s+1, ...
 
-    Each batch (b rows with CLIP; without it only the rec and SSL rows are loaded): images (b,3,S,S)
-    (without CLIP the n_rec rows only, or None), tokens (b,L) (None without a tokenizer), labels (-1
-    unknown), positions, n_rec, n_ssl, step, micro, skipped {reason: count} for this batch; with
-    SSL: global_crops (2n,3,G,G) and local_crops (n_local*n,3,l,l) crop-major, masks (2n,
-    (G/patch)^2) bool, ibot_index (M,) / ibot_weight (M,) padded to the fixed M = ceil(2n N
-    mask_ratio[1]) (weight 1/#masked of the image, 0 for padding) and n_masked, the number of real
-    entries (an int). Rows are ordered rec members, other SSL members, the rest: the model
-    reconstructs images[:n_rec]; when global_batch//rec_batch is a multiple of
-    global_batch//ssl_batch the SSL samples come first. clip=False: the CLIP batch is not used;
-    jitter, gray_p: colour augmentation of the SSL crops."""
+    Each batch (b rows with CLIP; without it only the rec and SSL rows are loaded):
+    images (b,3,S,S) (without CLIP the n_rec rows only, or None), tokens (b,L) (None without a
+    tokenizer), labels (-1 unknown), positions, n_rec, n_ssl, step, micro, skipped {reason: count}
+    for this batch. With SSL also: global_crops (2n,3,G,G) and local_crops (n_local*n,3,l,l)
+    crop-major, masks (2n, (G/patch)^2) bool, ibot_index (M,) / ibot_weight (M,) padded to the
+    fixed M = ceil(2n N mask_ratio[1]) (weight 1/#masked of the image, 0 for padding), and
+    n_masked, the number of real entries (an int).
+
+    Rows are ordered rec members, other SSL members, the rest: the model reconstructs
+    images[:n_rec]; when global_batch//rec_batch is a multiple of global_batch//ssl_batch the SSL
+    samples come first. clip=False: the CLIP batch is not used; jitter, gray_p: colour augmentation
+    of the SSL crops."""
 
     def __init__(self, dataset, tokenizer, *, image_size, global_size, local_size, n_local,
-                 global_batch,
-                 ssl_batch, rec_batch, world_size=1, rank=0, grad_accum=1, seed=0, start_step=0,
-                 num_workers=0, mask_prob=0.5, mask_ratio=(0.1, 0.5), patch_size=16,
-                 prefetch_factor=2,
-                 clip=True, jitter=1.0, gray_p=0.2, shuffle_buffer=1000):
-        parts = world_size * grad_accum
-        if global_batch % parts:
-            raise DataError(f"global batch {global_batch} is not divisible by world_size "
-                            f"{world_size} x grad_accum {grad_accum}")
-        for name, sub in (('ssl', ssl_batch), ('rec', rec_batch)):
-            if sub and (global_batch % sub or sub % parts):
-                raise DataError(f"{name} batch {sub} must divide global batch {global_batch} and "
-                                f"be divisible by world_size x grad_accum = {parts}")
+                 global_batch, ssl_batch, rec_batch, world_size=1, rank=0, grad_accum=1, seed=0,
+                 start_step=0, num_workers=0, mask_prob=0.5, mask_ratio=(0.1, 0.5), patch_size=16,
+                 prefetch_factor=2, clip=True, jitter=1.0, gray_p=0.2, shuffle_buffer=1000):
+        subsets = {'--ssl-batch-size': ssl_batch, '--rec-batch-size': rec_batch}
+        vtp.split_batch(global_batch, world_size, grad_accum,  # one line if they do not split
+                        {flag: n for flag, n in subsets.items() if n})
         if ssl_batch and (global_size % patch_size or n_local and local_size % patch_size):
             raise DataError(f"crop sizes {global_size}/{local_size} must be multiples of the patch "
                             f"size {patch_size}")
@@ -1141,7 +1141,7 @@ class EvalBatches(Dataset):
 def eval_batch(samples, transform, tokenizer, counts):
     if not samples:
         return dict(images=None, tokens=None, labels=None, skipped=dict(counts))
-    return dict(images=normalize([np.asarray(transform(s[0])) for s in samples]),
+    return dict(images=to_images([np.asarray(transform(s[0])) for s in samples]),
                 tokens=tokenizer([s[1] for s in samples]) if tokenizer is not None else None,
                 labels=torch.tensor([s[2] for s in samples], dtype=torch.long),
                 skipped=dict(counts))
@@ -1150,12 +1150,12 @@ def eval_batch(samples, transform, tokenizer, counts):
 def eval_batches(dataset, batch_size, image_size=None, transform=None, tokenizer=None, limit=0,
                  rank=0, world_size=1, num_workers=0):
     """The one evaluation pipeline (training-time evaluation and evaluate.py): the first `limit`
-    samples (0 = all), each once, in order, through `transform` (PIL -> PIL or array; default: ADM's
-    centre crop at image_size), as dicts of images (n,3,S,S) ImageNet-normalised, tokens (n,L) (None
-    without a tokenizer), labels (n,) and skipped {reason: count}. Bad samples are dropped and
-    counted; a batch of only bad samples has images None. Streamed: nothing is held beyond the
-    loader's prefetch. With world_size > 1, rank r gets batches r, r + world, ... (tar shards:
-    shards r::world), for evaluation sharded over ranks."""
+    samples (0 = all), each once, in order, through `transform` (PIL -> PIL or array; default:
+    ADM's centre crop at image_size), as dicts of images (n,3,S,S) ImageNet-normalised,
+    tokens (n,L) (None without a tokenizer), labels (n,) and skipped {reason: count}. Bad samples
+    are dropped and counted; a batch of only bad samples has images None. Streamed: nothing is held
+    beyond the loader's prefetch. With world_size > 1, rank r gets batches r, r + world, ... (tar
+    shards: shards r::world), for evaluation sharded over ranks."""
     transform = transform or functools.partial(center_crop_arr, size=image_size)
     # tar shards: one pass over this rank's shards, in order
     if isinstance(dataset, IterableDataset):
@@ -1258,7 +1258,7 @@ def encode_shard(tokenizer, samples, batch_size, device):
     plain, flipped, rows = [], [], []
     for i in range(0, len(samples), batch_size):
         good = samples[i:i + batch_size]
-        x = normalize([s[0] for s in good]).to(device)  # (n, 3, S, S), ImageNet-normalised
+        x = to_images([s[0] for s in good]).to(device)  # (n, 3, S, S), ImageNet-normalised
         # fp32, no autocast (upstream extract_features); flipping commutes with normalising
         plain.append(tokenizer.encode(x).float().cpu())  # (n, d, S/p, S/p)
         flipped.append(tokenizer.encode(x.flip(3)).float().cpu())
@@ -1289,9 +1289,9 @@ def crop_samples(dataset, indices, image_size, num_workers, skipped):
 
 
 def latent_stats(latent_dir, shard_files, max_images=LATENT_STATS_IMAGES, seed=0):
-    """Per-channel mean and unbiased std (1, C, 1, 1) over (N, H, W) of up to max_images non-flipped
-    latents (upstream: a np.random.choice without replacement; ours is seeded, so a rebuild gives
-    the same stats)."""
+    """Per-channel mean and unbiased std (1, C, 1, 1) over (N, H, W) of up to max_images
+    non-flipped latents. Upstream draws them with np.random.choice without replacement; our draw
+    is seeded, so a rebuild gives the same stats."""
     shards = [torch.load(os.path.join(latent_dir, f), map_location='cpu', mmap=True,
                          weights_only=True) for f in shard_files]
     sizes = [len(s['labels']) for s in shards]
@@ -1334,10 +1334,12 @@ def build_latent_cache(tokenizer, data_spec, latent_dir, image_size, num_images=
     names = [f'latents_{k:05d}.pt' for k in range(n_shards)]
     if rank == 0:
         os.makedirs(latent_dir, exist_ok=True)
-        stale = [f for f in os.listdir(latent_dir) if f.startswith('latents_') or f == 'meta.json']
-        # meta first: never a complete-looking cache
-        for f in sorted(stale, key=lambda f: f != 'meta.json'):
-            os.remove(os.path.join(latent_dir, f))
+        # meta.json first: a half-removed cache must never look complete
+        if os.path.exists(os.path.join(latent_dir, 'meta.json')):
+            os.remove(os.path.join(latent_dir, 'meta.json'))
+        for f in os.listdir(latent_dir):
+            if f.startswith('latents_'):
+                os.remove(os.path.join(latent_dir, f))
         log(f"caching latents of {n} images of {data_spec} at {image_size}px in {latent_dir} "
             f"({'rebuilding: the tokenizer or data differ' if meta else 'new cache'})")
     barrier()
@@ -1433,9 +1435,9 @@ class LatentDataset(Dataset):
 
 
 def latent_positions(start_step, global_batch, world_size, rank, grad_accum):
-    """Endless sampler of the positions this rank reads from start_step on: optimizer step s,
-    micro-step m covers s*G + (m*world + rank)*b + [0, b), b = G / (world * grad_accum). Use with
-    batch_size=b."""
+    """Endless sampler of the positions this rank reads from start_step on, for a loader with
+    batch_size=b: optimizer step s, micro-step m covers s*G + (m*world + rank)*b + [0, b),
+    b = G / (world * grad_accum)."""
     b = global_batch // (world_size * grad_accum)
     for step in itertools.count(start_step):
         for m in range(grad_accum):

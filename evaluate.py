@@ -1,16 +1,16 @@
 """
 Evaluation of VTP tokenizers and generators (paper §4.1; vtp_architecture.md §8; dit_full.md §5).
 
-    python evaluate.py recon    --tokenizer out/tokenizer/ckpt.pt --data synthetic   # rFID, PSNR,
-    SSIM, LPIPS
-    python evaluate.py zeroshot --tokenizer ckpt.pt --data /data/imagenet/val \
+    # rFID, PSNR, SSIM, LPIPS
+    python evaluate.py recon    --tokenizer out/tokenizer/ckpt.pt --data synthetic
+    python evaluate.py zeroshot --tokenizer ckpt.pt --data /data/imagenet/val \\
         --classnames names.txt --templates templates.txt
-    python evaluate.py linprobe --tokenizer ckpt.pt --train synthetic --val synthetic   # 64-d
-    bottleneck probe
-    python evaluate.py linprobe --tokenizer ckpt.pt --train IN/train --val IN/val --features
-    multilayer
-    python evaluate.py fid      --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz  # FID,
-    IS, P, R
+    # 64-d bottleneck probe
+    python evaluate.py linprobe --tokenizer ckpt.pt --train synthetic --val synthetic
+    python evaluate.py linprobe --tokenizer ckpt.pt --train IN/train --val IN/val \\
+        --features multilayer
+    # FID, IS, P, R
+    python evaluate.py fid      --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz
 
 Every subcommand prints a small table and writes a JSON file that records how the numbers were
 computed (backend, weights, reference, counts, resize, feature source): FID is computed three
@@ -50,9 +50,9 @@ FID_WEIGHTS_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'vtp',
 ADM_NOTE = ("paper numbers use ADM's TensorFlow evaluator (guided-diffusion/evaluations/"
             "evaluator.py); this is the PyTorch port of the same Inception (pytorch-fid weights), "
             "values differ slightly")
-# DINOv2's linear-probe lr grid (vtp_architecture.md §8), each scaled by batch / 256, extended
-# upwards: on standardised features the small synthetic probes were still learning at DINOv2's
-# largest lr, 0.1
+# DINOv2's linear-probe lr grid (vtp_architecture.md §8), each scaled by batch / 256,
+# extended upwards: on standardised features the small synthetic probes were still learning
+# at DINOv2's largest lr, 0.1
 PROBE_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1) + \
     (0.2, 0.5, 1.0, 2.0)
 
@@ -70,9 +70,8 @@ def gaussian_window(size=11, sigma=1.5, channels=3):
 
 def ssim(x, y, data_range=1.0, size=11, sigma=1.5, k1=0.01, k2=0.03):
     """Per-image SSIM (B,) as torchmetrics' StructuralSimilarityIndexMeasure(data_range=1.0):
-    Gaussian
-    11x11 window (sigma 1.5), reflect padding, then the border of the SSIM map (5 px) is cropped
-    away before averaging over channels and pixels."""
+    Gaussian 11x11 window (sigma 1.5), reflect padding, then the border of the SSIM map (5 px) is
+    cropped away before averaging over channels and pixels."""
     # fp32 as torchmetrics; fp64 if given
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, y = x.to(dt), y.to(dt)
@@ -355,8 +354,8 @@ def list_image_files(folder):
 
 class ImageSource:
     """A set of images (or only their statistics) given as a folder, an npz of images (arr_0) or a
-    stats npz (mu, sigma; ADM's reference batches hold both). Yields uint8 NHWC batches; counts
-    skipped files."""
+    stats npz (mu, sigma; ADM's reference batches hold both). It yields uint8 NHWC batches and
+    counts the files it skips."""
 
     def __init__(self, path, limit=0):
         if not os.path.exists(path):
@@ -455,7 +454,7 @@ def load_vtp(path, device='cpu'):
         raise ValueError(str(e)) from None
     except Exception as e:  # weights of the right names but wrong shapes, a broken official folder
         raise ValueError(f"{path} is not a VTP tokenizer checkpoint ({type(e).__name__}: "
-                         f"{vtp._first_line(e)[:150]})") from None
+                         f"{vtp.first_line(e)[:150]})") from None
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -543,9 +542,8 @@ def reconstruction_metrics(model, batches, device='cpu', inception=None, lpips_n
 
 @torch.no_grad()
 def zeroshot_accuracy(model, classifier, batches, device=None):
-    """Top-1 / top-5 accuracy (%) of logits = 100 * image_features @ classifier over labelled
-    batches of ImageNet-normalised images (dicts with 'images', 'labels', or (images, labels)
-    pairs)."""
+    """Top-1 / top-5 accuracy (%), logits = 100 * image_features @ classifier, over labelled batches
+    of ImageNet-normalised images (dicts with 'images', 'labels', or (images, labels) pairs)."""
     device = torch.device(device) if device is not None else classifier.device
     correct1 = correct5 = n = 0
     k = min(5, classifier.shape[1])
@@ -595,14 +593,12 @@ def read_lines(path, what):
 
 @torch.no_grad()
 def probe_features(model, x, source='bottleneck', n_last_blocks=4):
-    """Frozen features for a linear probe, (B, F) fp32.
-    bottleneck: [mean of the d-dim bottleneck patch tokens, bottleneck cls token] (2d; the paper's
-    figures
-      probe the 64-d latent; the mean of the patches is the latent itself, the cls adds a global
-      token).
-    multilayer: DINOv2's protocol (Table 2): the cls tokens of the last n blocks and the mean patch
-    token
-      of the last block, final-normed, D-dim, no bottleneck ((n + 1) D)."""
+    """Frozen features for a linear probe, (B, F) fp32, from one of two sources.
+    - bottleneck: the mean of the d-dim bottleneck patch tokens and the bottleneck cls token (2d).
+      The paper's figures probe the 64-d latent: the mean of the patches is the latent itself, and
+      the cls token adds a global one.
+    - multilayer: DINOv2's protocol (Table 2): the cls tokens of the last n blocks and the mean
+      patch token of the last block, final-normed, D-dim, no bottleneck ((n + 1) D)."""
     if source == 'bottleneck':
         z = model.features(x, bottleneck=True)  # (B, 1 + N, d)
         return torch.cat((z[:, 1:].mean(1), z[:, 0]), dim=1).float()  # (B, 2d)
@@ -859,7 +855,7 @@ def cmd_synthetic(args):
         model = load_vtp(args.tokenizer)
         tok = text_tokenizer_for(model)
         with torch.no_grad():
-            x = data.normalize(list(fake[:len(prompts)]))
+            x = data.to_images(list(fake[:len(prompts)]))
             img = torch.cat([model.image_features(c) for c in x.split(256)])
             txt = torch.cat([model.text_features(tok(prompts[i:i + 256]))
                              for i in range(0, len(prompts), 256)])
@@ -1018,11 +1014,11 @@ def cmd_linprobe(args):
         args.num_train = 10000  # the synthetic train split is endless (1M items)
     train_set = open_data(args.train, 'train', crop)
     val_set = open_data(args.val, 'val', crop)
-    # the train crops (one random view per image, features cached once)
+    # seeds the train crops (one random view per image, features cached once)
     torch.manual_seed(args.seed)
-    # the synthetic world: crops down to 8 % of a 64 px image would cut many objects out
     aug = args.train_aug
-    if aug == 'auto':  # the synthetic objects are small: random crops would cut them out
+    # the synthetic objects are small: crops down to 8 % of a 64 px image would cut many out
+    if aug == 'auto':
         aug = 'none' if args.train == 'synthetic' else 'rrc'
     t_train, t_val = probe_transforms(crop, resize, aug)
     feats = {}
@@ -1138,8 +1134,9 @@ def add_common(p, checkpoint=True):
                    help="auto: CUDA if available, else CPU")
     p.add_argument('--batch-size', type=int, default=50,
                    help="images per batch (the official scripts use 50)")
-    p.add_argument('--num-workers', type=int, default=None, help="data loader processes per "
-                   "rank (default: the CPUs per rank less one, at most 16)")
+    p.add_argument('--num-workers', type=int, default=None,
+                   help="data loader processes per rank "
+                   "(default: the CPUs per rank less one, at most 16)")
     p.add_argument('--out', default=None,
                    help="result JSON (default: eval_<command>.json next to the checkpoint, or in "
                    "the working directory)")
@@ -1173,8 +1170,8 @@ def build_parser():
     add_data(p, "'synthetic', an image folder or .tar shards",
              "centre-crop size (default: the tokenizer's)")
     p.add_argument('--lpips', default='auto', choices=['auto', 'lpips', 'none'],
-                   help="LPIPS-VGG: auto = if its weights can be had, lpips = required, none = "
-                   "skip")
+                   help="LPIPS-VGG: auto = if its weights can be had, lpips = required, "
+                   "none = skip")
     p.add_argument('--no-fid', action='store_true', help="skip rFID (no Inception)")
     add_inception(p)
     p.set_defaults(func=cmd_recon)
@@ -1205,9 +1202,9 @@ def build_parser():
     p.add_argument('--n-last-blocks', type=int, default=4,
                    help="multilayer: cls tokens of the last n blocks")
     p.add_argument('--train-aug', default='auto', choices=['auto', 'rrc', 'none'],
-                   help="train views: rrc = DINOv2's RandomResizedCrop + flip, none = the val "
-                   "view (CLIP's protocol); auto: none on the synthetic data (small objects), rrc "
-                   "otherwise")
+                   help="train views: rrc = DINOv2's RandomResizedCrop + flip, none = the val view "
+                   "(CLIP's protocol); auto: none on the synthetic data (small objects), "
+                   "rrc otherwise")
     p.add_argument('--crop-size', type=int, default=0,
                    help="probe crop (default 224, or the tokenizer's size if smaller)")
     p.add_argument('--resize-size', type=int, default=0,
@@ -1225,8 +1222,8 @@ def build_parser():
 
     p = sub.add_parser('synthetic',
                        help="generation metrics on the synthetic world, judged by a small CNN "
-                       "trained on real synthetic images (no downloads): FD, class accuracy of "
-                       "samples")
+                       "trained on real synthetic images (no downloads): "
+                       "FD, class accuracy of samples")
     p.add_argument('--samples', required=True,
                    help="folder of images or .npz with arr_0 (uint8 NHWC)")
     p.add_argument('--num-samples', type=int, default=0, help="use the first N samples (0 = all)")
@@ -1235,8 +1232,8 @@ def build_parser():
     p.add_argument('--image-size', type=int, default=64, help="synthetic image size")
     p.add_argument('--tokenizer', default=None,
                    help=f"{vtp.TOKENIZER_HELP}: text-to-image samples are also "
-                   "scored by its image-text similarity with their prompts (prompts.txt beside "
-                   "them)")
+                   "scored by its image-text similarity with their prompts "
+                   "(prompts.txt beside them)")
     p.add_argument('--no-targets', action='store_true',
                    help="FD only (no class accuracy: the samples are unconditional or their "
                    "labels unknown)")

@@ -1,15 +1,15 @@
 """
-Stage 2 of VTP: the pixel decoder fine-tuned with a GAN objective, encoder and bottleneck frozen
-(§3.2). L_G = L1 + w_p LPIPS + λ_adv w_disc (-E[D(x_hat)]), λ_adv adaptive (LDM); D: PatchGAN,
-hinge loss.
+Stage 2 of VTP: the pixel decoder fine-tuned with a GAN objective, the encoder and bottleneck
+frozen (§3.2): L_G = L1 + w_p LPIPS + λ_adv w_disc (-E[D(x_hat)]) with LDM's adaptive λ_adv, and a
+PatchGAN discriminator D with the hinge loss.
 
 Laptop CPU, after `python train_tokenizer.py --size tiny` (built-in synthetic data, minutes):
     python finetune_decoder.py --tokenizer out/tokenizer/ckpt.pt
-One GPU, from one of our stage-1 checkpoints or an official one (HF folder or .safetensors); the
-defaults follow the tokenizer (a toy one below 256 px gets the CPU recipe, others the full-size one
-below):
+One GPU, from one of our stage-1 checkpoints or an official one (HF folder or .safetensors). The
+defaults follow the tokenizer: a tiny one (below 256 px) gets the CPU recipe, others the full-size
+one:
     python finetune_decoder.py --tokenizer out/vtp_L/ckpt.pt --data /data/imagenet/train \\
-        --val-data /data/imagenet/val --grad-accum 8 --out-dir out/decoder_L
+        --val-data /data/imagenet/val --out-dir out/decoder_L
 One node, 8 GPUs (the global batch is split across ranks; same flags):
     torchrun --standalone --nproc_per_node 8 finetune_decoder.py --tokenizer ... --data ...
 Two nodes (run on each, node_rank 0 and 1):
@@ -35,11 +35,11 @@ import vtp
 # -----------------------------------------------------------------------------
 # config. The paper gives no stage-2 hyper-parameters: the loss recipe is LDM's (PatchGAN, hinge,
 # adaptive weight, Adam betas (0.5, 0.9), disc weight 0.5 as LDM KL-f16 and VA-VAE); the full-size
-# run length and batch follow VA-VAE (assumed). Flags left at None follow the tokenizer ('toy'
+# run length and batch follow VA-VAE (assumed). Flags left at None follow the tokenizer ('tiny'
 # below 256 px).
 RECIPES = {
-    'toy': dict(batch_size=32, max_steps=400, disc_start=100, log_every=10, eval_every=100,
-                ckpt_every=200, perceptual='auto'),
+    'tiny': dict(batch_size=32, max_steps=400, disc_start=100, log_every=10, eval_every=100,
+                 ckpt_every=200, perceptual='auto'),
     'paper': dict(batch_size=256, max_steps=50000, disc_start=5000, log_every=50, eval_every=2000,
                   ckpt_every=1000, perceptual='lpips'),
 }
@@ -74,6 +74,7 @@ arg('--max-steps', type=int, default=None, help="optimizer steps")
 # system
 arg('--eval-every', type=int, default=None, help="steps between val PSNR + grid (0 = off)")
 args = parser.parse_args()
+given = vtp.explicit_flags(parser)  # flags on the command line: they win over the recipe
 
 # -----------------------------------------------------------------------------
 # distributed setup: torchrun's environment decides (nccl on CUDA, gloo on CPU, one process without)
@@ -92,10 +93,8 @@ cfg = model.config
 if not cfg.train_reconstruction:
     raise SystemExit(f"error: --tokenizer {args.tokenizer} has no pixel decoder (trained without "
                      "reconstruction)")
-recipe_name = 'toy' if cfg.image_size < 256 else 'paper'
-for k, v in RECIPES[recipe_name].items():
-    if getattr(args, k) is None:
-        setattr(args, k, v)
+recipe_name = 'tiny' if cfg.image_size < 256 else 'paper'
+vtp.apply_recipe(args, RECIPES[recipe_name])
 if args.compile is None:  # compile where it pays: full-size models on the GPU
     args.compile = device.type == 'cuda' and recipe_name == 'paper'
 B = args.batch_size
@@ -199,23 +198,22 @@ def to_disc(x):  # ImageNet-normalised -> [-1, 1], the range LDM's discriminator
     return vtp.to_unit_range(x) * 2 - 1
 
 
-def evaluate(step):
+def validate(step):
     """val PSNR of the current decoder and a grid with rows input | stage-1 decoder | current."""
     x = vtp.to_unit_range(val_images).clamp(0, 1)
-    rec = reconstruct(val_images)
+    recon = reconstruct(val_images)
     k = min(8, len(x))
-    save_image(torch.cat((x[:k], val_before[:k], rec[:k])),
+    save_image(torch.cat((x[:k], val_before[:k], recon[:k])),
                os.path.join(args.out_dir, f'recon_{step:06d}.png'), nrow=k)
-    return {'val_psnr': round(vtp.psnr(rec, x).mean().item(), 4)}
+    return {'val_psnr': round(vtp.psnr(recon, x).mean().item(), 4)}
 
 
 def generator_pass(x, z, gan, net, k):
-    """L_G of one micro-batch (images x, their latents z) and the backward of L_G / k (k
-    micro-steps): L1 + LPIPS, and from --disc-start the adversarial term with the adaptive
-    weight."""
+    """L_G of one micro-batch (images x, their latents z), and the backward of L_G / k for k
+    micro-steps: L1 + LPIPS, and from --disc-start the adversarial term, adaptively weighted."""
     with autocast:
-        rec = net(z)  # (b, 3, S, S)
-    l1, lp = vtp.reconstruction_loss(rec, x, perceptual)
+        recon = net(z)  # (b, 3, S, S)
+    l1, lp = vtp.reconstruction_loss(recon, x, perceptual)
     loss_rec = l1 + args.perceptual_weight * lp
     terms = {'loss_rec': loss_rec, 'loss_l1': l1}
     if perceptual is not None:
@@ -223,7 +221,7 @@ def generator_pass(x, z, gan, net, k):
     loss = loss_rec
     if gan:
         with autocast:
-            logits_fake = disc(to_disc(rec))  # the raw module: D's DDP is for D's own step
+            logits_fake = disc(to_disc(recon))  # the raw module: D's DDP is for D's own step
         loss_g = vtp.generator_loss(logits_fake)
         # W_last of the adaptive weight: the decoder's final 1x1 conv
         w = vtp.adaptive_weight(loss_rec, loss_g, decoder.proj_out.weight)
@@ -307,7 +305,9 @@ def probe(b):
         disc.load_state_dict(buffers)
 
 
+derived = {'compile', 'num_workers'} - given  # what the machine decided (reported with the config)
 if args.grad_accum is None:
+    derived.add('grad_accum')
     trained = [p for p in (*decoder.parameters(), *disc.parameters())]
     moments = 0 if opt_g.state else 8 * sum(p.numel() for p in trained)  # Adam's, fp32, made later
     args.grad_accum = vtp.fit_grad_accum(probe, B, world_size, device, reserve_bytes=moments)
@@ -318,30 +318,40 @@ batches = iter(loader)
 
 # -----------------------------------------------------------------------------
 # training loop
+args.num_workers = workers
+vtp.report_config(args, given, RECIPES[recipe_name], recipe_name, derived,
+                  path=os.path.join(args.out_dir, 'config.json') if master and not measuring
+                  else None)
+print0(f"the model: the tokenizer's own config ({args.tokenizer}), its decoder trained")
 print0(f"batch {B} = {world_size} ranks x {args.grad_accum} micro x {b}; GAN from step "
        f"{args.disc_start}; {workers} data worker(s) per rank"
        f"{'; compiled' if args.compile else ''}")
 meter = vtp.Meter()
 if args.bench_data:  # the loader alone
-    vtp.bench_data(lambda: [next(batches) for _ in range(args.grad_accum)], args.bench_data, B,
-                   workers)
+    def next_step():
+        return [next(batches) for _ in range(args.grad_accum)]
+
+    vtp.bench_data(next_step, args.bench_data, B, workers)
 if args.bench or args.profile:  # the train step alone (GAN on), one cached step of micro-batches
     cached = [next(batches)['images'].to(device) for _ in range(args.grad_accum)]
     flops = 3 * vtp.decoder_flops(cfg, args.image_size) + vtp.encoder_flops(cfg, args.image_size)[0]
-    vtp.bench(lambda: train_step(args.disc_start, cached, meter), args.bench, B, flops, device,
-              world_size,
+
+    def bench_step():
+        train_step(args.disc_start, cached, meter)
+
+    vtp.bench(bench_step, args.bench, B, flops, device, world_size,
               f"stage 2 {args.image_size}px batch {B} (decoder + encoder counted; D and LPIPS not)",
               profile_steps=args.profile, trace_dir=args.out_dir)
 if measuring:
     del train_decoder, train_disc, loader, batches
     vtp.teardown()
     raise SystemExit(0)
-log_path, pbar = vtp.start_log(args.out_dir, start_step, args.max_steps)
+log_path, progress = vtp.start_log(args.out_dir, start_step, args.max_steps)
 # step 0 evaluates the stage-1 decoder: the baseline the GAN fine-tuning has to beat
 if master and start_step == 0 and val_images is not None:
-    vtp.append_log(log_path, {'step': 0, **evaluate(0)})
+    vtp.append_log(log_path, {'step': 0, **validate(0)})
 t0, samples_since = time.time(), 0
-for step in pbar:
+for step in progress:
     micro_batches = []
     for _ in range(args.grad_accum):
         batch = next(batches)
@@ -353,28 +363,26 @@ for step in pbar:
     log_due = done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.max_steps
     eval_due = val_images is not None and args.eval_every and (done % args.eval_every == 0 or
                                                                done == args.max_steps)
-    rec_log = {}
+    record = {}
     if log_due:
         vals = meter.reduce()  # the one host sync per log step; checked before any checkpoint
         vtp.check_finite(vals, done, ckpt_path)
         dt = time.time() - t0
-        rec_log = {'step': done, **{k: round(v, 6) for k, v in vals.items()
+        record = {'step': done, **{k: round(v, 6) for k, v in vals.items()
                                     if k != 'skipped_steps'},
                    'lr': args.lr, 'disc_lr': args.disc_lr,
                    'img_per_s': round(samples_since / dt, 2)}
         total = vtp.count_over_ranks(skipped)  # bad-sample counts live on each rank
         if total:
-            rec_log['skipped'] = total
+            record['skipped'] = total
         t0, samples_since = time.time(), 0
     if eval_due and master:
-        rec_log = {'step': done, **rec_log, **evaluate(done)}
-    if master and rec_log:
-        vtp.append_log(log_path, rec_log)
-        if 'loss' in rec_log:
-            post = dict(l1=f"{rec_log['loss_l1']:.4f}", img_s=f"{rec_log['img_per_s']:.0f}")
-            if 'loss_d' in rec_log:
-                post['d'] = f"{rec_log['loss_d']:.3f}"
-            pbar.set_postfix(**post)
+        record = {'step': done, **record, **validate(done)}
+    if master and record:
+        vtp.append_log(log_path, record)
+        if 'loss' in record:
+            gan = {'loss_d': record['loss_d']} if 'loss_d' in record else {}
+            progress.log(done, record['loss'], record['img_per_s'], **gan)
     if master and (done % args.ckpt_every == 0 or done == args.max_steps):
         save(done)
 

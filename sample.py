@@ -5,14 +5,14 @@ samples.npz (arr_0, uint8 NHWC) for FID (dit_full.md §3, §5).
 
 Laptop CPU, the quick start's DiT (64 samples, with guidance); a text-to-image DiT takes prompts:
     python sample.py --ckpt out/dit/ckpt.pt --num-samples 64 --cfg-scale 4
-    python sample.py --ckpt out/dit_text/ckpt.pt --prompt "a red star." --prompt "a blue circle."
-    --cfg-scale 4
+    python sample.py --ckpt out/dit_text/ckpt.pt --prompt "a red star." \\
+        --prompt "a blue circle." --cfg-scale 4
 One node, FID-50k as in the paper (250 Euler points, shift 0.075, no guidance):
     torchrun --standalone --nproc_per_node 8 sample.py --ckpt out/dit/ckpt.pt --num-samples 50000 \\
         --fid-ref VIRTUAL_imagenet256_labeled.npz
 An official LightningDiT checkpoint (its latent stats file and tokenizer given explicitly):
-    python sample.py --ckpt lightningdit.pt --dit-config DiT-XL/1 --latent-stats latents_stats.pt
-    --tokenizer vtp-l
+    python sample.py --ckpt lightningdit.pt --dit-config DiT-XL/1 \\
+        --latent-stats latents_stats.pt --tokenizer vtp-l
 The noise of sample i comes from a generator seeded by (seed, i) and the samples of batch k are
 split over the ranks, so the images do not depend on the number of ranks (bit for bit when each
 rank runs the same batch shape; a different per-rank batch changes only float rounding in the
@@ -88,7 +88,7 @@ try:
                                       vtp.DIT_CONFIGS[args.dit_config] if args.dit_config else None)
 except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
     raise SystemExit(f"error: --ckpt {args.ckpt} is not a DiT checkpoint this config can load: "
-                     f"{vtp._first_line(e)[:200]}")
+                     f"{vtp.first_line(e)[:200]}")
 dit = model.to(device).eval()
 cfg = dit.config
 if args.compile is None:  # 250 steps a batch: compiling the blocks pays on the GPU
@@ -109,9 +109,8 @@ mean, std = stats['mean'].to(device).float(), stats['std'].to(device).float()  #
 
 
 def recorded(entry, flag):
-    """A tokenizer path recorded in our DiT checkpoint, refused if the file there changed since it
-    was recorded (a later run wrote over it): its weights would not be those the DiT was trained
-    with."""
+    """A tokenizer path recorded in our DiT checkpoint. It is refused if the file there changed
+    since (a later run wrote over it): its weights would not be those the DiT was trained with."""
     path = entry['path']
     if not os.path.exists(path):
         raise SystemExit(f"error: {path}, recorded in {args.ckpt}, is gone; pass {flag}")
@@ -197,8 +196,7 @@ def sample(idx):
     """Samples idx -> uint8 images (n, H, W, 3), decoded by the tokenizer (fp32, as upstream)."""
     noise = torch.stack([noise_of(i) for i in idx]).to(device)  # (n, C, H, W)
     z = vtp.euler_sample(dit, noise, condition(idx), args.num_steps, args.timestep_shift,
-                         args.cfg_scale,
-                         args.cfg_interval_start, null_class=dit.null_condition(),
+                         args.cfg_scale, args.cfg_interval_start, null_class=dit.null_condition(),
                          cfg_channels=args.cfg_channels or None, heun=args.heun)
     z = z * std + mean  # un-normalise: a forgotten step costs FID ~130 (LightningDiT#34)
     x = vtp.to_unit_range(tokenizer.decode(z).float()).clamp(0, 1)  # (n, 3, H, W)
@@ -206,10 +204,11 @@ def sample(idx):
 
 
 if args.bench:  # sampling throughput on the first batch's samples, nothing written
-    vtp.bench(lambda: sample(range(rank * per_rank, (rank + 1) * per_rank)), args.bench,
-              args.batch_size,
-              0.0, device, world_size, f"sampling {args.num_steps} points, cfg {args.cfg_scale}",
-              measure_flops=False)
+    def bench_step():
+        sample(range(rank * per_rank, (rank + 1) * per_rank))
+
+    vtp.bench(bench_step, args.bench, args.batch_size, 0.0, device, world_size,
+              f"sampling {args.num_steps} points, cfg {args.cfg_scale}", measure_flops=False)
     vtp.teardown()
     raise SystemExit(0)
 

@@ -36,11 +36,11 @@ import vtp
 # -----------------------------------------------------------------------------
 # config. Flags left at None follow the tokenizer: the paper's recipe (VTP's LightningDiT configs:
 # AdamW 2e-4 constant, betas (0.9, 0.95), wd 0, no clipping, EMA 0.9999) for S/B/L and official
-# tokenizers, a CPU recipe for toy ones (below 256 px), whose short run needs a short EMA: after
+# tokenizers; for a tiny one (below 256 px) a CPU recipe, whose short run needs a short EMA: after
 # 2000 steps 0.9999 would still hold 82 % of the random init.
 RECIPES = {
-    'toy': dict(model='DiT-T/1', batch_size=32, lr=2e-3, ema_decay=0.99, max_steps=2000,
-                log_every=50, sample_every=500, ckpt_every=500, num_images=20000),
+    'tiny': dict(model='DiT-T/1', batch_size=32, lr=2e-3, ema_decay=0.99, max_steps=2000,
+                 log_every=50, sample_every=500, ckpt_every=500, num_images=20000),
     'paper': dict(model='DiT-XL/1', batch_size=1024, lr=2e-4, ema_decay=0.9999, max_steps=100000,
                   log_every=100, sample_every=10000, ckpt_every=5000, num_images=0),
 }
@@ -54,7 +54,7 @@ arg('--data', default='synthetic', help="'synthetic', a folder of class sub-fold
 arg('--latent-dir', default=None, help="latent cache (default: OUT_DIR/latents; "
     "on a filesystem every node sees); rebuilt if the encoder or data differ")
 arg('--num-images', type=int, default=None, help="cache the first N training images (0 = all; "
-    "toy recipe: 20000 of the endless synthetic set)")
+    "tiny recipe: 20000 of the endless synthetic set)")
 arg('--image-size', type=int, default=0,
     help="centre-crop size before encoding (default: the tokenizer's training size)")
 arg('--cache-batch-size', type=int, default=64, help="images per encoder batch, caching")
@@ -92,6 +92,7 @@ arg('--timestep-shift', type=float, default=0.075, help="preview time shift (VTP
 arg('--num-workers', type=int, default=None, help="data loader processes per rank (default: "
     "the CPUs per rank less one, at most 16)")
 args = parser.parse_args()
+given = vtp.explicit_flags(parser)  # flags on the command line: they win over the recipe
 
 # -----------------------------------------------------------------------------
 # distributed setup: torchrun's environment decides (nccl on CUDA, gloo on CPU, one process without)
@@ -113,10 +114,8 @@ if not hasattr(tokenizer, 'pixel_decoder'):
 if text and not hasattr(text_encoder, 'text_transformer'):
     raise SystemExit(f"error: {args.text_encoder or args.tokenizer} has no text tower (trained "
                      f"without CLIP): pass --text-encoder with one that has")
-recipe_name = 'toy' if tokenizer.config.image_size < 256 else 'paper'
-for k, v in RECIPES[recipe_name].items():
-    if getattr(args, k) is None:
-        setattr(args, k, v)
+recipe_name = 'tiny' if tokenizer.config.image_size < 256 else 'paper'
+vtp.apply_recipe(args, RECIPES[recipe_name])
 if args.compile is None:  # compile where it pays: full-size models on the GPU
     args.compile = device.type == 'cuda' and recipe_name == 'paper'
 G = args.batch_size
@@ -215,24 +214,6 @@ train_model = DDP(model, device_ids=[local_rank] if device.type == 'cuda' else N
     else model
 
 
-def dit_train_flops_per_sample(cfg):
-    """Training FLOPs (2 per multiply-add) per latent: 3 x the forward (forward + backward), the
-    forward counted from the shapes: blocks (vtp.vit_flops), adaLN projections, patch embedding and
-    output layer, and with text the cross-attention. XL/1 on 16x16x64: 236 GFLOPs forward, 709
-    training."""
-    D, p = cfg.hidden_size, cfg.patch_size
-    n = (cfg.input_size // p) ** 2
-    hidden = int(2 / 3 * int(D * cfg.mlp_ratio)) if cfg.use_swiglu else int(D * cfg.mlp_ratio)
-    fwd = vtp.vit_flops(D, cfg.depth, hidden, n, 3 if cfg.use_swiglu else 2)
-    fwd += 2 * D * D * (cfg.depth * (4 if cfg.wo_shift else 6) + 2)  # adaLN: once per sample
-    fwd += 2 * n * D * p * p * cfg.in_channels * 2  # patch embedding in, final linear out
-    if cfg.text_dim:  # per block: q, proj on the image tokens; k, v on the text tokens; attention
-        L = cfg.text_len
-        fwd += cfg.depth * (2 * 2 * n * D * D + 2 * 2 * L * D * D + 2 * 2 * n * L * D)
-        fwd += 2 * (L * cfg.text_dim * D + cfg.text_dim * D + D * D)  # the text embedder
-    return 3 * fwd
-
-
 def step_seed(step, micro):
     # noise, t and label dropout depend on (seed, step, micro-step, rank) only: resume is exact
     return data.mix64(data.mix64(data.mix64(args.seed, step), micro), rank) >> 1
@@ -317,7 +298,9 @@ def probe(b):
         optimizer.zero_grad(set_to_none=True)
 
 
+derived = {'compile', 'num_workers'} - given  # what the machine decided (reported with the config)
 if args.grad_accum is None:
+    derived.add('grad_accum')
     moments = 0 if optimizer.state else 8 * sum(p.numel() for p in model.parameters()
                                                 if p.requires_grad)  # AdamW's, fp32, made later
     args.grad_accum = vtp.fit_grad_accum(probe, G, world_size, device, reserve_bytes=moments)
@@ -325,8 +308,12 @@ b = vtp.split_batch(G, world_size, args.grad_accum)
 
 # -----------------------------------------------------------------------------
 # training loop
-flops_per_sample = dit_train_flops_per_sample(cfg)
+flops_per_sample = vtp.dit_train_flops_per_sample(cfg)
 peak_flops = vtp.gpu_peak_flops(device) if device.type == 'cuda' else None
+args.num_workers = workers
+vtp.report_config(args, given, RECIPES[recipe_name], recipe_name, derived, cfg,
+                  (args.model, vtp.DIT_CONFIGS[args.model]),
+                  os.path.join(args.out_dir, 'config.json') if master and not measuring else None)
 print0(f"batch {G} = {world_size} ranks x {args.grad_accum} micro x {b}; "
        f"{flops_per_sample / 1e9:.3f} GFLOPs/latent (training); {workers} data worker(s) per "
        f"rank{'; compiled' if args.compile else ''}")
@@ -334,9 +321,13 @@ model.train()
 meter = vtp.Meter()
 if measuring:  # the train step alone on a cached random batch
     cached = [random_batch(b)] * args.grad_accum
-    vtp.bench(lambda: train_step(0, cached, meter), args.bench, G, flops_per_sample, device,
-              world_size, f"{args.model} {cfg.input_size}x{cfg.input_size}x{cfg.in_channels} "
-              f"batch {G}", profile_steps=args.profile, trace_dir=args.out_dir)
+
+    def bench_step():
+        train_step(0, cached, meter)
+
+    vtp.bench(bench_step, args.bench, G, flops_per_sample, device, world_size,
+              f"{args.model} {cfg.input_size}x{cfg.input_size}x{cfg.in_channels} batch {G}",
+              profile_steps=args.profile, trace_dir=args.out_dir)
     del train_model
     vtp.teardown()
     raise SystemExit(0)
@@ -346,14 +337,17 @@ loader = DataLoader(train_set, batch_size=b, sampler=positions, num_workers=work
                     pin_memory=device.type == 'cuda', persistent_workers=workers > 0)
 batches = iter(loader)
 if args.bench_data:  # the loader alone (with the text tower for --condition text)
-    vtp.bench_data(lambda: [encode_text(next(batches)[2]) if text else next(batches)
-                            for _ in range(args.grad_accum)], args.bench_data, G, workers)
+    def next_step():
+        return [encode_text(next(batches)[2]) if text else next(batches)
+                for _ in range(args.grad_accum)]
+
+    vtp.bench_data(next_step, args.bench_data, G, workers)
     del train_model, loader, batches
     vtp.teardown()
     raise SystemExit(0)
-log_path, pbar = vtp.start_log(args.out_dir, start_step, args.max_steps)
+log_path, progress = vtp.start_log(args.out_dir, start_step, args.max_steps)
 t0, samples_since = time.time(), 0
-for step in pbar:
+for step in progress:
     micro_batches = []
     for _ in range(args.grad_accum):
         # (b, C, h, w) normalised latents, (b,) labels, b captions
@@ -374,7 +368,7 @@ for step in pbar:
             rec['mfu'] = round(flops_per_sample * samples_since / dt / (peak_flops * world_size), 4)
         if master:
             vtp.append_log(log_path, rec)
-            pbar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+            progress.log(done, rec['loss'], rec['img_per_s'])
         t0, samples_since = time.time(), 0
     if master and args.sample_every and (done % args.sample_every == 0 or done == args.max_steps):
         save_preview(done)

@@ -4,8 +4,8 @@ reconstruction (L1 + LPIPS), L = λ_rec L_rec + λ_ssl L_ssl + λ_clip L_clip (p
 
 Laptop CPU, built-in synthetic data, a few minutes (README: the figures it reaches):
     python train_tokenizer.py --size tiny
-One GPU (the global batch by accumulation; exact, see --grad-accum):
-    python train_tokenizer.py --size L --data /data/datacomp/{00000..02000}.tar --grad-accum 16
+One GPU (the global batch by exact accumulation, the micro-batch probed to fit: see --grad-accum):
+    python train_tokenizer.py --size L --data /data/datacomp/{00000..02000}.tar
 One node, 8 GPUs (the global batch is split across ranks; same flags):
     torchrun --standalone --nproc_per_node 8 train_tokenizer.py --size L --data ...
 Two nodes (run on each, node_rank 0 and 1):
@@ -135,10 +135,9 @@ arg('--eval-every', type=int, default=None, help="steps between val PSNR / zero-
 arg('--keep-every', type=int, default=0, help="also keep ckpt_STEP.pt every N steps (the "
     "checkpoints of one run at several budgets, as scripts/ablation.py compares them)")
 args = parser.parse_args()
-recipe = RECIPES['tiny' if args.size == 'tiny' else 'paper']
-for k, v in recipe.items():
-    if getattr(args, k, None) is None:
-        setattr(args, k, v)
+given = vtp.explicit_flags(parser)  # flags on the command line: they win over the recipe
+recipe_name = 'tiny' if args.size == 'tiny' else 'paper'
+vtp.apply_recipe(args, RECIPES[recipe_name])
 
 # -----------------------------------------------------------------------------
 # distributed setup: torchrun's environment decides (nccl on CUDA, gloo on CPU, one process without)
@@ -147,19 +146,22 @@ master, print0 = rank == 0, vtp.print0
 torch.manual_seed(args.seed)  # the same init on every rank (DDP also broadcasts it)
 autocast = vtp.autocast(device, args.dtype)
 
-use_clip, use_ssl, use_rec = args.lambda_clip > 0, args.lambda_ssl > 0, args.lambda_rec > 0
+# the weights of eq. 3; an objective with weight 0 is off: it builds nothing and costs nothing
+weight = dict(clip=args.lambda_clip, ssl=args.lambda_ssl, rec=args.lambda_rec,
+              koleo=args.lambda_koleo)
+use_clip, use_ssl, use_rec = weight['clip'] > 0, weight['ssl'] > 0, weight['rec'] > 0
 if not (use_clip or use_ssl or use_rec):
-    raise SystemExit("error: --lambda-clip, --lambda-ssl and --lambda-rec are all 0: "
-                     "nothing to train")
+    raise SystemExit("error: --lambda-clip, --lambda-ssl and --lambda-rec are all 0: nothing to "
+                     "train")
 B = args.batch_size
-# the global B_ssl / B_rec: subsets of the batch (§3.6); an objective that is off has none
+# the global B_ssl and B_rec: subsets of the batch (§3.6); an objective that is off has none
 subset = {'ssl': 0, 'rec': 0}
 for name, on, size, frac in (('ssl', use_ssl, args.ssl_batch_size, args.ssl_frac),
                              ('rec', use_rec, args.rec_batch_size, args.rec_frac)):
     if on:
         subset[name] = size if size is not None else int(B * frac)
 subset_flags = {f'--{name}-batch-size': n for name, n in subset.items() if n}
-vtp.split_batch(B, world_size, args.grad_accum or 1, subset_flags)  # bad sizes stop here
+vtp.split_batch(B, world_size, args.grad_accum or 1, subset_flags)  # bad sizes stop here, early
 
 # -----------------------------------------------------------------------------
 # model: an objective with weight 0 builds no modules, so DDP needs no find_unused_parameters
@@ -187,8 +189,7 @@ if init is not None:
     missing, _ = model.load_state_dict(init.state_dict(), strict=False)
     print0(f"started from {args.tokenizer}; new (random) parts: "
            f"{sorted({k.split('.')[0] for k in missing})}")
-if not use_rec and cfg.bottleneck_ae_only:
-    # nothing reads it: keep it out of DDP's reducer
+if not use_rec and cfg.bottleneck_ae_only:  # nothing reads it: keep it out of DDP's reducer
     model.trunk.feature_bottleneck.requires_grad_(False)
 for blk in model.trunk.blocks:
     blk.drop_path = args.drop_path  # the student only; the teacher's blocks keep 0
@@ -204,15 +205,15 @@ if use_ssl:  # EMA teacher: encoder + heads, started as a copy of the student (D
 perceptual = vtp.make_lpips(args.perceptual, device, verbose=master) if use_rec else None
 groups = vtp.param_groups(model, args.weight_decay, args.layer_decay, args.patch_embed_lr_mult)
 optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6, fused=True)
-# clipped together (DINOv2 clips backbone and heads apart): the encoder, the decoder, the text tower
-# with the CLIP projections, the SSL heads
+# gradient clipping per module (--clip-per-module; DINOv2 clips backbone and heads apart): the
+# encoder, the decoder, the SSL heads, and the rest (the text tower with the CLIP projections)
 PARTS = (('trunk.', 'encoder'), ('pixel_decoder.', 'decoder'), ('dino_head.', 'heads'),
          ('ibot_head.', 'heads'))
-part = lambda n: next((v for k, v in PARTS if n.startswith(k)), 'text')
 clip_parts = {}
 for name, p in model.named_parameters():
     if p.requires_grad:
-        clip_parts.setdefault(part(name) if args.clip_per_module else 'all', []).append(p)
+        part = next((v for k, v in PARTS if name.startswith(k)), 'text')
+        clip_parts.setdefault(part if args.clip_per_module else 'all', []).append(p)
 
 
 start_step, flops_done, skipped = 0, 0.0, {}
@@ -292,8 +293,10 @@ def ssl_targets(micro_batches, temp):
             ibot.append(i)
     p_dino = vtp.sinkhorn_knopp(torch.cat(dino), temp).split([len(d) for d in dino])
     p_ibot = vtp.sinkhorn_knopp(torch.cat(ibot), temp).split([len(i) for i in ibot])
-    pad = lambda p, M: torch.cat((p, p.new_zeros(M - len(p), p.shape[1])))
-    return p_dino, [pad(p, len(mb['ibot_index'])) for p, mb in zip(p_ibot, micro_batches)]
+    # zero rows for the padding, where the student's padded index has rows too (weight 0 there)
+    p_ibot = [torch.cat((p, p.new_zeros(len(mb['ibot_index']) - len(p), p.shape[1])))
+              for p, mb in zip(p_ibot, micro_batches)]
+    return p_dino, p_ibot
 
 
 @torch.no_grad()
@@ -327,16 +330,16 @@ def train_step(step, micro_batches, net=None):
     for m, mb in enumerate(micro_batches):
         if states is not None:  # replay the cache pass's randomness: the same features
             vtp.set_rng_state(states[m], device)
-        last = m == k - 1
-        # DDP all-reduces the gradients once, in the last micro-step
+        last = m == k - 1  # DDP all-reduces the gradients once, in the last micro-step
         sync = net.no_sync() if net is not model and not last else contextlib.nullcontext()
         with sync:
             ssl_inputs = dict(global_crops=mb['global_crops'], local_crops=mb['local_crops'],
-                              masks=mb['masks'],
-                              ibot_index=mb['ibot_index']) if use_ssl else {}
-            with autocast:  # one forward for every objective: the rec rows reuse the CLIP view
+                              masks=mb['masks'], ibot_index=mb['ibot_index']) if use_ssl else {}
+            # one forward for every objective (DDP needs one call), the B_rec rows reusing the
+            # encoder's CLIP pass: the reconstruction costs the decoder only
+            with autocast:
                 out = net(images=mb['images'], tokens=mb['tokens'] if use_clip else None,
-                                  n_rec=mb['n_rec'] if use_rec else 0, **ssl_inputs)
+                          n_rec=mb['n_rec'] if use_rec else 0, **ssl_inputs)
             # CLIP's loss is the whole step's in every micro-step (each one carries the gradient
             # through its own features only), so it is not divided by k; the other terms are means
             # over one micro-batch, and their step loss is the mean over the k of them
@@ -345,13 +348,13 @@ def train_step(step, micro_batches, net=None):
                 scale = out['logit_scale'].float()  # live in one micro-step only: one gradient
                 micro['loss_clip'] = vtp.clip_loss(out['image_features'], out['text_features'],
                                                    scale if last else scale.detach(), cache, m)
-                clip = args.lambda_clip * micro['loss_clip']
+                clip = weight['clip'] * micro['loss_clip']
             if use_rec:  # the first n_rec rows of the main view are the B_rec subset (§3.6)
                 target = mb['images'][:mb['n_rec']]
                 micro['loss_l1'], micro['loss_lpips'] = vtp.reconstruction_loss(
                     out['reconstruction'], target, perceptual)
                 micro['loss_rec'] = micro['loss_l1'] + micro['loss_lpips']
-                rest = rest + args.lambda_rec * micro['loss_rec']
+                rest = rest + weight['rec'] * micro['loss_rec']
             if use_ssl:
                 micro['loss_dino'] = vtp.dino_loss(out['dino_logits'], p_dino[m], args.student_temp)
                 micro['loss_ibot'] = vtp.ibot_loss(out['ibot_logits'], p_ibot[m], mb['ibot_weight'],
@@ -359,9 +362,10 @@ def train_step(step, micro_batches, net=None):
                 # KoLeo on each global crop's cls tokens, per rank and micro-batch (DINOv2: per
                 # rank), the one term that --grad-accum changes
                 micro['loss_koleo'] = sum(vtp.koleo_loss(c) for c in out['global_cls'].chunk(2))
-                rest = rest + args.lambda_ssl * (micro['loss_dino'] + micro['loss_ibot'] +
-                                                 args.lambda_koleo * micro['loss_koleo'])
-            (clip + rest / k).backward()
+                # L_ssl = L_dino + L_ibot (eq. 2), with DINOv2's KoLeo regulariser
+                rest = rest + weight['ssl'] * (micro['loss_dino'] + micro['loss_ibot'] +
+                                               weight['koleo'] * micro['loss_koleo'])
+            (clip + rest / k).backward()  # eq. 3, this micro-step's share
         micro['loss'] = (clip + rest).detach()
         for name, v in micro.items():
             terms[name] = terms.get(name, 0.0) + v.detach().float() / k
@@ -404,7 +408,7 @@ def teacher_distance():
 
 
 @torch.no_grad()
-def evaluate(step):
+def validate(step):
     """val PSNR of reconstructions and zero-shot top-1 with the class prompts on --num-val images,
     sharded over the ranks; an input | reconstruction grid."""
     model.eval()
@@ -422,17 +426,17 @@ def evaluate(step):
         with autocast:
             tokens = model.features(x)
             if use_rec:
-                rec = model.decode(model.latents(tokens, x.shape[-2:]))
+                recon = model.decode(model.latents(tokens, x.shape[-2:]))
         if use_rec:
             x01 = vtp.to_unit_range(x).clamp(0, 1)
-            rec01 = vtp.to_unit_range(rec.float()).clamp(0, 1)
-            sums[0] += vtp.psnr(rec01, x01).sum()
-            grid = grid if grid is not None else torch.cat((x01[:8], rec01[:8]))
+            recon01 = vtp.to_unit_range(recon.float()).clamp(0, 1)
+            sums[0] += vtp.psnr(recon01, x01).sum()
+            grid = grid if grid is not None else torch.cat((x01[:8], recon01[:8]))
         if clf is not None:
             logits = 100 * model.clip_image_features(tokens).float() @ clf
             sums[1] += (logits.argmax(1).cpu() == vb['labels']).sum()
         sums[2] += len(x)
-    vtp._all_reduce(sums)
+    vtp.all_reduce(sums)
     model.train()
     res = {}
     if use_rec:
@@ -463,35 +467,43 @@ def probe(b):
         optimizer.zero_grad(set_to_none=True)
 
 
+derived = {'compile', 'num_workers'} - given  # what the machine decided (reported with the config)
 if args.grad_accum is None:
     moments = 0 if optimizer.state else 8 * sum(p.numel() for p in model.parameters()
                                                 if p.requires_grad)  # AdamW's, fp32, made later
     args.grad_accum = vtp.fit_grad_accum(probe, B, world_size, device, subset_flags.values(),
                                          reserve_bytes=moments)
+    derived.add('grad_accum')
+args.num_workers = workers
 k_acc = args.grad_accum
 b = vtp.split_batch(B, world_size, k_acc, subset_flags)  # per-rank micro-batch of the CLIP batch
 # the bench and the profile time the step on a cached batch: made here, no workers left busy
 loader = make_loader(k_acc, workers if args.bench_data or not measuring else 0)
 batches = iter(loader)
-n_ssl = subset['ssl'] // (world_size * k_acc)  # per micro-batch
 
 # -----------------------------------------------------------------------------
 # training loop. The FLOPs count what runs (an objective with weight 0 adds nothing; the student's
 # iBOT head runs on the padded masked rows, the teacher's on the real ones): the x-axis of fig. 5
-ibot_rows = loader.builder.ibot_size / max(n_ssl, 1)  # padded masked-patch rows per SSL sample
-n_patches = (args.global_crop_size // cfg.patch_size) ** 2
+n_ssl = subset['ssl'] // (world_size * k_acc)  # SSL samples per micro-batch
 flops_per_sample = vtp.train_flops_per_sample(
     cfg, args.image_size, clip=use_clip, text_len=cfg.text_context_length, batch=B,
     ssl_frac=subset['ssl'] / B, global_size=args.global_crop_size, local_size=args.local_crop_size,
-    n_local=args.n_local_crops, ibot_rows=ibot_rows, ibot_rows_teacher=2 * 0.5 * 0.3 * n_patches,
-    rec_frac=subset['rec'] / B, lpips=perceptual is not None)
+    n_local=args.n_local_crops, ibot_rows=loader.builder.ibot_size / max(n_ssl, 1),
+    ibot_rows_teacher=loader.builder.masked_rows_per_sample, rec_frac=subset['rec'] / B,
+    lpips=perceptual is not None)
 peak_flops = vtp.gpu_peak_flops(device) if device.type == 'cuda' else None
+vtp.report_config(args, given, RECIPES[recipe_name], recipe_name, derived, cfg,
+                  (args.size, vtp.VTP_CONFIGS[args.size]) if init is None else None,
+                  os.path.join(args.out_dir, 'config.json') if master and not measuring else None)
 print0(f"batch {B} (ssl {subset['ssl']}, rec {subset['rec']}) = {world_size} ranks x {k_acc} micro "
        f"x {b}; {flops_per_sample / 1e9:.3f} GFLOPs/sample; {workers} data worker(s) per rank"
        f"{'; compiled' if args.compile else ''}")
 model.train()
 if args.bench_data:  # the loader alone
-    vtp.bench_data(lambda: [next(batches) for _ in range(k_acc)], args.bench_data, B, workers)
+    def next_step():
+        return [next(batches) for _ in range(k_acc)]
+
+    vtp.bench_data(next_step, args.bench_data, B, workers)
 if args.bench or args.profile:  # the train step alone, on one cached step of micro-batches
     cached = [to_device(next(batches)) for _ in range(k_acc)]
 
@@ -506,10 +518,10 @@ if measuring:
     vtp.teardown()
     raise SystemExit(0)
 
-log_path, pbar = vtp.start_log(args.out_dir, start_step, args.max_steps)
+log_path, progress = vtp.start_log(args.out_dir, start_step, args.max_steps)
 meter = vtp.Meter()
 t0, samples_since = time.time(), 0
-for step in pbar:
+for step in progress:
     micro_batches = [to_device(next(batches)) for _ in range(k_acc)]
     for mb in micro_batches:
         data.add_counts(skipped, mb['skipped'])
@@ -519,35 +531,37 @@ for step in pbar:
     samples_since += B
     done = step + 1
     log_due = done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.max_steps
-    eval_due = args.eval_every and val_set is not None and (done % args.eval_every == 0 or
-                                                            done == args.max_steps)
+    eval_due = args.eval_every and val_set is not None and \
+        (done % args.eval_every == 0 or done == args.max_steps)
     if log_due and teacher is not None:  # a frozen teacher (momentum ~1) shows as ~0 here
         terms['teacher_distance'] = teacher_distance()
     meter.add(terms)  # device tensors, summed on the device: no host sync between log steps
-    rec = {}
-    if log_due:
-        # the one host sync per log step; checked before any checkpoint is written
+    record = {}
+    if log_due:  # the one host sync per log step; checked before any checkpoint is written
         vals = meter.reduce()
         vtp.check_finite(vals, done, ckpt_path)
         dt = time.time() - t0
-        rec = {'step': done, **{k: round(v, 6) for k, v in vals.items() if k != 'skipped_steps'},
-               'lr': lr, 'img_per_s': round(samples_since / dt, 2), 'flops': flops_done,
-               'teacher_temp': teacher_temp_at(step), 'teacher_momentum': teacher_momentum_at(step)}
+        record = {'step': done, **{k: round(v, 6) for k, v in vals.items()
+                                   if k != 'skipped_steps'},
+                  'lr': lr, 'img_per_s': round(samples_since / dt, 2), 'flops': flops_done,
+                  'teacher_temp': teacher_temp_at(step),
+                  'teacher_momentum': teacher_momentum_at(step)}
         if peak_flops:
-            rec['mfu'] = round(flops_per_sample * samples_since / dt / (peak_flops * world_size), 4)
+            record['mfu'] = round(flops_per_sample * samples_since / dt / (peak_flops * world_size),
+                                  4)
         total = vtp.count_over_ranks(skipped)  # bad-sample counts live on each rank
         if total:
-            rec['skipped'] = total
+            record['skipped'] = total
         if use_clip:
-            rec['logit_scale'] = round(model.logit_scale.exp().item(), 3)
+            record['logit_scale'] = round(model.logit_scale.exp().item(), 3)
         t0, samples_since = time.time(), 0
     if eval_due:
         with vtp.eager():  # a few batches of other shapes: compiling them would not pay
-            rec = {'step': done, **rec, **evaluate(done)}
-    if master and rec:
-        vtp.append_log(log_path, rec)
-        if 'loss' in rec:
-            pbar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+            record = {'step': done, **record, **validate(done)}
+    if master and record:
+        vtp.append_log(log_path, record)
+        if 'loss' in record:
+            progress.log(done, record['loss'], record['img_per_s'])
     if master and (done % args.ckpt_every == 0 or done == args.max_steps or
                    args.keep_every and done % args.keep_every == 0):
         save(done)

@@ -1,14 +1,14 @@
 """
-The ablation of paper §4.3 (fig. 2, 4, 5) at toy scale, as one command: does understanding drive
-generation?
+The ablation of paper §4.3 (fig. 2, 4, 5) at toy scale, as one command:
+does understanding drive generation?
 
 For each objective set (AE, CLIP+AE, SSL+AE, CLIP+SSL+AE) one tokenizer is pre-trained
 (train_tokenizer.py; its checkpoints at each of --budgets steps are kept), and on each checkpoint:
   understanding   zero-shot top-1 and the bottleneck linear probe (evaluate.py zeroshot, linprobe)
   reconstruction  PSNR (evaluate.py recon) and rFD, the judge's Fréchet distance of reconstructions
-  generation      the same DiT at equal compute (train_dit.py --dit-steps), its samples (sample.py)
-                  judged by a CNN trained on real synthetic images (evaluate.py synthetic: FD and
-                  class accuracy)
+  generation      the same DiT at equal compute (train_dit.py --dit-steps); its samples
+                  (sample.py) are judged by a CNN trained on real synthetic images
+                  (evaluate.py synthetic: FD and class accuracy)
   compute         the pre-training FLOPs of the checkpoint
 The last budget's DiTs are trained with --dit-seeds seeds, to compare differences with the spread
 between seeds. Results: OUT_DIR/results.jsonl (one line per checkpoint and DiT seed), fig. 2
@@ -20,8 +20,8 @@ set) in ablation.png. A killed run continues where it stopped (finished stages a
         --dit-data /data/imagenet/train --budgets 5000,10000,20000 \\
         --tokenizer-args "--batch-size 4096" --dit-args "--model DiT-B/1 --batch-size 256" \\
         --dit-steps 20000 --launch "torchrun --nproc_per_node 8"
-(S/B/L on real data: the `synthetic` judge only knows the toy world; use evaluate.py fid on the
-samples.)
+S/B/L on real data: the `synthetic` judge only knows the toy world, so score the samples with
+evaluate.py fid instead.
 """
 import argparse
 import json
@@ -90,7 +90,7 @@ def run(script, *argv, launch=None):
     """A stage script in its own process; stops the ablation with its last lines if it fails."""
     cmd = shlex.split(launch or args.launch) + [os.path.join(ROOT, script)] + [str(a) for a in argv]
     print('$', ' '.join(cmd), flush=True)
-    # in our working folder: --out-dir is relative to it
+    # run in our working folder, since --out-dir is relative to it
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"error: {script} failed:\n{(p.stdout + p.stderr)[-3000:]}")
@@ -106,14 +106,14 @@ def evaluate(*argv):
 
 @torch.no_grad()
 def reconstruction_fd(ckpt, n=1000):
-    """The judge's Fréchet distance between real val images and their reconstructions (rFD),
-    offline."""
+    """rFD, offline: the judge's Fréchet distance between real val images
+    and their reconstructions."""
     tok = vtp.load_tokenizer(ckpt)
     S = tok.config.image_size
     x, _ = E.synthetic_images('val', n, S)
     rec = []
     for xb in x.split(100):
-        z = tok.encode(data.normalize(list(xb.permute(0, 2, 3, 1).numpy())))
+        z = tok.encode(vtp.normalize(xb))
         # quantised to uint8 like the PNGs of the samples it is compared with
         rec.append((vtp.to_unit_range(tok.decode(z)).clamp(0, 1) * 255).to(torch.uint8))
     judge = E.synthetic_judge(S)

@@ -44,8 +44,7 @@ state_gib = (16 * weights + 4 * teacher) / 2 ** 30
 
 def saved_bytes(fn):
     """Bytes of the tensors autograd saves for backward while fn() runs (each storage counted once),
-    plus, under checkpointing, the block inputs it keeps to recompute from (saved outside
-    autograd)."""
+    plus, under checkpointing, the block inputs kept to recompute from (saved outside autograd)."""
     seen, kept = {}, []
 
     def pack(t):

@@ -38,9 +38,9 @@ def read_log(out_dir):
 
 @pytest.fixture(scope='session')
 def tiny_tokenizer(tmp_path_factory):
-    """Path of the ckpt.pt of a tiny stage-1 run on the synthetic data (all objectives, L1 only),
-    and its out-dir with log.jsonl. Trained once per test session (~1.5 minutes on 2 CPU cores: it
-    runs alone, so with 2 threads)."""
+    """Path of the ckpt.pt of a tiny stage-1 run on the synthetic data (all objectives, L1 only);
+    its folder is the run's out-dir, with log.jsonl. Trained once per test session (~1.5 minutes
+    on 2 CPU cores: it runs alone, so with 2 threads)."""
     out = tmp_path_factory.mktemp('tiny_tokenizer')
     cmd = [sys.executable, str(ROOT / 'train_tokenizer.py'), '--size', 'tiny',
            '--max-steps', str(TOKENIZER_STEPS), '--num-workers', '1', '--perceptual', 'none',

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import data
+import vtp
 
 SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
 BPE = SHARED / 'data' / 'bpe_simple_vocab_16e6.txt.gz'
@@ -218,9 +219,9 @@ def test_one_rank_equals_two_ranks(synth):
 
 
 def test_loader_rejects_bad_splits(synth):
-    with pytest.raises(data.DataError, match='not divisible'):
+    with pytest.raises(SystemExit, match='does not split'):
         data.TrainLoader(synth, None, world_size=4, **dict(KW, global_batch=18))
-    with pytest.raises(data.DataError, match='ssl batch'):
+    with pytest.raises(SystemExit, match='--ssl-batch-size 2 must divide'):
         data.TrainLoader(synth, None, world_size=4, **dict(KW, ssl_batch=2))
     b = take(data.TrainLoader(synth, None, **dict(KW, ssl_batch=0, rec_batch=0)), 1)[0]
     assert 'global_crops' not in b and b['n_rec'] == 0 and b['tokens'] is None
@@ -387,8 +388,8 @@ def decode_ids(batch):
     for row, t in enumerate(batch['tokens']):
         text = bytes(int(v) - 1 for v in t[1:] if 0 < v < 257).decode()
         k = int(text.split()[1])
-        mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
-        std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+        mean = torch.tensor(vtp.IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(vtp.IMAGENET_STD).view(3, 1, 1)
         rgb = ((batch['images'][row] * std + mean) * 255).mean((1, 2))
         assert (rgb - torch.tensor(color_of(k), dtype=torch.float)).abs().max() < 6, (k, rgb)
         ids.append(k)

@@ -208,7 +208,7 @@ def test_variants_roundtrip_through_state_dict(kw):
     out = m(x, t, y)
     assert out.shape == x.shape and out.abs().max() > 0
     sd = {k: v.clone() for k, v in m.state_dict().items()}
-    # else: sizes from shapes
+    # None: the sizes are read off the shapes; without RoPE num_heads is unknown, so pass the config
     m2 = DiT.from_official(sd, None if m.config.use_rope else m.config).eval()
     assert m2.config == m.config
     assert torch.equal(m2(x, t, y), out)
@@ -231,7 +231,7 @@ def test_rope_is_a_rotation_of_relative_position():
     cos, sin = rope_tables(16, 4)
     rot = lambda x, n: x * cos[n] + torch.stack((-x[1::2], x[0::2]), -1).flatten() * sin[n]
     q, k = torch.randn(16), torch.randn(16)
-    # (0,0)-(0,1) ~ (1,0)-(1,1)
+    # the pair (0,0)-(0,1) scores as the pair (1,0)-(1,1)
     assert torch.allclose(rot(q, 0) @ rot(k, 1), rot(q, 4) @ rot(k, 5), atol=1e-5)
     assert torch.allclose(rot(q, 5).norm(), q.norm(), atol=1e-5)
 
@@ -289,7 +289,7 @@ def test_time_grid():
         grid = time_grid(250, s)
         want = [s * (i / 249) / (1 + (s - 1) * i / 249) for i in range(250)]
         assert torch.allclose(grid, torch.tensor(want), atol=1e-6)
-        # fp32 as upstream
+        # fp32 as upstream: the last point is 1 to within 1e-6
         assert grid[0] == 0 and abs(grid[-1] - 1) < 1e-6 and (grid.diff() > 0).all()
     # 232 of 249 steps start below t = 0.5 (dit_full.md)
     assert (time_grid(250, 0.075)[:-1] < 0.5).sum() == 232

@@ -19,28 +19,29 @@ import evaluate
 import vtp
 
 ROOT = Path(__file__).resolve().parents[1]
-# tiny models gain nothing from a second thread, and an oversubscribed CI box makes OpenMP spin-
-# waits ~50x slower
+# tiny models gain nothing from a second thread, and an oversubscribed CI box makes OpenMP
+# spin-waits ~50x slower
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
 N_IMAGES = 2000       # cached synthetic images (x2 with flips)
 # DiT-T/1 at batch 32 (~20 s on one core): class-conditional colours, rough shapes
 TRAIN_STEPS = 400
 BATCH = 32
 N_SAMPLES = 400       # 20 per class for the end-to-end check
-# percent, set from measurement (README)
-# measured on the conftest runs (percent of 400 samples, chance 5): class-conditional 12.5 without
-# guidance, 22.0 at cfg 4; text-to-image 18.75 and 26.25
+# thresholds in percent, set from measurement (README). Measured on the conftest runs (percent of
+# 400 samples, chance 5): class-conditional 12.5 without guidance, 22.0 at cfg 4; text-to-image
+# 18.75 and 26.25
 CLASS_ACC_CFG1, CLASS_ACC_CFG4, TEXT_ACC_CFG4 = 5.0, 10.0, 10.0
-# the toy recipe's defaults (DiT-T/1, lr 2e-3, EMA 0.99: what a tiny tokenizer gets), shorter
+# the tiny recipe's defaults (DiT-T/1, lr 2e-3, EMA 0.99: what a tiny tokenizer gets), but a
+# shorter run on fewer images
 TRAIN_FLAGS = ['--batch-size', str(BATCH), '--num-images', str(N_IMAGES), '--log-every', '10',
                '--sample-every', '0',
                '--num-workers', '0']
 
 
 def run(script, *args, nproc=1):
-    """Run a stage script: in this process when nproc == 1 (saves the ~3 s of imports a process
-    costs; the scripts keep no state between runs), else under torchrun with gloo. Returns its
-    stdout."""
+    """Run a stage script and return its stdout. With nproc == 1 it runs in this process (saving
+    the ~3 s of imports a new process costs; the scripts keep no state between runs), else under
+    torchrun with gloo."""
     argv = [str(ROOT / script), *map(str, args)]
     if nproc > 1:
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
@@ -109,7 +110,7 @@ def test_latent_cache_matches_direct_encoding_and_normalises(tiny_tokenizer, lat
     shard = torch.load(latent_dir / meta['shards'][0], weights_only=True)
     ds = data.SyntheticDataset('train', image_size=64, seed=0)
     rows = [0, 7, 1999]
-    x = data.normalize([np.asarray(data.center_crop_arr(ds[i][0], 64)) for i in rows])
+    x = data.to_images([np.asarray(data.center_crop_arr(ds[i][0], 64)) for i in rows])
     with torch.no_grad():
         torch.testing.assert_close(shard['latents'][rows], tok.encode(x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(shard['latents_flip'][rows], tok.encode(x.flip(3)), atol=1e-5,
@@ -177,7 +178,7 @@ def test_resume_gives_the_same_loss_curve(tiny_tokenizer, latent_dir, trained_di
     common = ['--tokenizer', tiny_tokenizer, '--latent-dir', latent_dir, '--out-dir', tmp_path,
               *TRAIN_FLAGS]
     run('train_dit.py', *common, '--max-steps', 20, '--ckpt-every', 20)  # stops at a checkpoint ...
-    # ... resumes
+    # ... and resumes from it
     out = run('train_dit.py', *common, '--max-steps', 40, '--ckpt-every', 40, '--resume', 'auto')
     assert 'resumed from' in out and 'at step 20' in out
     keys = ('step', 'loss', 'loss_mse', 'loss_cos', 'grad_norm')
@@ -215,8 +216,7 @@ def test_sampling_is_the_same_on_one_and_two_ranks(trained_dit, tmp_path):
 @pytest.mark.slow
 def test_samples_are_recognised_as_their_class(trained_dit, tmp_path):
     """The judge of evaluate.py synthetic (a CNN trained on real synthetic images) recognises the
-    class each decoded sample was asked for, above chance, and more often with guidance than
-    without."""
+    class each decoded sample was asked for: above chance, and more often with guidance."""
     acc = {}
     for cfg in (1, 4):
         run('sample.py', '--ckpt', trained_dit / 'ckpt.pt', '--num-samples', N_SAMPLES,

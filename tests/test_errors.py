@@ -105,7 +105,7 @@ def test_out_dir_read_only_full_in_use_or_holding_a_run(tmp_path):
     before = (out / 'ckpt.pt').read_bytes()
 
     def small_files():
-        # then a write beyond the limit fails with EFBIG
+        # with SIGXFSZ ignored, a write beyond the limit fails with EFBIG
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
@@ -172,8 +172,8 @@ def test_sample_refuses_a_changed_tokenizer(tmp_path, tiny_tokenizer):
 
 
 def test_killing_the_launcher_stops_the_ranks(tmp_path):
-    """SIGKILL to torchrun alone: its ranks get SIGTERM (PR_SET_PDEATHSIG) and stop, which
-    releases the lock."""
+    """SIGKILL to torchrun alone: its ranks get SIGTERM (PR_SET_PDEATHSIG)
+    and stop, which releases the lock."""
     out = tmp_path / 'ddp'
     launcher = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone',
                                  '--nproc_per_node=2', str(ROOT / 'train_tokenizer.py'), *QUICK,

@@ -42,8 +42,8 @@ def test_frechet_diagonal_closed_form_and_symmetry():
 
 
 def fid_by_eigh(f1, f2):
-    """Reference: Tr (S1 S2)^(1/2) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2))), computed with
-    symmetric eigensolvers only."""
+    """Reference FID with symmetric eigensolvers only:
+    Tr (S1 S2)^(1/2) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2)))."""
     mu1, s1 = f1.mean(0), np.cov(f1, rowvar=False)
     mu2, s2 = f2.mean(0), np.cov(f2, rowvar=False)
     w, v = np.linalg.eigh(s1)
@@ -79,8 +79,8 @@ def test_precision_recall():
     assert E.precision_recall(real, real.copy(), k=3) == (1.0, 1.0)
     precision, recall = E.precision_recall(real, real + 100.0, k=3)  # far away: no overlap at all
     assert precision == 0.0 and recall == 0.0
-    # fakes collapsed onto one real point: perfect precision, tiny recall (only that point's
-    # neighbourhood)
+    # fakes collapsed onto one real point: perfect precision, and a tiny recall, as they cover
+    # only that point's neighbourhood
     collapsed = np.repeat(real[:1], 10, 0) + 1e-3 * rng.standard_normal((10, 4))
     precision, recall = E.precision_recall(real, collapsed)
     assert precision == 1.0 and recall < 0.2
@@ -257,7 +257,7 @@ def test_zeroshot_on_tiny_checkpoint(tmp_path, tiny_ckpt):
     # a classifier made of the images' own features classifies every image as itself
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     own = model.image_features(x).t()  # (W, 4)
-    # both forms
+    # batches in both forms: an (images, labels) tuple and a dict
     batches = [(x[:2], torch.tensor([0, 1])), {'images': x[2:], 'labels': torch.tensor([2, 3])}]
     r = E.zeroshot_accuracy(model, own, batches)
     assert r['top1'] == 100.0 and r['num_images'] == 4
@@ -347,9 +347,9 @@ def test_fid_rejects_mismatched_sizes(tmp_path):
 
 
 def test_synthetic_judge_ranks_real_below_noised(tmp_path):
-    """The judge's Fréchet distance to real val images: other real images < lightly noised <
-    heavily noised; and the class accuracy of real images labelled as sample.py would label them
-    is ~100 %."""
+    """The judge's Fréchet distance to real val images: other real images < lightly
+    noised < heavily noised. Its class accuracy on real images, labelled as sample.py
+    would label them, is ~100 %."""
     x, y = E.synthetic_images('train', 300, 64)  # other images than the val reference
     g = torch.Generator().manual_seed(0)
 

@@ -33,8 +33,7 @@ def test_hinge_and_generator_loss_match_their_formulas():
 
 
 def test_adaptive_weight_equals_hand_computation():
-    """Toy graph y = W x: L_rec = mean |y - t|, L_G = -mean(y^2); the gradients w.r.t. W
-    are written out."""
+    """Toy graph y = W x, L_rec = mean |y - t|, L_G = -mean(y^2): gradients w.r.t. W by hand."""
     torch.manual_seed(0)
     W = torch.randn(3, 4, requires_grad=True)
     x, t = torch.randn(4, 5), torch.randn(3, 5)
@@ -100,8 +99,8 @@ def test_discriminator_learns_encoder_frozen_l1_not_worse(stage1, full_run):
     assert train[-1]['loss_l1'] < train[0]['loss_l1']
     print(f"\nstage 2, tiny, CPU, batch 8: {train[-1]['img_per_s']:.0f} img/s with the GAN "
           f"(ndf 8), {train[0]['img_per_s']:.0f} img/s before --disc-start")
-    # val PSNR, logged for the stage-1 decoder (step 0) and at the end, and the grid of input |
-    # stage-1 decoder | tuned decoder
+    # val PSNR, logged for the stage-1 decoder (step 0) and at the end, and the grid of
+    # input | stage-1 decoder | tuned decoder
     evals = [r for r in log if 'val_psnr' in r]
     assert [r['step'] for r in evals] == [0, 12] and evals[-1]['val_psnr'] > evals[0]['val_psnr']
     assert (full_run / 'recon_000012.png').exists()
@@ -127,8 +126,8 @@ def test_output_checkpoint_is_a_tokenizer(full_run):
 
 
 def test_resumed_run_matches_uninterrupted(stage1, full_run, tmp_path):
-    """7 steps, then 5 more with --resume auto (across --disc-start and with D in its state)
-    == 12 in one go."""
+    """7 steps, then 5 more with --resume auto (across --disc-start, with D in its state),
+    equal 12 steps in one go."""
     base = ['--tokenizer', str(stage1)] + SMALL
     run(base + ['--max-steps', '7'], tmp_path)
     run(base + ['--max-steps', '12', '--resume', 'auto'], tmp_path)
@@ -146,9 +145,9 @@ def test_resumed_run_matches_uninterrupted(stage1, full_run, tmp_path):
 
 
 def test_ddp_two_ranks_equal_one_process(stage1, tmp_path):
-    """Same global batch on 1 and 2 gloo ranks. GroupNorm D: BatchNorm statistics would be per rank
-    on CPU (SyncBatchNorm is CUDA-only). The adaptive weight uses rank-averaged gradients, so it
-    matches too."""
+    """Same global batch on 1 and 2 gloo ranks. D uses GroupNorm, since BatchNorm statistics
+    would be per rank on CPU (SyncBatchNorm is CUDA-only). The adaptive weight uses rank-averaged
+    gradients, so it matches too."""
     args = ['--tokenizer', str(stage1)] + SMALL + ['--max-steps', '3', '--disc-start', '1',
                                                    '--disc-norm', 'group']
     run(args, tmp_path / 'one')

@@ -1,6 +1,6 @@
-"""One meaning per flag: the flags every stage script shares are defined once (vtp.add_run_flags)
-and say the same in every --help; the batch subsets follow --batch-size; defaults follow the
-tokenizer."""
+"""One meaning per flag: the flags every stage script shares are defined once
+(vtp.add_run_flags) and say the same in every --help; the batch subsets follow --batch-size;
+defaults follow the tokenizer."""
 import os
 import re
 import subprocess
@@ -65,8 +65,8 @@ def test_shared_flags_mean_the_same_everywhere():
 
 @pytest.mark.parametrize('batch', [8, 16])
 def test_small_batches_take_the_recipe_fractions(tmp_path, batch):
-    """--batch-size alone: B_ssl and B_rec follow it (tiny: 1/2 each),
-    as the paper's 1/4 and 1/8 would."""
+    """Given --batch-size alone, B_ssl and B_rec follow it (tiny: 1/2 each), as the paper's
+    fractions 1/4 and 1/8 would."""
     out = tmp_path / 'run'
     p = subprocess.run([sys.executable, 'train_tokenizer.py', '--batch-size', str(batch),
                         '--max-steps', '2', '--num-workers', '0', '--eval-every', '0',

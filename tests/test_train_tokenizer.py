@@ -84,8 +84,8 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
 
 
 def test_objective_off_builds_nothing_and_trains(tmp_path):
-    """The AE-only ablation (§4.3): no text tower, no SSL heads, no teacher; only
-    reconstruction is logged."""
+    """The AE-only ablation (§4.3): no text tower, no SSL heads, no teacher;
+    only reconstruction is logged."""
     run(SMALL + ['--max-steps', '2', '--lambda-clip', '0', '--lambda-ssl', '0'], tmp_path)
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert ckpt['ema'] is None  # the SSL teacher
@@ -179,8 +179,8 @@ def params_close(a, b, lr):
 
 def test_grad_accum_is_exact(tmp_path):
     """--grad-accum 4 and 2 ranks x 2 micro-steps give the un-accumulated step: CLIP over the whole
-    batch (feature cache), Sinkhorn-Knopp over the whole SSL batch. KoLeo is per micro-batch: off
-    here."""
+    batch (feature cache), Sinkhorn-Knopp over the whole SSL batch. KoLeo, which is per
+    micro-batch, is off here."""
     args = SMALL + ['--max-steps', '3', '--lambda-koleo', '0', '--lr', '2e-4']
     run(args, tmp_path / 'one')
     run(args + ['--grad-accum', '4'], tmp_path / 'acc')
@@ -201,9 +201,9 @@ def test_grad_accum_is_exact(tmp_path):
 
 
 def test_flops_count_matches_flop_counter(tmp_path):
-    """The counted training FLOPs (vtp.train_flops_per_sample, the x-axis of the scaling plots)
-    against torch's FlopCounterMode on the real train step (--bench), for every objective
-    combination."""
+    """For every objective combination: the counted training FLOPs (vtp.train_flops_per_sample,
+    the x-axis of the scaling plots) against torch's FlopCounterMode on the real train step, run
+    by --bench."""
     for name, flags in (('AE', ['--lambda-clip', '0', '--lambda-ssl', '0']),
                         ('CLIP+AE', ['--lambda-ssl', '0']),
                         ('SSL+AE', ['--lambda-clip', '0']), ('all', []),
