@@ -862,9 +862,8 @@ class MicroBatchBuilder:
     so data do not depend on workers, resume point, or how the global batch is split over ranks."""
 
     def __init__(self, tokenizer, image_size, global_size, local_size, n_local, global_batch,
-                 ssl_batch,
-                 rec_batch, world_size, rank, grad_accum, seed, mask_prob, mask_ratio, patch_size,
-                 clip=True, jitter=1.0, gray_p=0.2):
+                 ssl_batch, rec_batch, world_size, rank, grad_accum, seed, mask_prob, mask_ratio,
+                 patch_size, clip=True, jitter=1.0, gray_p=0.2):
         self.tokenizer, self.image_size, self.n_local = tokenizer, image_size, n_local
         self.global_size, self.local_size = global_size, local_size
         self.global_batch, self.ssl_batch, self.rec_batch = global_batch, ssl_batch, rec_batch
@@ -872,8 +871,7 @@ class MicroBatchBuilder:
         self.mask_prob, self.mask_ratio, self.patch_size = mask_prob, mask_ratio, patch_size
         self.clip, self.jitter, self.gray_p = clip, jitter, gray_p
         self.b = global_batch // (world_size * grad_accum)  # the micro-batch's share of the batch
-        # samples it loads: b, or without CLIP the rec/SSL ones
-        self.rows = len(self.positions(0)[2])
+        self.rows = len(self.positions(0)[2])  # samples it loads: b, or without CLIP fewer
         self.n_patches = (global_size // patch_size) ** 2
         n_ssl = ssl_batch // (world_size * grad_accum)
         # fixed-size iBOT gather: an image never exceeds int(N * mask_ratio[1]) masked patches
@@ -888,9 +886,10 @@ class MicroBatchBuilder:
         Positions are ordered rec, other SSL, rest (the rest only with CLIP: without it they are
         not loaded at all)."""
         step, micro = divmod(k, self.grad_accum)
-        # index in the batch
-        kk = (micro * self.world_size + self.rank) * self.b + np.arange(self.b)
+        kk = (micro * self.world_size + self.rank) * self.b + np.arange(self.b)  # index in batch
         no_rows = np.zeros(self.b, bool)  # an objective that is off selects no rows
+        # B_rec and B_ssl are every (B / B_sub)-th sample of the batch: the batch is a shuffled
+        # stream, so that is a random subset (§3.6), and it splits evenly over ranks and micro-steps
         rec = kk % (self.global_batch // self.rec_batch) == 0 if self.rec_batch else no_rows
         ssl = kk % (self.global_batch // self.ssl_batch) == 0 if self.ssl_batch else no_rows
         rest = np.flatnonzero(~ssl & ~rec) if self.clip else np.zeros(0, int)
@@ -903,6 +902,8 @@ class MicroBatchBuilder:
         step, micro, pos, n_rec, ssl = self.positions(k)
         main, glob_, loc, masks = [], [[], []], [], []
         for j, (p, (img, _, _), is_ssl) in enumerate(zip(pos.tolist(), samples, ssl)):
+            # every random choice comes from a generator seeded by (seed, position, stream): the
+            # same sample gets the same crops on any rank, worker or resume
             if self.clip or j < n_rec:
                 main.append(main_view(img, np.random.default_rng([self.seed, p, 0]),
                                       self.image_size))
@@ -924,8 +925,9 @@ class MicroBatchBuilder:
         return batch
 
     def mask(self, rng):
-        # DINOv2 masks exactly half of a batch's global crops with stratified ratios; we draw per
-        # crop (probability mask_prob, ratio ~ U(mask_ratio)) so every choice depends on p alone
+        """One global crop's iBOT mask. DINOv2 masks exactly half of a batch's global crops with
+        stratified ratios; we draw per crop (probability mask_prob, ratio ~ U(mask_ratio)), so that
+        every choice depends on the sample's position alone."""
         g = self.global_size // self.patch_size
         if rng.random() >= self.mask_prob:
             return np.zeros(g * g, dtype=bool)
@@ -936,9 +938,10 @@ class MicroBatchBuilder:
         m = np.stack([ms[c] for c in range(2) for ms in masks])  # (2n, N) crop-major like the crops
         idx = np.flatnonzero(m)  # flat indices into the (2n * N) global patch tokens
         per_image = m.sum(1)  # (2n,)
-        w = 1.0 / per_image[idx // self.n_patches]
+        w = 1.0 / per_image[idx // self.n_patches]  # each image's masked tokens average to 1
         assert len(idx) <= self.ibot_size
-        # the real entries first, then padding (weight 0); the teacher sees the n_masked real ones
+        # the real entries first, then padding (weight 0) to a fixed size: static shapes for
+        # torch.compile and DDP; the teacher sees the n_masked real ones
         index = torch.zeros(self.ibot_size, dtype=torch.long)
         weight = torch.zeros(self.ibot_size, dtype=torch.float)
         index[:len(idx)] = torch.from_numpy(idx)

@@ -491,19 +491,20 @@ def reconstruct(model, x, device):
 
 @torch.no_grad()
 def reconstruction_metrics(model, batches, device='cpu', inception=None, lpips_net=None,
-                           max_images=0, judge=None):
+                           max_images=0, judges=None):
     """Mean PSNR / SSIM / LPIPS and rFID of a tokenizer's reconstructions. batches:
     ImageNet-normalised images (dicts with 'images' as data.eval_batches yields, (images, labels)
     pairs, or tensors). rFID (needs `inception`) compares uint8-truncated originals with
     uint8-truncated reconstructions; LPIPS (needs `lpips_net`, e.g. vtp.make_lpips) runs on [-1, 1].
-    judge (the synthetic world's, labelled batches): the % of reconstructions it recognises as their
-    image's class, i.e. whether the tokenizer keeps what the image is. Missing parts are None."""
+    judges ({kind: the synthetic world's judge}, labelled batches): the % of reconstructions each
+    recognises as their image's class, i.e. whether the tokenizer keeps what the image is
+    (judge_recognised for the robust judge, judge_recognised_crisp). Missing parts are None."""
     device = torch.device(device)
     if not getattr(model.config, 'train_reconstruction', True) or \
             not hasattr(model, 'pixel_decoder'):
         raise ValueError("this tokenizer has no pixel decoder (trained without reconstruction)")
     sums, n, skipped = {'psnr': 0.0, 'ssim': 0.0, 'lpips': 0.0}, 0, {}
-    real_f, fake_f, recognised = [], [], 0
+    real_f, fake_f, recognised = [], [], dict.fromkeys(judges or {}, 0)
     for batch in batches:
         x, labels, skip = unpack(batch)
         data.add_counts(skipped, skip)
@@ -519,9 +520,9 @@ def reconstruction_metrics(model, batches, device='cpu', inception=None, lpips_n
         if inception is not None:
             real_f.append(inception(to_uint8(x))[0].double().cpu())
             fake_f.append(inception(to_uint8(rec))[0].double().cpu())
-        if judge is not None:
+        for kind, judge in (judges or {}).items():
             pred = judge_features(judge, to_uint8(rec).cpu())[1]
-            recognised += (pred == labels[:len(x)].cpu()).sum().item()
+            recognised[kind] += (pred == labels[:len(x)].cpu()).sum().item()
         n += len(x)
         if max_images and n >= max_images:
             break
@@ -529,7 +530,9 @@ def reconstruction_metrics(model, batches, device='cpu', inception=None, lpips_n
         raise ValueError("no images to reconstruct")
     res = {'num_images': n, 'skipped': skipped, 'psnr': sums['psnr'] / n, 'ssim': sums['ssim'] / n,
            'lpips': sums['lpips'] / n if lpips_net is not None else None, 'rfid': None,
-           'judge_recognised': 100 * recognised / n if judge is not None else None}
+           **{f"judge_recognised{'' if k == 'robust' else f'_{k}'}": 100 * v / n
+              for k, v in recognised.items()}}
+    res.setdefault('judge_recognised', None)
     if inception is not None:
         real_f, fake_f = torch.cat(real_f).numpy(), torch.cat(fake_f).numpy()  # (n, 2048) each
         res['rfid'], res['rfid_method'] = fid_from_features(real_f, fake_f)
@@ -696,10 +699,11 @@ class SyntheticJudge(nn.Module):
 
     def __init__(self, num_classes=20):
         super().__init__()
-        block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
-        self.features = nn.Sequential(*block(3, 32), nn.MaxPool2d(2), *block(32, 64),
-                                      nn.MaxPool2d(2),
-                                      *block(64, 64), nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        layers = []
+        for i, (c_in, c_out) in enumerate(((3, 32), (32, 64), (64, 64))):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+            layers.append(nn.MaxPool2d(2) if i < 2 else nn.AdaptiveMaxPool2d(1))
+        self.features = nn.Sequential(*layers, nn.Flatten())
         self.head = nn.Linear(64, num_classes)
 
     def forward(self, x):
@@ -730,15 +734,23 @@ def synthetic_images(split, n, image_size=64, seed=0, degrade=False):
     return torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(), torch.tensor(ys)
 
 
-def synthetic_judge(image_size=64, cache_dir=None):
-    """The judge, trained once on JUDGE_IMAGES real synthetic training images (seed 0) and cached in
-    ~/.cache/vtp; it must recognise >= 99 % of the real val images, or it is no judge. Half of its
-    training images are blurred or down- and up-sampled, so that it judges the class of an image,
-    not its sharpness: a judge trained on crisp images only called most blurry or blocky
-    reconstructions of circles 'square' (measured: 44 % of a patch-16 AE's reconstructions
-    recognised, 69 % by this one; both recognise 100 % of real images)."""
+JUDGES = ('robust', 'crisp')
+
+
+def synthetic_judge(image_size=64, kind='robust', cache_dir=None):
+    """A judge, trained once on JUDGE_IMAGES real synthetic training images (seed 0) and cached in
+    ~/.cache/vtp; it must recognise >= 99 % of the real val images, or it is no judge. Two kinds,
+    and a result counts when both agree:
+    - 'robust': half of its training images are blurred or down- and up-sampled, so that it judges
+      the class of an image rather than its sharpness;
+    - 'crisp': crisp images only. It calls most blurry or blocky circles 'square' (measured: 44 %
+      of a patch-16 AE's reconstructions recognised, 69 % by the robust one; both recognise 100 %
+      of real images), so it also asks for sharp images."""
+    if kind not in JUDGES:
+        raise ValueError(f"unknown judge {kind!r} ({' | '.join(JUDGES)})")
     cache_dir = cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'vtp')
-    recipe = (image_size, JUDGE_IMAGES, JUDGE_EPOCHS, data.SYNTHETIC_VERSION, 'degrade')
+    recipe = (image_size, JUDGE_IMAGES, JUDGE_EPOCHS, data.SYNTHETIC_VERSION,
+              'degrade' if kind == 'robust' else 'crisp')
     key = hashlib.sha256(repr(recipe).encode()).hexdigest()[:12]
     path = os.path.join(cache_dir, f'synthetic_judge_{key}.pt')
     net = SyntheticJudge()
@@ -749,7 +761,7 @@ def synthetic_judge(image_size=64, cache_dir=None):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         net = SyntheticJudge()
-        x, y = synthetic_images('train', JUDGE_IMAGES, image_size, degrade=True)
+        x, y = synthetic_images('train', JUDGE_IMAGES, image_size, degrade=kind == 'robust')
         opt = torch.optim.Adam(net.parameters(), lr=3e-3)
         for _ in range(JUDGE_EPOCHS):
             for j in torch.randperm(len(x), generator=g).split(64):
@@ -762,7 +774,8 @@ def synthetic_judge(image_size=64, cache_dir=None):
     with torch.no_grad():
         acc = (net(xv)[1].argmax(1) == yv).float().mean().item()
     if acc < 0.99:
-        raise RuntimeError(f"the synthetic judge recognises only {acc:.1%} of real val images")
+        raise RuntimeError(f"the {kind} synthetic judge recognises only {acc:.1%} of real val "
+                           "images")
     os.makedirs(cache_dir, exist_ok=True)
     torch.save(net.state_dict(), path + '.tmp')
     os.replace(path + '.tmp', path)
@@ -818,34 +831,43 @@ def sample_targets(samples_path, n):
 
 
 def cmd_synthetic(args):
-    """Generation (or reconstruction) metrics on the synthetic world, judged by a small CNN."""
+    """Generation (or reconstruction) metrics on the synthetic world, by two small CNN judges: the
+    keys without a suffix are the robust judge's, those ending in _crisp the crisp judge's."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    net = synthetic_judge(args.image_size)
     samples = ImageSource(args.samples, args.num_samples)
     fake = np.concatenate(list(samples.batches(256)))  # (N, H, W, 3) uint8
+    args.image_size = args.image_size or fake.shape[1]
     real, real_y = synthetic_images('val', args.num_real, args.image_size)
-    f_fake, p_fake = judge_features(net, fake)
-    f_real, p_real = judge_features(net, real)
-    fd, method = fid_from_features(f_fake, f_real)
+    targets, source = (None, None) if args.no_targets else sample_targets(args.samples, len(fake))
     result = {**header(args, 'synthetic', 'cpu'), 'samples': os.path.abspath(args.samples),
-              'num_samples': len(fake), 'num_real': len(real), 'fd_judge': fd, 'fd_method': method,
-              'judge': 'SyntheticJudge (3 conv blocks, 64-d max-pooled features), trained on '
-                       f'{JUDGE_IMAGES} real synthetic train images, {JUDGE_EPOCHS} epochs; real '
-                       f'val images: {100 * (p_real == real_y).float().mean().item():.1f} % '
-                       'recognised',
+              'num_samples': len(fake), 'num_real': len(real),
               'real': f'the first {len(real)} synthetic val images at {args.image_size} px'}
-    rows = [('FD (judge features)', fd)]
-    if not args.no_targets:
-        targets, source = sample_targets(args.samples, len(fake))
-        ok = targets >= 0  # samples whose prompt names one class
-        pred, want = p_fake[ok], targets[ok]
-        # class = 4 * shape + colour: the colour and the shape are also scored on their own
-        acc, colour, shape = [100 * hit.float().mean().item() if ok.any() else float('nan')
-                              for hit in (pred == want, pred % 4 == want % 4,
-                                          pred // 4 == want // 4)]
-        result.update(class_accuracy=acc, colour_accuracy=colour, shape_accuracy=shape,
-                      targets=source, num_targeted=int(ok.sum()), chance=100 / 20)
-        rows += [('class accuracy (%)', acc), ('colour (%)', colour), ('shape (%)', shape)]
+    rows = []
+    for kind in JUDGES:
+        net = synthetic_judge(args.image_size, kind)
+        suffix = '' if kind == 'robust' else f'_{kind}'
+        f_fake, p_fake = judge_features(net, fake)
+        f_real, p_real = judge_features(net, real)
+        fd, method = fid_from_features(f_fake, f_real)
+        result[f'fd_judge{suffix}'], result['fd_method'] = fd, method
+        result[f'judge{suffix}'] = (
+            f'SyntheticJudge, {kind} (3 conv blocks, 64-d max-pooled features), trained on '
+            f'{JUDGE_IMAGES} real synthetic train images, {JUDGE_EPOCHS} epochs; real val images: '
+            f'{100 * (p_real == real_y).float().mean().item():.1f} % recognised')
+        rows.append((f'FD ({kind} judge features)', fd))
+        if targets is not None:
+            ok = targets >= 0  # samples whose prompt names one class
+            pred, want = p_fake[ok], targets[ok]
+            # class = 4 * shape + colour: the colour and the shape are also scored on their own
+            acc, colour, shape = [100 * hit.float().mean().item() if ok.any() else float('nan')
+                                  for hit in (pred == want, pred % 4 == want % 4,
+                                              pred // 4 == want // 4)]
+            result.update({f'class_accuracy{suffix}': acc, f'colour_accuracy{suffix}': colour,
+                           f'shape_accuracy{suffix}': shape})
+            rows += [(f'class accuracy, {kind} judge (%)', acc), ('  colour (%)', colour),
+                     ('  shape (%)', shape)]
+    if targets is not None:
+        result.update(targets=source, num_targeted=int((targets >= 0).sum()), chance=100 / 20)
     if args.tokenizer:  # the VTP model's own image-text similarity of the samples and their prompts
         prompts_path = os.path.join(os.path.dirname(os.path.abspath(args.samples)), 'prompts.txt')
         if not os.path.isfile(prompts_path):
@@ -928,9 +950,10 @@ def cmd_recon(args):
     lpips_net = vtp.make_lpips(args.lpips, device=device)
     batches = data.eval_batches(dataset, args.batch_size, S, limit=args.num_images,
                                 num_workers=args.num_workers)
-    judge = synthetic_judge(S) if args.data == 'synthetic' else None  # no download: always on
+    judges = {kind: synthetic_judge(S, kind) for kind in JUDGES} \
+        if args.data == 'synthetic' else None  # no download: always on
     res = reconstruction_metrics(model, batches, device, inception, lpips_net, args.num_images,
-                                 judge)
+                                 judges)
     if lpips_net is None:
         res['lpips'] = 'unavailable' if args.lpips != 'none' else 'off'
     result = {**header(args, 'recon', device), 'tokenizer': os.path.abspath(args.tokenizer),
@@ -945,12 +968,13 @@ def cmd_recon(args):
               'rfid_def': (None if inception is None else
                            {'images': 'originals vs reconstructions, uint8 by truncation of x*255',
                             'count': res['num_images'], **inception.info}),
-              'judge_def': 'the synthetic judge (see `synthetic`): % of uint8 reconstructions '
-                           'given their original class' if judge else None}
+              'judge_def': 'the synthetic judges (see `synthetic`): % of uint8 reconstructions '
+                           'given their original class' if judges else None}
     rows = [('rFID', res['rfid'] if res['rfid'] is not None else 'off'), ('PSNR', res['psnr']),
             ('SSIM', res['ssim']), ('LPIPS', res['lpips'])]
-    if judge:
-        rows.append(('judge recognises (%)', res['judge_recognised']))
+    if judges:
+        rows += [('robust judge recognises (%)', res['judge_recognised']),
+                 ('crisp judge recognises (%)', res['judge_recognised_crisp'])]
     print_table(f"reconstruction ({res['num_images']} images, {S}px, skipped "
                 f"{res['skipped'] or 0})", rows)
     if inception is not None:
@@ -1229,7 +1253,8 @@ def build_parser():
     p.add_argument('--num-samples', type=int, default=0, help="use the first N samples (0 = all)")
     p.add_argument('--num-real', type=int, default=1000,
                    help="real synthetic val images to compare with")
-    p.add_argument('--image-size', type=int, default=64, help="synthetic image size")
+    p.add_argument('--image-size', type=int, default=0,
+                   help="size of the real synthetic images (default: the samples' own)")
     p.add_argument('--tokenizer', default=None,
                    help=f"{vtp.TOKENIZER_HELP}: text-to-image samples are also "
                    "scored by its image-text similarity with their prompts "

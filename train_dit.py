@@ -237,12 +237,13 @@ def train_step(step, micro_batches, meter):
             loss, terms = forward_backward(x, y, train_model, len(micro_batches))
         meter.add({'loss': loss, **terms})
         loss_sum = loss_sum + loss.detach()
+    # LightningDiT does not clip (--grad-clip 0): the norm is read for the log and the guard only
     grad_norm = vtp.clip_grad_norms([list(model.parameters())], args.grad_clip)
     skipped = vtp.skip_if_not_finite(optimizer, grad_norm, loss_sum)  # on the device, no sync
     meter.add({'grad_norm': grad_norm, 'skipped_steps': skipped})
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    vtp.update_ema(ema, model, args.ema_decay)
+    vtp.update_ema(ema, model, args.ema_decay)  # every step from a copy (DiT); samples use the EMA
 
 
 def preview_conditions(n):

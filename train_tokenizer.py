@@ -34,7 +34,7 @@ import vtp
 # DINOv2 (SSL views, heads, teacher): those values are assumptions, marked "assumed" in --help.
 # tiny: what makes every objective learn within minutes on a CPU (measured, README "Quick start").
 RECIPES = {
-    'tiny': dict(image_size=64, global_crop_size=64, local_crop_size=32, n_local_crops=4,
+    'tiny': dict(image_size=32, global_crop_size=32, local_crop_size=16, n_local_crops=4,
                  batch_size=64, ssl_frac=1 / 2, rec_frac=1 / 2, lr=2e-3, weight_decay=0.05,
                  warmup_steps=50, max_steps=2000, prototypes=64, teacher_momentum=0.99,
                  teacher_momentum_final=0.99, teacher_temp=0.04, teacher_temp_warmup_steps=0,

@@ -1,32 +1,38 @@
 """
-The ablation of paper §4.3 (fig. 2, 4, 5) at toy scale, as one command:
-does understanding drive generation?
+The ablation of paper §4.3 (fig. 2, 4, 5) at toy scale, as one command: does understanding drive
+generation, by more than the noise?
 
-For each objective set (AE, CLIP+AE, SSL+AE, CLIP+SSL+AE) one tokenizer is pre-trained
-(train_tokenizer.py; its checkpoints at each of --budgets steps are kept), and on each checkpoint:
+For each objective set (AE, CLIP+AE, SSL+AE, CLIP+SSL+AE), --tokenizer-seeds tokenizers are
+pre-trained (train_tokenizer.py --seed S, with their checkpoints at each of --budgets steps), and
+on each checkpoint:
   understanding   zero-shot top-1 and the bottleneck linear probe (evaluate.py zeroshot, linprobe)
-  reconstruction  PSNR (evaluate.py recon) and rFD, the judge's Fréchet distance of reconstructions
-  generation      the same DiT at equal compute (train_dit.py --dit-steps); its samples
-                  (sample.py) are judged by a CNN trained on real synthetic images
-                  (evaluate.py synthetic: FD and class accuracy)
+  reconstruction  PSNR, and how often each judge recognises a reconstruction's class (recon)
+  generation      the same DiT at equal compute (--dit-steps), its samples at each --cfg-scales
+                  judged by two CNNs trained on real synthetic images (evaluate.py synthetic)
   compute         the pre-training FLOPs of the checkpoint
-The last budget's DiTs are trained with --dit-seeds seeds, to compare differences with the spread
-between seeds. Results: OUT_DIR/results.jsonl (one line per checkpoint and DiT seed), fig. 2
-(generation vs understanding) and fig. 5 (generation vs pre-training FLOPs, a line per objective
-set) in ablation.png. A killed run continues where it stopped (finished stages are skipped).
+Every (objective set, budget, guidance) is reported as the mean and the spread (the sample standard
+deviation) over the tokenizer seeds: the tokenizer's seed varies the results most in a tokenizer
+ablation, more than the DiT's (README "The ablation"). A finding holds when its effect is larger
+than twice that spread under both judges.
+
+Results: OUT_DIR/results.jsonl (a line per checkpoint, DiT seed and guidance), summary.json
+(per-seed values, means, spreads and the findings), ablation_cfgS.png (fig. 2, generation vs
+understanding; fig. 5, generation vs pre-training FLOPs; a row per judge, error bars the spread). A
+killed run continues where it stopped (finished stages are skipped).
 
     python scripts/ablation.py        # tiny on the synthetic data, CPU (README: the figures)
     python scripts/ablation.py --size S --data /data/datacomp/{00000..00999}.tar \\
-        --dit-data /data/imagenet/train --budgets 5000,10000,20000 \\
+        --dit-data /data/imagenet/train --budgets 5000,10000,20000 --tokenizer-seeds 2 \\
         --tokenizer-args "--batch-size 4096" --dit-args "--model DiT-B/1 --batch-size 256" \\
         --dit-steps 20000 --launch "torchrun --nproc_per_node 8"
-S/B/L on real data: the `synthetic` judge only knows the toy world, so score the samples with
+S/B/L on real data: the `synthetic` judges only know the toy world, so score the samples with
 evaluate.py fid instead.
 """
 import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 
@@ -35,8 +41,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402  (the repository's modules, found through ROOT)
-import evaluate as E  # noqa: E402
-import vtp  # noqa: E402
 
 # name: the λ flags of train_tokenizer.py (eq. 3); an objective with weight 0 is off
 OBJECTIVES = {
@@ -45,6 +49,7 @@ OBJECTIVES = {
     'SSL+AE': ['--lambda-clip', '0'],
     'CLIP+SSL+AE': [],
 }
+JUDGES = ('robust', 'crisp')  # evaluate.py synthetic's two judges
 
 parser = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -54,24 +59,24 @@ arg('--size', default='tiny', help="tokenizer preset (train_tokenizer.py --size)
 arg('--data', default='synthetic', help="tokenizer pre-training data")
 arg('--dit-data', default='synthetic', help="generation data (class-labelled)")
 arg('--objectives', default=','.join(OBJECTIVES), help="objective sets to compare")
-arg('--budgets', default='300,600,900', help="pre-training steps at which checkpoints are "
-    "compared, comma-separated, multiples of the first (the last is the run's length)")
-arg('--dit-steps', type=int, default=0,
-    help="DiT steps, equal for every tokenizer (default: train_dit.py's recipe)")
-arg('--dit-seeds', type=int, default=2, help="DiT seeds at the last budget")
-arg('--num-samples', type=int, default=400, help="samples per DiT (20 per class on tiny)")
-arg('--cfg-scale', type=float, default=1.0, help="sampling guidance (1 = none, as the paper's "
-    "gFID). Rerun with another scale to sample the same DiTs again: rows carry it, its plot is "
-    "ablation_cfgS.png")
+arg('--budgets', default='300,900', help="pre-training steps at which checkpoints are compared, "
+    "comma-separated, multiples of the first (the last is the run's length)")
+arg('--tokenizer-seeds', type=int, default=3, help="tokenizers per objective set (seeds 0..N-1); "
+    "the spread over them is the noise a finding must exceed")
+arg('--dit-seeds', type=int, default=1, help="DiT seeds per tokenizer at the last budget")
+arg('--dit-steps', type=int, default=1000, help="DiT steps, equal for every tokenizer (README: "
+    "the regime where the DiT is compute-limited, chosen by a sweep)")
+arg('--num-samples', type=int, default=400, help="samples per DiT and guidance (20 per class)")
+arg('--cfg-scales', default='1,4', help="sampling guidance, comma-separated (1 = none, as the "
+    "paper's gFID)")
 arg('--sample-steps', type=int, default=50, help="Euler time points of the samples")
 arg('--eval-images', type=int, default=10000, help="images of the linear probe's train set (its "
     "val set and the reconstruction metrics use a tenth, at least 64)")
-arg('--condition', default='class', choices=['class', 'text'],
-    help="class- or text-conditional DiTs (fig. 8: text on the synthetic captions, prompts "
-    "'a {class}.')")
+arg('--condition', default='class', choices=['class', 'text'], help="class- or text-conditional "
+    "DiTs (fig. 8: text on the synthetic captions, prompts 'a {class}.')")
 arg('--text-encoder', default=None, help="--condition text: one VTP text tower for every DiT, "
-    "so that only the latents differ (default: the CLIP+SSL+AE tokenizer's last checkpoint; "
-    "AE-only tokenizers have none)")
+    "so that only the latents differ (default: the first CLIP+SSL+AE tokenizer's last "
+    "checkpoint; AE-only tokenizers have none)")
 arg('--tokenizer-args', default='', help="more flags for train_tokenizer.py")
 arg('--dit-args', default='', help="more flags for train_dit.py")
 arg('--launch', default=sys.executable,
@@ -79,10 +84,13 @@ arg('--launch', default=sys.executable,
 args = parser.parse_args()
 os.makedirs(args.out_dir, exist_ok=True)
 results_path = os.path.join(args.out_dir, 'results.jsonl')
+budgets = [int(b) for b in args.budgets.split(',')]
+cfg_scales = [float(s) for s in args.cfg_scales.split(',')]
+objectives = args.objectives.split(',')
 done = {}
 if os.path.exists(results_path):
     with open(results_path) as f:
-        done = {(r['objectives'], r['step'], r['dit_seed'], r.get('cfg_scale', 1.0)): r
+        done = {(r['objectives'], r['step'], r['tokenizer_seed'], r['dit_seed'], r['cfg_scale']): r
                 for r in map(json.loads, f)}
 
 
@@ -104,132 +112,223 @@ def evaluate(*argv):
         return json.load(f)
 
 
-@torch.no_grad()
-def reconstruction_fd(ckpt, n=1000):
-    """rFD, offline: the judge's Fréchet distance between real val images
-    and their reconstructions."""
-    tok = vtp.load_tokenizer(ckpt)
-    S = tok.config.image_size
-    x, _ = E.synthetic_images('val', n, S)
-    rec = []
-    for xb in x.split(100):
-        z = tok.encode(vtp.normalize(xb))
-        # quantised to uint8 like the PNGs of the samples it is compared with
-        rec.append((vtp.to_unit_range(tok.decode(z)).clamp(0, 1) * 255).to(torch.uint8))
-    judge = E.synthetic_judge(S)
-    fake, real = E.judge_features(judge, torch.cat(rec))[0], E.judge_features(judge, x)[0]
-    return E.fid_from_features(fake, real)[0]
+def run_dir(name, seed):
+    return os.path.join(args.out_dir, f"{name.replace('+', '_')}_seed{seed}")
 
 
 # -----------------------------------------------------------------------------
-# 1. pre-training: one run per objective set, its checkpoints at every budget kept
-budgets = [int(b) for b in args.budgets.split(',')]
-for name in args.objectives.split(','):
-    out = os.path.join(args.out_dir, name.replace('+', '_'))
-    if not os.path.exists(os.path.join(out, 'done')):
-        flags = ['--size', args.size, '--data', args.data, '--out-dir', out, '--max-steps',
-                 max(budgets),
-                 '--keep-every', min(budgets)] + OBJECTIVES[name] + shlex.split(args.tokenizer_args)
-        run('train_tokenizer.py', *flags, *(['--resume', 'auto'] if os.path.exists(out) else []))
-        open(os.path.join(out, 'done'), 'w').close()
+# 1. pre-training: one run per objective set and seed, its checkpoints at every budget kept
+for name in objectives:
+    for seed in range(args.tokenizer_seeds):
+        out = run_dir(name, seed)
+        if not os.path.exists(os.path.join(out, 'done')):
+            flags = ['--size', args.size, '--data', args.data, '--out-dir', out, '--seed', seed,
+                     '--max-steps', max(budgets), '--keep-every', min(budgets), '--eval-every', 0,
+                     *OBJECTIVES[name], *shlex.split(args.tokenizer_args)]
+            if os.path.exists(out):  # killed before it finished
+                flags += ['--resume', 'auto']
+            run('train_tokenizer.py', *flags)
+            open(os.path.join(out, 'done'), 'w').close()
+
 
 # -----------------------------------------------------------------------------
 # 2. on every kept checkpoint: understanding, reconstruction, generation at equal DiT compute
-text_encoder = args.text_encoder or \
-    os.path.join(args.out_dir, 'CLIP_SSL_AE', f'ckpt_{max(budgets):06d}.pt')
+TOKENIZER_METRICS = ('pretrain_flops', 'zeroshot_top1', 'linprobe_top1', 'psnr', 'recon_robust',
+                     'recon_crisp')
+GEN_METRICS = tuple(f'gen_{m}_{j}' for m in ('acc', 'fd') for j in JUDGES)
+
+
+def tokenizer_figures(name, ckpt):
+    """What does not depend on the DiT: compute, understanding, reconstruction."""
+    meta = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True)
+    figures = {'pretrain_flops': meta['flops']}
+    if 'CLIP' in name:
+        figures['zeroshot_top1'] = evaluate('zeroshot', '--tokenizer', ckpt, '--data',
+                                            args.data)['top1']
+    n_val = max(64, args.eval_images // 10)
+    figures['linprobe_top1'] = evaluate(
+        'linprobe', '--tokenizer', ckpt, '--train', args.dit_data, '--val', args.dit_data,
+        '--num-train', args.eval_images, '--num-val', n_val)['top1']
+    recon = evaluate('recon', '--tokenizer', ckpt, '--data', args.dit_data, '--no-fid', '--lpips',
+                     'none', '--num-images', n_val)
+    figures['psnr'] = recon['psnr']
+    if args.dit_data == 'synthetic':
+        figures['recon_robust'] = recon['judge_recognised']
+        figures['recon_crisp'] = recon['judge_recognised_crisp']
+    return figures
+
+
+text_encoder = args.text_encoder or os.path.join(run_dir('CLIP+SSL+AE', 0),
+                                                 f'ckpt_{max(budgets):06d}.pt')
 prompts_file = os.path.join(args.out_dir, 'prompts.txt')
 if args.condition == 'text':
     with open(prompts_file, 'w') as f:
         f.writelines(f"a {c}.\n" for c in data.SyntheticDataset.class_names)
-for name in args.objectives.split(','):
-    out = os.path.join(args.out_dir, name.replace('+', '_'))
-    kept = sorted(f for f in os.listdir(out) if f.startswith('ckpt_') and f.endswith('.pt'))
-    steps = [int(f[5:-3]) for f in kept]
-    steps = [s for s in steps if s in budgets]
-    for step in steps:
-        ckpt = os.path.join(out, f'ckpt_{step:06d}.pt')
-        for seed in range(args.dit_seeds if step == max(steps) else 1):
-            key = (name, step, seed, args.cfg_scale)
-            if key in done:
-                continue
-            rec = {'objectives': name, 'step': step, 'dit_seed': seed, 'cfg_scale': args.cfg_scale}
-            # the tokenizer's figures depend on neither the DiT's seed nor the guidance
-            first = next((r for k, r in done.items() if k[:2] == (name, step)), None)
-            if first is not None:
-                rec.update({k: v for k, v in first.items() if not k.startswith(('gen_', 'dit_'))
-                            and k not in rec})
-            else:
-                meta = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True)
-                rec['pretrain_flops'] = meta['flops']
-                if 'CLIP' in name:
-                    rec['zeroshot_top1'] = evaluate('zeroshot', '--tokenizer', ckpt, '--data',
-                                                    args.data)['top1']
-                n_val = max(64, args.eval_images // 10)
-                rec['linprobe_top1'] = evaluate(
-                    'linprobe', '--tokenizer', ckpt, '--train', args.dit_data, '--val',
-                    args.dit_data, '--num-train', args.eval_images, '--num-val', n_val)['top1']
-                rec['psnr'] = evaluate('recon', '--tokenizer', ckpt, '--data', args.dit_data,
-                                       '--no-fid', '--lpips', 'none', '--num-images', n_val)['psnr']
-                if args.dit_data == 'synthetic':
-                    rec['rfd_judge'] = reconstruction_fd(ckpt, n_val)
-            dit = os.path.join(out, f'dit_{step:06d}_seed{seed}')
-            dit_flags = ['--tokenizer', ckpt, '--data', args.dit_data, '--out-dir', dit,
-                         '--seed', seed, '--sample-every', 0,
-                         '--latent-dir', os.path.join(out, f'latents_{step:06d}')]
-            if args.dit_steps:
-                dit_flags += ['--max-steps', args.dit_steps]
-            sample_flags = []
-            if args.condition == 'text':
-                dit_flags += ['--condition', 'text', '--text-encoder', text_encoder]
-                sample_flags = ['--prompts', prompts_file]
-            if not os.path.exists(os.path.join(dit, 'ckpt.pt')):
-                run('train_dit.py', *dit_flags, *shlex.split(args.dit_args))
-            samples = os.path.join(dit, 'samples' if args.cfg_scale == 1 else
-                                   f'samples_cfg{args.cfg_scale:g}')
-            if not os.path.exists(os.path.join(samples, 'samples.npz')):
-                run('sample.py', '--ckpt', os.path.join(dit, 'ckpt.pt'),
-                    '--num-samples', args.num_samples, '--cfg-scale', args.cfg_scale,
-                    '--num-steps', args.sample_steps, '--out-dir', samples, '--resume', 'auto')
-            if args.dit_data == 'synthetic':
-                g = evaluate('synthetic', '--samples', os.path.join(samples, 'samples.npz'))
-                rec.update(gen_fd_judge=g['fd_judge'], gen_class_accuracy=g['class_accuracy'])
-            with open(results_path, 'a') as f:
-                f.write(json.dumps(rec) + '\n')
-            done[key] = rec
-            print(json.dumps(rec), flush=True)
+figures = {}  # (objectives, step, tokenizer seed) -> tokenizer_figures(), once per checkpoint
+for k, r in done.items():
+    figures.setdefault(k[:3], {m: r[m] for m in TOKENIZER_METRICS if m in r})
+for name in objectives:
+    for seed in range(args.tokenizer_seeds):
+        out = run_dir(name, seed)
+        for step in budgets:
+            ckpt = os.path.join(out, f'ckpt_{step:06d}.pt')
+            for dit_seed in range(args.dit_seeds if step == max(budgets) else 1):
+                if all((name, step, seed, dit_seed, s) in done for s in cfg_scales):
+                    continue
+                if (name, step, seed) not in figures:
+                    figures[name, step, seed] = tokenizer_figures(name, ckpt)
+                dit = os.path.join(out, f'dit_{step:06d}_seed{dit_seed}')
+                dit_flags = ['--tokenizer', ckpt, '--data', args.dit_data, '--out-dir', dit,
+                             '--seed', dit_seed, '--sample-every', 0, '--max-steps', args.dit_steps,
+                             '--latent-dir', os.path.join(out, f'latents_{step:06d}')]
+                sample_flags = []
+                if args.condition == 'text':
+                    dit_flags += ['--condition', 'text', '--text-encoder', text_encoder]
+                    sample_flags = ['--prompts', prompts_file]
+                if not os.path.exists(os.path.join(dit, 'ckpt.pt')):
+                    run('train_dit.py', *dit_flags, *shlex.split(args.dit_args))
+                for scale in cfg_scales:
+                    key = (name, step, seed, dit_seed, scale)
+                    if key in done:
+                        continue
+                    samples = os.path.join(dit, f'samples_cfg{scale:g}')
+                    if not os.path.exists(os.path.join(samples, 'samples.npz')):
+                        run('sample.py', '--ckpt', os.path.join(dit, 'ckpt.pt'), *sample_flags,
+                            '--num-samples', args.num_samples, '--cfg-scale', scale,
+                            '--num-steps', args.sample_steps, '--out-dir', samples,
+                            '--resume', 'auto')
+                    row = {'objectives': name, 'step': step, 'tokenizer_seed': seed,
+                           'dit_seed': dit_seed, 'cfg_scale': scale, **figures[name, step, seed]}
+                    if args.dit_data == 'synthetic':
+                        size = torch.load(ckpt, map_location='cpu', weights_only=True,
+                                          mmap=True)['config']['image_size']
+                        g = evaluate('synthetic', '--samples', os.path.join(samples, 'samples.npz'),
+                                     '--image-size', size)
+                        for judge in JUDGES:
+                            suffix = '' if judge == 'robust' else f'_{judge}'
+                            row[f'gen_acc_{judge}'] = g[f'class_accuracy{suffix}']
+                            row[f'gen_fd_{judge}'] = g[f'fd_judge{suffix}']
+                    with open(results_path, 'a') as f:
+                        f.write(json.dumps(row) + '\n')
+                    done[key] = row
+                    print(json.dumps(row), flush=True)
+
 
 # -----------------------------------------------------------------------------
-# 3. the figures: generation vs understanding (fig. 2), generation vs pre-training compute (fig. 5)
+# 3. the summary: per-seed values, means and spreads; the paper's findings, each with its effect
+def seed_values(name, step, scale, metric):
+    """One value per tokenizer seed (its DiT seeds averaged), in seed order."""
+    values = []
+    for seed in range(args.tokenizer_seeds):
+        rows = [r for k, r in done.items() if k[:3] == (name, step, seed) and k[4] == scale
+                and metric in r]
+        if rows:
+            values.append(sum(r[metric] for r in rows) / len(rows))
+    return values
+
+
+def spread(values):
+    return statistics.stdev(values) if len(values) > 1 else float('nan')
+
+
+groups = []
+for scale in cfg_scales:
+    for name in objectives:
+        for step in budgets:
+            metrics = {}
+            for m in TOKENIZER_METRICS + GEN_METRICS:
+                v = seed_values(name, step, scale, m)
+                if v:
+                    metrics[m] = {'per_seed': v, 'mean': sum(v) / len(v), 'spread': spread(v)}
+            groups.append({'objectives': name, 'step': step, 'cfg_scale': scale,
+                           'seeds': args.tokenizer_seeds, 'metrics': metrics})
+
+
+def mean_of(name, step, scale, metric):
+    v = seed_values(name, step, scale, metric)
+    return (sum(v) / len(v), spread(v)) if v else (float('nan'), float('nan'))
+
+
+def compare(better, worse, step, scale, judge, first=None):
+    """The effect `better` minus `worse` in class accuracy (or, with `first`, the gain from budget
+    `first` to `step`), the larger of their two spreads, and whether it is over twice that."""
+    metric = f'gen_acc_{judge}'
+    (a, sa), (b, sb) = mean_of(better, step, scale, metric), mean_of(worse, step, scale, metric)
+    if first is not None:  # gains over the budgets: (a - a0) - (b - b0)
+        (a0, sa0), (b0, sb0) = (mean_of(better, first, scale, metric),
+                                mean_of(worse, first, scale, metric))
+        a, b, sa, sb = a - a0, b - b0, max(sa, sa0), max(sb, sb0)
+    effect, noise = a - b, max(sa, sb)
+    return {'effect': effect, 'spread': noise, 'holds': bool(effect > 2 * noise)}
+
+
+last, first = max(budgets), min(budgets)
+findings = {}
+for scale in cfg_scales:
+    for judge in JUDGES:
+        tests = {'understanding drives generation: CLIP+SSL+AE > AE': ('CLIP+SSL+AE', 'AE', None),
+                 'SSL+AE > AE': ('SSL+AE', 'AE', None), 'CLIP+AE > AE': ('CLIP+AE', 'AE', None),
+                 'CLIP+SSL+AE gains more with compute than AE': ('CLIP+SSL+AE', 'AE', first)}
+        for finding, (better, worse, since) in tests.items():
+            if better in objectives and worse in objectives and (since is None or since < last):
+                findings.setdefault(finding, {}).setdefault(f'cfg {scale:g}', {})[judge] = \
+                    compare(better, worse, last, scale, judge, since)
+with open(os.path.join(args.out_dir, 'summary.json'), 'w') as f:
+    json.dump({'tokenizer_seeds': args.tokenizer_seeds, 'dit_seeds': args.dit_seeds,
+               'dit_steps': args.dit_steps, 'spread': 'sample standard deviation over the '
+               'tokenizer seeds (DiT seeds averaged first)', 'groups': groups,
+               'findings': findings}, f, indent=1)
+print(f"\nmean ± spread over {args.tokenizer_seeds} tokenizer seeds (class accuracy: % of samples "
+      f"the judge calls the class asked for; chance 5 %)")
+for g in groups:
+    cells = [f"{m} {v['mean']:.1f}±{v['spread']:.1f}" for m, v in g['metrics'].items()
+             if m.startswith(('linprobe', 'recon', 'gen_acc'))]
+    print(f"  {g['objectives']:<12} step {g['step']:<5} cfg {g['cfg_scale']:g}: "
+          + ', '.join(cells))
+for finding, by_cfg in findings.items():
+    for cfg, by_judge in by_cfg.items():
+        verdict = 'holds' if all(r['holds'] for r in by_judge.values()) else 'does not hold'
+        print(f"{finding}, {cfg}: " + ', '.join(
+            f"{j} judge {r['effect']:+.1f} (spread {r['spread']:.1f})" for j, r in by_judge.items())
+            + f": {verdict} (effect > 2 x spread under both judges)")
+
+# -----------------------------------------------------------------------------
+# 4. the figures: generation vs understanding (fig. 2), generation vs pre-training compute (fig. 5)
 try:
     import matplotlib
     import matplotlib.ticker
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 except ImportError:
-    raise SystemExit(f"results in {results_path}; install matplotlib for the plots")
-rows = [r for r in done.values() if r.get('cfg_scale', 1.0) == args.cfg_scale]
-gen = 'gen_class_accuracy' if any('gen_class_accuracy' in r for r in rows) else None
-if gen is None:
-    raise SystemExit(f"results in {results_path} (no synthetic generation metric to plot)")
-fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-for name in args.objectives.split(','):
-    rs = sorted((r for r in rows if r['objectives'] == name),
-                key=lambda r: (r['step'], r['dit_seed']))
-    ax[0].scatter([r['linprobe_top1'] for r in rs], [r[gen] for r in rs], label=name)
-    steps = sorted({r['step'] for r in rs})
-    mean = lambda s: sum(r[gen] for r in rs if r['step'] == s) / sum(r['step'] == s for r in rs)
-    flops = {r['step']: r['pretrain_flops'] for r in rs}
-    ax[1].plot([flops[s] for s in steps], [mean(s) for s in steps], marker='o', label=name)
-ax[0].set(xlabel='understanding: bottleneck linear probe (%)',
-          ylabel='generation: class accuracy (%)',
-          title=f'fig. 2: generation vs understanding (cfg {args.cfg_scale:g})')
-ax[1].set(xlabel='pre-training FLOPs', ylabel='generation: class accuracy (%)', xscale='log',
-          title='fig. 5: generation vs pre-training compute')
-ax[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no overlapping labels
-for a in ax:
-    a.legend(fontsize=8)
-fig.tight_layout()
-png = os.path.join(args.out_dir, 'ablation.png' if args.cfg_scale == 1 else
-                   f'ablation_cfg{args.cfg_scale:g}.png')
-fig.savefig(png, dpi=120)
-print(f"results: {results_path}; plot: {png}")
+    raise SystemExit(f"results in {args.out_dir}; install matplotlib for the plots")
+if args.dit_data != 'synthetic':
+    raise SystemExit(f"results in {args.out_dir} (no synthetic generation metric to plot)")
+for scale in cfg_scales:
+    fig, ax = plt.subplots(len(JUDGES), 2, figsize=(10, 4 * len(JUDGES)), squeeze=False)
+    for row, judge in enumerate(JUDGES):
+        gen = f'gen_acc_{judge}'
+        for name in objectives:
+            gs = [g for g in groups if g['objectives'] == name and g['cfg_scale'] == scale and
+                  gen in g['metrics']]
+            x = [g['metrics']['linprobe_top1'] for g in gs]
+            y = [g['metrics'][gen] for g in gs]
+            ax[row, 0].errorbar([v['mean'] for v in x], [v['mean'] for v in y],
+                                xerr=[v['spread'] for v in x], yerr=[v['spread'] for v in y],
+                                fmt='o', capsize=3, label=name)
+            flops = [g['metrics']['pretrain_flops']['mean'] for g in gs]
+            ax[row, 1].errorbar(flops, [v['mean'] for v in y], yerr=[v['spread'] for v in y],
+                                marker='o', capsize=3, label=name)
+        ax[row, 0].set(xlabel='understanding: bottleneck linear probe (%)',
+                       ylabel=f'generation: class accuracy, {judge} judge (%)',
+                       title=f'fig. 2: generation vs understanding (cfg {scale:g})')
+        ax[row, 1].set(xlabel='pre-training FLOPs', ylabel=f'class accuracy, {judge} judge (%)',
+                       xscale='log', title='fig. 5: generation vs pre-training compute')
+        ax[row, 1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        for a in ax[row]:
+            a.legend(fontsize=8)
+    fig.suptitle(f'mean and spread (error bars) over {args.tokenizer_seeds} tokenizer seeds')
+    fig.tight_layout()
+    png = os.path.join(args.out_dir, f'ablation_cfg{scale:g}.png')
+    fig.savefig(png, dpi=110)
+    print(f"plot: {png}")
+print(f"results: {results_path}, {os.path.join(args.out_dir, 'summary.json')}")

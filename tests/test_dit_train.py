@@ -108,9 +108,10 @@ def test_latent_cache_matches_direct_encoding_and_normalises(tiny_tokenizer, lat
     # shard rows against the tokenizer on the ADM centre crop, plain and flipped
     tok = vtp.load_tokenizer(str(tiny_tokenizer))
     shard = torch.load(latent_dir / meta['shards'][0], weights_only=True)
-    ds = data.SyntheticDataset('train', image_size=64, seed=0)
+    S = tok.config.image_size
+    ds = data.SyntheticDataset('train', image_size=S, seed=0)
     rows = [0, 7, 1999]
-    x = data.to_images([np.asarray(data.center_crop_arr(ds[i][0], 64)) for i in rows])
+    x = data.to_images([np.asarray(data.center_crop_arr(ds[i][0], S)) for i in rows])
     with torch.no_grad():
         torch.testing.assert_close(shard['latents'][rows], tok.encode(x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(shard['latents_flip'][rows], tok.encode(x.flip(3)), atol=1e-5,

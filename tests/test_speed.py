@@ -36,10 +36,10 @@ def test_compiled_blocks_equal_eager():
     compiled.load_state_dict(eager.state_dict())
     vtp.compile_model(compiled)
     n = 4
-    images, crops = torch.randn(2 * n, 3, 64, 64), torch.randn(2 * n, 3, 64, 64)
+    images, crops = torch.randn(2 * n, 3, 32, 32), torch.randn(2 * n, 3, 32, 32)
     masks = torch.rand(2 * n, 16) < 0.3
     inputs = dict(images=images, tokens=torch.randint(1, 4000, (2 * n, 32)), n_rec=n,
-                  global_crops=crops, local_crops=torch.randn(4 * n, 3, 32, 32), masks=masks,
+                  global_crops=crops, local_crops=torch.randn(4 * n, 3, 16, 16), masks=masks,
                   ibot_index=torch.nonzero(masks.flatten())[:, 0])
     outs = []
     for model in (eager, compiled):
