@@ -8,15 +8,15 @@ Laptop CPU, the quick start's tokenizer, synthetic data; the defaults follow the
 256 px: DiT-T/1, batch 32, lr 2e-3, EMA 0.99, 2000 steps, minutes; else the paper's recipe below):
     python train_dit.py --tokenizer out/tokenizer/ckpt.pt
     python train_dit.py --tokenizer out/tokenizer/ckpt.pt --condition text --out-dir out/dit_text
-One GPU (the paper's recipe: LightningDiT-XL/1, batch 1024, lr 2e-4, EMA 0.9999, 100k steps):
-    python train_dit.py --tokenizer out/decoder_L/ckpt.pt --data /data/imagenet/train --grad-accum 8
+One GPU (the paper's recipe: LightningDiT-XL/1, batch 1024, lr 2e-4, EMA 0.9999, 100k steps; the
+micro-batch that fits the GPU is probed, the accumulation derived from it):
+    python train_dit.py --tokenizer out/decoder_L/ckpt.pt --data /data/imagenet/train
 One node, 8 GPUs (the global batch is split across ranks; same flags):
-    torchrun --standalone --nproc_per_node 8 train_dit.py --tokenizer ... --data
-    /data/imagenet/train
+    torchrun --standalone --nproc_per_node 8 train_dit.py --tokenizer ... --data /data/imagenet/...
 Two nodes (run on each, node_rank 0 and 1):
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 \\
         train_dit.py --tokenizer ... --data /data/imagenet/train
-Throughput only (random latents, no data, no cache): add --bench 20.
+Throughput only (random latents, no data, no cache): add --bench 20; where time goes: --profile 3.
 """
 import argparse
 import contextlib

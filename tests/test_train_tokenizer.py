@@ -191,10 +191,13 @@ def test_grad_accum_is_exact(tmp_path):
         params_close(a['model'], b['model'], 2e-4)
         params_close(a['ema'], b['ema'], 2e-4)
         for ra, rb in zip(read_log(tmp_path / 'one'), read_log(tmp_path / other)):
-            # the losses, and the step-1 gradient (same weights), agree to float noise. Later
-            # gradient norms come from weights that Adam's near-sign steps on ~zero gradients made
-            # differ slightly: measured 139.08-139.27 at step 3 for micro-batches of 2, 4, 8, 16
-            tol = {'grad_norm': 1e-4 if ra['step'] == 1 else 3e-3}
+            # the losses, and the step-1 gradient (same weights), agree to float noise. The RoPE
+            # tables are bf16 (official), so fp32 noise in q and k can flip a bf16 rounding: the
+            # step-1 norm moved 3e-4 (dominated by the mask token's gradient, a large sum that
+            # cancels), 7e-7 with fp32 tables. Later gradient norms come from weights that Adam's
+            # near-sign steps on ~zero gradients made differ slightly: measured 139.08-139.27 at
+            # step 3 for micro-batches of 2, 4, 8, 16 (64 px world)
+            tol = {'grad_norm': 1e-3 if ra['step'] == 1 else 3e-3}
             for k in ('loss_clip', 'loss_dino', 'loss_ibot', 'loss_rec', 'grad_norm'):
                 assert abs(ra[k] - rb[k]) < tol.get(k, 1e-4) * max(1, abs(ra[k])), \
                     (other, ra['step'], k, ra[k], rb[k])
