@@ -75,8 +75,8 @@ def build_cache(tokenizer_path, latent_dir, n):
     torch.set_num_threads(1)
     try:
         tok = vtp.load_tokenizer(str(tokenizer_path))
-        return data.build_latent_cache(tok, 'synthetic', str(latent_dir), 64, n, num_workers=0,
-                                       log=lambda *a: None)
+        return data.build_latent_cache(tok, 'synthetic', str(latent_dir), tok.config.image_size,
+                                       n, num_workers=0, log=lambda *a: None)
     finally:
         torch.set_num_threads(threads)
 
@@ -208,7 +208,7 @@ def test_sampling_is_the_same_on_one_and_two_ranks(trained_dit, tmp_path):
     run('sample.py', *flags, '--batch-size', 2, '--out-dir', tmp_path / 'one')
     run('sample.py', *flags, '--batch-size', 4, '--out-dir', tmp_path / 'two', nproc=2)
     one, two = (np.load(tmp_path / d / 'samples.npz')['arr_0'] for d in ('one', 'two'))
-    assert one.shape == (10, 64, 64, 3) and one.dtype == np.uint8
+    assert one.shape == (10, 32, 32, 3) and one.dtype == np.uint8  # the tiny world: 32 px
     assert np.array_equal(one, two)
     assert sorted(os.listdir(tmp_path / 'two' / 'images')) == [f'{i:06d}.png' for i in range(10)]
     assert (tmp_path / 'two' / 'grid.png').exists()
