@@ -793,8 +793,9 @@ def eval_view(img, size):
 
 
 def to_images(arrays):
-    """(H, W, 3) uint8 arrays -> ImageNet-normalised (n, 3, H, W) floats (vtp.normalize)."""
-    return vtp.normalize(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous())
+    """(H, W, 3) uint8 arrays -> ImageNet-normalised (n, 3, H, W) floats, the tokenizer's input."""
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (n, 3, H, W) uint8
+    return vtp.imagenet_normalize(x)
 
 
 def block_mask(rng, h, w, ratio, min_patches=4, max_frac=0.5, aspect=0.3):
@@ -1189,8 +1190,8 @@ MAX_WORKERS = 16  # DINOv2 uses 10 per GPU, OpenCLIP 8: more only thrash on most
 def worker_count(requested=None, say=None):
     """DataLoader workers per rank. Default: the CPUs this rank may use (the process's CPUs shared
     by the ranks of the node) less one for the training loop, at least 1, at most MAX_WORKERS:
-    1 on a 2-core laptop, 15 on a 16-core GPU machine, where one worker left the tiny run waiting
-    for data (README "GPU"). A request above the CPUs is lowered, and say() says so once."""
+    1 on a 2-core laptop, 15 on a 16-core GPU machine. A request above the CPUs is lowered, and
+    say() says so once."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
     per_rank = max(1, cpus // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
     if requested is None:

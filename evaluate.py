@@ -485,8 +485,8 @@ def reconstruct(model, x, device):
     """Encode with bf16 autocast (CUDA), decode in fp32; both de-normalised, clamped to [0, 1]."""
     with autocast_for(device):
         z = model.encode(x)  # (B, d, h, w)
-    rec = model.decode(z.float())  # (B, 3, H, W), ImageNet-normalised
-    return vtp.to_unit_range(x.float()).clamp(0, 1), vtp.to_unit_range(rec.float()).clamp(0, 1)
+    recon = model.decode(z.float())  # (B, 3, H, W), ImageNet-normalised
+    return vtp.to_unit_range(x.float()).clamp(0, 1), vtp.to_unit_range(recon.float()).clamp(0, 1)
 
 
 @torch.no_grad()
@@ -512,16 +512,16 @@ def reconstruction_metrics(model, batches, device='cpu', inception=None, lpips_n
             continue
         if max_images and n + len(x) > max_images:
             x = x[: max_images - n]
-        x, rec = reconstruct(model, x.to(device), device)
-        sums['psnr'] += psnr(rec, x).sum().item()
-        sums['ssim'] += ssim(rec, x).sum().item()
+        x, recon = reconstruct(model, x.to(device), device)
+        sums['psnr'] += psnr(recon, x).sum().item()
+        sums['ssim'] += ssim(recon, x).sum().item()
         if lpips_net is not None:
-            sums['lpips'] += lpips_net(rec * 2 - 1, x * 2 - 1).sum().item()
+            sums['lpips'] += lpips_net(recon * 2 - 1, x * 2 - 1).sum().item()
         if inception is not None:
             real_f.append(inception(to_uint8(x))[0].double().cpu())
-            fake_f.append(inception(to_uint8(rec))[0].double().cpu())
+            fake_f.append(inception(to_uint8(recon))[0].double().cpu())
         for kind, judge in (judges or {}).items():
-            pred = judge_features(judge, to_uint8(rec).cpu())[1]
+            pred = judge_features(judge, to_uint8(recon).cpu())[1]
             recognised[kind] += (pred == labels[:len(x)].cpu()).sum().item()
         n += len(x)
         if max_images and n >= max_images:
@@ -530,9 +530,8 @@ def reconstruction_metrics(model, batches, device='cpu', inception=None, lpips_n
         raise ValueError("no images to reconstruct")
     res = {'num_images': n, 'skipped': skipped, 'psnr': sums['psnr'] / n, 'ssim': sums['ssim'] / n,
            'lpips': sums['lpips'] / n if lpips_net is not None else None, 'rfid': None,
-           **{f"judge_recognised{'' if k == 'robust' else f'_{k}'}": 100 * v / n
-              for k, v in recognised.items()}}
-    res.setdefault('judge_recognised', None)
+           **{f'judge_recognised{judge_suffix(k)}': 100 * recognised[k] / n if judges else None
+              for k in JUDGES}}
     if inception is not None:
         real_f, fake_f = torch.cat(real_f).numpy(), torch.cat(fake_f).numpy()  # (n, 2048) each
         res['rfid'], res['rfid_method'] = fid_from_features(real_f, fake_f)
@@ -684,11 +683,11 @@ def probe_transforms(crop, resize, train_aug='rrc'):
 
 
 # -----------------------------------------------------------------------------
-# 7. the synthetic world's judge: metrics of generation without downloaded weights (issue: the
-# paper's gFID needs ImageNet and the FID Inception; on the built-in synthetic data a small CNN
-# trained on real synthetic images plays the Inception's part: Fréchet distance in its feature
-# space, and its class accuracy on conditional samples, i.e. how often a sample shows the class or
-# prompt it was asked for)
+# 7. the synthetic world's judges: metrics of generation without downloaded weights (issue: the
+# paper's gFID needs ImageNet and the FID Inception; on the built-in synthetic data two small CNNs
+# trained on real synthetic images play the Inception's part: Fréchet distance in their feature
+# space, and their class accuracy on conditional samples, i.e. how often a sample shows the class
+# or prompt it was asked for)
 
 JUDGE_IMAGES, JUDGE_EPOCHS = 5000, 6  # 100 % on real val images, ~20 s on 2 CPU cores (README)
 
@@ -713,7 +712,7 @@ class SyntheticJudge(nn.Module):
         return f, self.head(f)
 
 
-def synthetic_images(split, n, image_size=64, seed=0, degrade=False):
+def synthetic_images(split, n, image_size=32, seed=0, degrade=False):
     """The first n images of the synthetic split as uint8 (n, 3, S, S) and their labels (n,).
     degrade: half of them blurred or down- and up-sampled (the judge's training augmentation)."""
     ds = data.SyntheticDataset(split, length=n, image_size=image_size, seed=seed)  # val: any n
@@ -737,10 +736,16 @@ def synthetic_images(split, n, image_size=64, seed=0, degrade=False):
 JUDGES = ('robust', 'crisp')
 
 
-def synthetic_judge(image_size=64, kind='robust', cache_dir=None):
+def judge_suffix(kind):
+    """How a result key names its judge: the robust one's keys have no suffix (class_accuracy,
+    fd_judge, as when there was one judge), the others' end in _KIND (class_accuracy_crisp)."""
+    return '' if kind == 'robust' else f'_{kind}'
+
+
+def synthetic_judge(image_size=32, kind='robust', cache_dir=None):
     """A judge, trained once on JUDGE_IMAGES real synthetic training images (seed 0) and cached in
-    ~/.cache/vtp; it must recognise >= 99 % of the real val images, or it is no judge. Two kinds,
-    and a result counts when both agree:
+    ~/.cache/vtp; it must recognise >= 99 % of the real val images, or it is no judge. There are
+    two kinds (scripts/ablation.py counts a finding when both agree):
     - 'robust': half of its training images are blurred or down- and up-sampled, so that it judges
       the class of an image rather than its sharpness;
     - 'crisp': crisp images only. It calls most blurry or blocky circles 'square' (measured: 44 %
@@ -845,7 +850,7 @@ def cmd_synthetic(args):
     rows = []
     for kind in JUDGES:
         net = synthetic_judge(args.image_size, kind)
-        suffix = '' if kind == 'robust' else f'_{kind}'
+        suffix = judge_suffix(kind)
         f_fake, p_fake = judge_features(net, fake)
         f_real, p_real = judge_features(net, real)
         fd, method = fid_from_features(f_fake, f_real)
@@ -1041,7 +1046,7 @@ def cmd_linprobe(args):
     # seeds the train crops (one random view per image, features cached once)
     torch.manual_seed(args.seed)
     aug = args.train_aug
-    # the synthetic objects are small: crops down to 8 % of a 64 px image would cut many out
+    # the synthetic objects are small: crops down to 8 % of a 32 px image would cut many out
     if aug == 'auto':
         aug = 'none' if args.train == 'synthetic' else 'rrc'
     t_train, t_val = probe_transforms(crop, resize, aug)
@@ -1160,7 +1165,7 @@ def add_common(p, checkpoint=True):
                    help="images per batch (the official scripts use 50)")
     p.add_argument('--num-workers', type=int, default=None,
                    help="data loader processes per rank "
-                   "(default: the CPUs per rank less one, at most 16)")
+                   "(default: the CPUs per rank less one, at most 16; evaluation is one rank)")
     p.add_argument('--out', default=None,
                    help="result JSON (default: eval_<command>.json next to the checkpoint, or in "
                    "the working directory)")
@@ -1245,7 +1250,7 @@ def build_parser():
     p.set_defaults(func=cmd_linprobe)
 
     p = sub.add_parser('synthetic',
-                       help="generation metrics on the synthetic world, judged by a small CNN "
+                       help="generation metrics on the synthetic world, judged by two small CNNs "
                        "trained on real synthetic images (no downloads): "
                        "FD, class accuracy of samples")
     p.add_argument('--samples', required=True,

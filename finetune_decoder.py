@@ -19,6 +19,7 @@ The output ckpt.pt is a tokenizer for every later stage: vtp.load_tokenizer('out
 """
 import argparse
 import contextlib
+import copy
 import os
 import time
 import warnings
@@ -74,7 +75,7 @@ arg('--max-steps', type=int, default=None, help="optimizer steps")
 # system
 arg('--eval-every', type=int, default=None, help="steps between val PSNR + grid (0 = off)")
 args = parser.parse_args()
-given = vtp.explicit_flags(parser)  # flags on the command line: they win over the recipe
+given = vtp.explicit_flags(parser)  # the flags on the command line (for the config report)
 
 # -----------------------------------------------------------------------------
 # distributed setup: torchrun's environment decides (nccl on CUDA, gloo on CPU, one process without)
@@ -112,6 +113,9 @@ print0(f"tokenizer {args.tokenizer}: {model.num_params() / 1e6:.2f}M parameters,
        f"({model.num_params(decoder) / 1e6:.2f}M), d = {cfg.bottleneck_dim}, {args.image_size} px")
 
 disc = vtp.NLayerDiscriminator(3, args.disc_ndf, args.disc_layers, args.disc_norm).to(device)
+# the memory probe's D: a copy with per-rank batch norm, since SyncBatchNorm's collectives would
+# leave the other ranks waiting if one ran out of memory (a few MB: D is small)
+probe_disc = copy.deepcopy(disc)
 if ddp and device.type == 'cuda' and args.disc_norm == 'batch':
     # batch statistics over the whole micro-batch of all ranks: D does not change with the GPU
     # count (SyncBatchNorm is CUDA-only: CPU/gloo runs keep per-rank statistics, which
@@ -208,9 +212,10 @@ def validate(step):
     return {'val_psnr': round(vtp.psnr(recon, x).mean().item(), 4)}
 
 
-def generator_pass(x, z, gan, net, k):
+def generator_pass(x, z, gan, net, k, d=None):
     """L_G of one micro-batch (images x, their latents z), and the backward of L_G / k for k
-    micro-steps: L1 + LPIPS, and from --disc-start the adversarial term, adaptively weighted."""
+    micro-steps: L1 + LPIPS, and from --disc-start the adversarial term, adaptively weighted. d:
+    the discriminator (default: the raw module, as D's DDP is for D's own step)."""
     with autocast:
         recon = net(z)  # (b, 3, S, S)
     l1, lp = vtp.reconstruction_loss(recon, x, perceptual)
@@ -221,7 +226,7 @@ def generator_pass(x, z, gan, net, k):
     loss = loss_rec
     if gan:
         with autocast:
-            logits_fake = disc(to_disc(recon))  # the raw module: D's DDP is for D's own step
+            logits_fake = (d or disc)(to_disc(recon))
         loss_g = vtp.generator_loss(logits_fake)
         # W_last of the adaptive weight: the decoder's final 1x1 conv
         w = vtp.adaptive_weight(loss_rec, loss_g, decoder.proj_out.weight)
@@ -291,24 +296,22 @@ def save(step):
 # micro-batches: --grad-accum, or on CUDA the fewest micro-steps whose micro-batch fits (probed)
 def probe(b):
     """One micro-step of b images per rank with the GAN on: the passes of the decoder and of D,
-    forward and backward, nothing updated (D's batch-norm statistics put back)."""
-    buffers = {k: v.clone() for k, v in disc.state_dict().items()}
+    forward and backward, nothing updated (D is the probe's copy)."""
     try:
         x = torch.randn(b, 3, args.image_size, args.image_size, device=device)
         with torch.no_grad(), autocast:
             z = model.encode(x)
-        generator_pass(x, z, True, decoder, 1)
-        disc_pass(x, z, disc, 1)
+        generator_pass(x, z, True, decoder, 1, probe_disc)
+        disc_pass(x, z, probe_disc, 1)
     finally:
         opt_g.zero_grad(set_to_none=True)
-        opt_d.zero_grad(set_to_none=True)
-        disc.load_state_dict(buffers)
+        probe_disc.zero_grad(set_to_none=True)
 
 
-derived = {'compile', 'num_workers'} - given  # what the machine decided (reported with the config)
+derived = {'compile', 'num_workers', 'image_size'} - given  # decided by the machine or tokenizer
 if args.grad_accum is None:
     derived.add('grad_accum')
-    trained = [p for p in (*decoder.parameters(), *disc.parameters())]
+    trained = list(decoder.parameters()) + list(disc.parameters())
     moments = 0 if opt_g.state else 8 * sum(p.numel() for p in trained)  # Adam's, fp32, made later
     args.grad_accum = vtp.fit_grad_accum(probe, B, world_size, device, reserve_bytes=moments)
 b = vtp.split_batch(B, world_size, args.grad_accum)
@@ -322,7 +325,7 @@ args.num_workers = workers
 vtp.report_config(args, given, RECIPES[recipe_name], recipe_name, derived,
                   path=os.path.join(args.out_dir, 'config.json') if master and not measuring
                   else None)
-print0(f"the model: the tokenizer's own config ({args.tokenizer}), its decoder trained")
+print0(f"model: the tokenizer's config ({args.tokenizer}); training its pixel decoder")
 print0(f"batch {B} = {world_size} ranks x {args.grad_accum} micro x {b}; GAN from step "
        f"{args.disc_start}; {workers} data worker(s) per rank"
        f"{'; compiled' if args.compile else ''}")
@@ -361,7 +364,7 @@ for step in progress:
     samples_since += B
     done = step + 1
     log_due = done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.max_steps
-    eval_due = val_images is not None and args.eval_every and (done % args.eval_every == 0 or
+    val_due = val_images is not None and args.eval_every and (done % args.eval_every == 0 or
                                                                done == args.max_steps)
     record = {}
     if log_due:
@@ -369,14 +372,14 @@ for step in progress:
         vtp.check_finite(vals, done, ckpt_path)
         dt = time.time() - t0
         record = {'step': done, **{k: round(v, 6) for k, v in vals.items()
-                                    if k != 'skipped_steps'},
-                   'lr': args.lr, 'disc_lr': args.disc_lr,
-                   'img_per_s': round(samples_since / dt, 2)}
+                                   if k != 'skipped_steps'},
+                  'lr': args.lr, 'disc_lr': args.disc_lr,
+                  'img_per_s': round(samples_since / dt, 2)}
         total = vtp.count_over_ranks(skipped)  # bad-sample counts live on each rank
         if total:
             record['skipped'] = total
         t0, samples_since = time.time(), 0
-    if eval_due and master:
+    if val_due and master:
         record = {'step': done, **record, **validate(done)}
     if master and record:
         vtp.append_log(log_path, record)

@@ -45,7 +45,8 @@ vtp.add_run_flags(parser, None,
                   batch_help="samples per batch over all ranks (each rank runs batch-size / "
                   "world of them)",
                   resume_help="'auto': continue an interrupted sampling, keeping the PNGs "
-                  "already written", training=False)
+                  "already written", training=False, compile_help="torch.compile each transformer "
+                  "block (default: on CUDA, where 250 steps a batch pay for it; off on the CPU)")
 parser.set_defaults(batch_size=32)
 arg('--ckpt', required=True, help="train_dit.py ckpt.pt, or an official LightningDiT checkpoint")
 arg('--dit-config', default=None, choices=list(vtp.DIT_CONFIGS),

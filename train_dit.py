@@ -92,7 +92,7 @@ arg('--timestep-shift', type=float, default=0.075, help="preview time shift (VTP
 arg('--num-workers', type=int, default=None, help="data loader processes per rank (default: "
     "the CPUs per rank less one, at most 16)")
 args = parser.parse_args()
-given = vtp.explicit_flags(parser)  # flags on the command line: they win over the recipe
+given = vtp.explicit_flags(parser)  # the flags on the command line (for the config report)
 
 # -----------------------------------------------------------------------------
 # distributed setup: torchrun's environment decides (nccl on CUDA, gloo on CPU, one process without)
@@ -133,7 +133,9 @@ fingerprint = {'path': os.path.abspath(args.tokenizer),
 latent_dir = args.latent_dir or os.path.join(args.out_dir, 'latents')
 workers = data.worker_count(args.num_workers, print0)
 measuring = args.bench or args.profile  # random latents: no data, cache, log or checkpoint
-resume = vtp.open_run(args.out_dir, args.resume, master) if not measuring else None
+# --bench-data builds (or reuses) the latent cache, without taking the run folder
+resume = vtp.open_run(args.out_dir, args.resume, master) \
+    if not (measuring or args.bench_data) else None
 if measuring:
     num_classes = args.num_classes or 1000
     stats = {'mean': torch.zeros(1, latent_dim, 1, 1), 'std': torch.ones(1, latent_dim, 1, 1)}
@@ -314,7 +316,8 @@ peak_flops = vtp.gpu_peak_flops(device) if device.type == 'cuda' else None
 args.num_workers = workers
 vtp.report_config(args, given, RECIPES[recipe_name], recipe_name, derived, cfg,
                   (args.model, vtp.DIT_CONFIGS[args.model]),
-                  os.path.join(args.out_dir, 'config.json') if master and not measuring else None)
+                  os.path.join(args.out_dir, 'config.json')
+                  if master and not (measuring or args.bench_data) else None)
 print0(f"batch {G} = {world_size} ranks x {args.grad_accum} micro x {b}; "
        f"{flops_per_sample / 1e9:.3f} GFLOPs/latent (training); {workers} data worker(s) per "
        f"rank{'; compiled' if args.compile else ''}")
@@ -362,14 +365,16 @@ for step in progress:
         vals = meter.reduce()  # the one host sync per log step; checked before any checkpoint
         vtp.check_finite(vals, done, ckpt_path)
         dt = time.time() - t0
-        rec = {'step': done, **{k: round(v, 6) for k, v in vals.items() if k != 'skipped_steps'},
-               'lr': args.lr, 'img_per_s': round(samples_since / dt, 2),
-               'epoch': round(done * G / train_set.n, 3)}
+        record = {'step': done, **{k: round(v, 6) for k, v in vals.items()
+                                   if k != 'skipped_steps'},
+                  'lr': args.lr, 'img_per_s': round(samples_since / dt, 2),
+                  'epoch': round(done * G / train_set.n, 3)}
         if peak_flops:
-            rec['mfu'] = round(flops_per_sample * samples_since / dt / (peak_flops * world_size), 4)
+            record['mfu'] = round(flops_per_sample * samples_since / dt / (peak_flops * world_size),
+                                  4)
         if master:
-            vtp.append_log(log_path, rec)
-            progress.log(done, rec['loss'], rec['img_per_s'])
+            vtp.append_log(log_path, record)
+            progress.log(done, record['loss'], record['img_per_s'])
         t0, samples_since = time.time(), 0
     if master and args.sample_every and (done % args.sample_every == 0 or done == args.max_steps):
         save_preview(done)

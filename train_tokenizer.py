@@ -135,7 +135,7 @@ arg('--eval-every', type=int, default=None, help="steps between val PSNR / zero-
 arg('--keep-every', type=int, default=0, help="also keep ckpt_STEP.pt every N steps (the "
     "checkpoints of one run at several budgets, as scripts/ablation.py compares them)")
 args = parser.parse_args()
-given = vtp.explicit_flags(parser)  # flags on the command line: they win over the recipe
+given = vtp.explicit_flags(parser)  # the flags on the command line (for the config report)
 recipe_name = 'tiny' if args.size == 'tiny' else 'paper'
 vtp.apply_recipe(args, RECIPES[recipe_name])
 
@@ -435,6 +435,7 @@ def validate(step):
         if clf is not None:
             logits = 100 * model.clip_image_features(tokens).float() @ clf
             sums[1] += (logits.argmax(1).cpu() == vb['labels']).sum()
+            sums[3] += (vb['labels'] >= 0).sum()  # -1: no label (a caption folder)
         sums[2] += len(x)
     vtp.all_reduce(sums)
     model.train()
@@ -444,7 +445,7 @@ def validate(step):
         if master and grid is not None:
             save_image(grid, os.path.join(args.out_dir, f'recon_{step:06d}.png'), nrow=8)
     if clf is not None:
-        res['val_zeroshot_top1'] = round(100 * (sums[1] / sums[2]).item(), 3)
+        res['val_zeroshot_top1'] = round(100 * (sums[1] / sums[3].clamp_min(1)).item(), 3)
     return res
 
 
@@ -531,7 +532,7 @@ for step in progress:
     samples_since += B
     done = step + 1
     log_due = done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.max_steps
-    eval_due = args.eval_every and val_set is not None and \
+    val_due = args.eval_every and val_set is not None and \
         (done % args.eval_every == 0 or done == args.max_steps)
     if log_due and teacher is not None:  # a frozen teacher (momentum ~1) shows as ~0 here
         terms['teacher_distance'] = teacher_distance()
@@ -555,7 +556,7 @@ for step in progress:
         if use_clip:
             record['logit_scale'] = round(model.logit_scale.exp().item(), 3)
         t0, samples_since = time.time(), 0
-    if eval_due:
+    if val_due:
         with vtp.eager():  # a few batches of other shapes: compiling them would not pay
             record = {'step': done, **record, **validate(done)}
     if master and record:

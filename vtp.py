@@ -271,7 +271,7 @@ def imagenet_stats(device, dtype):
                  for v in (IMAGENET_MEAN, IMAGENET_STD))
 
 
-def normalize(images):
+def imagenet_normalize(images):
     """uint8 images (n, 3, H, W) -> ImageNet-normalised floats, the tokenizer's input (official:
     ToTensor, then Normalize). to_unit_range is its inverse."""
     mean, std = imagenet_stats(images.device, torch.float32)
@@ -279,7 +279,7 @@ def normalize(images):
 
 
 def to_unit_range(x):
-    """ImageNet-normalised images -> [0, 1] (not clamped): the inverse of normalize, times 255."""
+    """ImageNet-normalised images -> [0, 1] (not clamped): imagenet_normalize's inverse, / 255."""
     mean, std = imagenet_stats(x.device, x.dtype)
     return x * std + mean
 
@@ -1815,14 +1815,15 @@ def compile_model(model):
     share one compiled graph per input shape, so the compile time is that of a few blocks, and
     activation checkpointing wraps a compiled block as it wraps an eager one. Elementwise work
     (norms, RoPE, modulation, SwiGLU, residuals) is fused around the matrix products: on an H200 a
-    DiT-XL/1 step runs 2.5x, a VTP-L stage-1 step 4.5x as fast as eager (README "GPU"). Compiled
-    kernels round to bf16 where eager does (emulate_precision_casts), so the two agree to float
-    noise."""
+    DiT-XL/1 step at batch 64 ran 2.5x as fast as eager, a VTP-L stage-1 step at batch 128 at 274
+    img/s against 61 eager at batch 32 (README "GPU"). Compiled kernels round to bf16 where eager
+    does (emulate_precision_casts), so the two agree to float noise."""
     regions = (Block, TextBlock, DINOHead, DiTBlock, FinalLayer, TimestepEmbedder)
     # one graph per input shape and grad mode: a stage-1 step alone has ~8 (main view, global and
     # local crops, teacher, decoder, text) where torch's default limit is 8
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    torch._inductor.config.emulate_precision_casts = True
+    if hasattr(torch._inductor.config, 'emulate_precision_casts'):  # torch >= 2.5
+        torch._inductor.config.emulate_precision_casts = True
     for m in model.modules():
         if isinstance(m, regions):
             m.compile(dynamic=False)
@@ -1879,8 +1880,10 @@ def predict_micro_batch(try_micro, sizes, device, reserve_bytes, fraction=0.9):
     """The largest of `sizes` whose memory, extrapolated from two small micro-batches (the two
     sizes nearest 32), fits in `fraction` of the device with reserve_bytes aside, less a tenth for
     fragmentation; the smallest size if even the measurement runs out of memory."""
-    small = [b for b in sizes if b <= 32][:2] or sizes[-2:]
+    small = [b for b in sizes if b <= 32][:2]
     if len(small) < 2:
+        small = sizes[-2:]
+    if len(small) < 2:  # a single size: nothing to extrapolate
         return sizes[-1]
     base = torch.cuda.memory_allocated(device)
     used = {}
@@ -1999,7 +2002,7 @@ TOKENIZER_HELP = ("a VTP checkpoint, ours (ckpt.pt of stage 1 or 2) or an offici
 
 
 def add_run_flags(parser, out_dir, tokenizer, tokenizer_default=None, batch_help=None,
-                  resume_help=None, accum_help=None, training=True):
+                  resume_help=None, accum_help=None, compile_help=None, training=True):
     """The flags every stage script shares, defined once so that they mean the same everywhere."""
     arg = parser.add_argument
     arg('--tokenizer', default=tokenizer_default, help=f"{TOKENIZER_HELP}: {tokenizer}")
@@ -2015,10 +2018,11 @@ def add_run_flags(parser, out_dir, tokenizer, tokenizer_default=None, batch_help
     arg('--seed', type=int, default=0, help="seed of the initialisation and of every random choice "
         "of the data (they depend on (seed, sample position) only)")
     arg('--compile', action=argparse.BooleanOptionalAction, default=None,
-        help="torch.compile each transformer block (default: on CUDA for full-size models, "
-        "off for tiny ones and on the CPU)")
-    arg('--bench', type=int, default=0, help="time this many steps on cached inputs, print "
-        "throughput, peak memory and MFU, and exit (no data, logs or checkpoints)")
+        help=compile_help or "torch.compile each transformer block (default: on CUDA for "
+        "full-size models, off for tiny ones and on the CPU)")
+    arg('--bench', type=int, default=0, help="time this many steps on cached inputs (one step of "
+        "data, or random latents), print throughput, peak memory and MFU, and exit (no run folder, "
+        "logs or checkpoints)")
     if training:
         arg('--profile', type=int, default=0, help="profile this many steps on cached inputs "
             "(after --bench's, if any): the top ops by share of the step, and a trace in OUT_DIR")
@@ -2044,29 +2048,29 @@ def explicit_flags(parser, argv=None):
 
 
 def apply_recipe(args, recipe):
-    """Flags left at None take the recipe's value; recipe entries that are no flag (stage 1's
+    """Flags left at None take the recipe's value; recipe entries that are not flags (stage 1's
     ssl_frac, rec_frac) become attributes of args too."""
     for k, v in recipe.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
 
 
-def report_config(args, given, recipe, recipe_name, derived=(), model=None, preset=None,
+def report_config(args, given, recipe, recipe_name, derived=(), config=None, preset=None,
                   path=None):
     """Print the resolved configuration, every value with where it came from: a flag, the recipe,
-    the machine (`derived`: data workers, the micro-batch, compilation) or the flag's default; and
-    the model config with the fields in which it differs from its preset. Written to `path`
-    (OUT_DIR/config.json) too: a number without its recipe cannot be reproduced."""
+    the machine or the tokenizer (`derived`: data workers, the micro-batch, compilation) or the
+    flag's default; and the model's config with the fields in which it differs from its preset.
+    Also written to `path` (OUT_DIR/config.json): without its recipe a number cannot be re-run."""
     groups, sources = {}, {}
     for k, v in sorted(vars(args).items()):
-        src = 'flag' if k in given else 'machine' if k in derived else \
+        src = 'flag' if k in given else 'machine or tokenizer' if k in derived else \
             f"recipe '{recipe_name}'" if k in recipe else 'default'
         groups.setdefault(src, []).append(f"{k}={v}")
         sources[k] = {'value': v, 'source': src}
     changed = {}
-    if model is not None and preset is not None:
-        changed = {f.name: getattr(model, f.name) for f in fields(model)
-                   if getattr(model, f.name) != getattr(preset[1], f.name)}
+    if config is not None and preset is not None:
+        changed = {f.name: getattr(config, f.name) for f in fields(config)
+                   if getattr(config, f.name) != getattr(preset[1], f.name)}
         groups[f"model: preset '{preset[0]}', changed"] = [f"{k}={v}" for k, v in changed.items()]
     print0("config (" + ", ".join(f"{len(v)} from {k}" for k, v in groups.items()
                                   if not k.startswith('model')) + "):")
@@ -2080,7 +2084,7 @@ def report_config(args, given, recipe, recipe_name, derived=(), model=None, pres
         print0(line)
     if path is not None:
         with open(path, 'w') as f:
-            json.dump({'args': sources, 'model': asdict(model) if model is not None else None,
+            json.dump({'args': sources, 'model': asdict(config) if config is not None else None,
                        'preset': preset[0] if preset else None, 'changed_from_preset': changed},
                       f, indent=1, default=str)
 
@@ -2362,10 +2366,10 @@ def bench(step, n, samples_per_step, flops_per_sample, device, world_size, what,
     """`--bench` and `--profile`: step() runs 3 untimed warm-up calls (compilation, allocator,
     autotuning), then n timed calls, then profile_steps calls under torch.profiler.
 
-    The bench line gives samples/s, peak memory and MFU. The first warm-up call runs eagerly under
-    torch's FlopCounterMode, so the FLOPs counted from the shapes (flops_per_sample) are checked
-    against what actually ran. The profile prints the top ops by their share of the step and writes
-    a trace for chrome://tracing or perfetto.dev into trace_dir."""
+    The bench line gives samples/s, the peak memory of the timed steps and MFU. The first warm-up
+    call runs eagerly under torch's FlopCounterMode, so the FLOPs counted from the shapes
+    (flops_per_sample) are printed beside those that actually ran. The profile prints the top ops by
+    their share of the step and writes a trace for chrome://tracing or perfetto.dev to trace_dir."""
     device = torch.device(device)
     for i in range(3):
         if i == 0 and measure_flops:
@@ -2374,6 +2378,8 @@ def bench(step, n, samples_per_step, flops_per_sample, device, world_size, what,
             measured = counter.get_total_flops() / (samples_per_step / world_size)
             continue
         step()
+    if device.type == 'cuda':  # the peak of the step, not of the warm-up or the memory probe
+        torch.cuda.reset_peak_memory_stats(device)
     if n:
         seconds = time_steps(step, n, device)
         per_s = n * samples_per_step / seconds
@@ -2382,8 +2388,8 @@ def bench(step, n, samples_per_step, flops_per_sample, device, world_size, what,
         else:  # the process's peak resident set: weights, activations and the Python/torch runtime
             mem = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB"
         peak = gpu_peak_flops(device) if device.type == 'cuda' else None
-        mfu = f"{flops_per_sample * per_s / (peak * world_size):.1%}" if peak else \
-            'n/a (CPU or unknown GPU)'
+        mfu = f"{flops_per_sample * per_s / (peak * world_size):.1%}" if peak and \
+            flops_per_sample else 'n/a (CPU, an unknown GPU or uncounted FLOPs)'
         flops = f"{flops_per_sample / 1e9:.3f} GFLOPs/sample counted"
         if measure_flops:
             flops += f", {measured / 1e9:.3f} measured by FlopCounterMode"

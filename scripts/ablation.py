@@ -41,6 +41,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402  (the repository's modules, found through ROOT)
+from evaluate import JUDGES, judge_suffix  # noqa: E402  (the two judges of evaluate.py synthetic)
 
 # name: the λ flags of train_tokenizer.py (eq. 3); an objective with weight 0 is off
 OBJECTIVES = {
@@ -49,7 +50,6 @@ OBJECTIVES = {
     'SSL+AE': ['--lambda-clip', '0'],
     'CLIP+SSL+AE': [],
 }
-JUDGES = ('robust', 'crisp')  # evaluate.py synthetic's two judges
 
 parser = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -90,8 +90,9 @@ objectives = args.objectives.split(',')
 done = {}
 if os.path.exists(results_path):
     with open(results_path) as f:
-        done = {(r['objectives'], r['step'], r['tokenizer_seed'], r['dit_seed'], r['cfg_scale']): r
-                for r in map(json.loads, f)}
+        # rows of a run before tokenizer seeds and several guidance scales: seed 0, guidance 1
+        done = {(r['objectives'], r['step'], r.get('tokenizer_seed', 0), r['dit_seed'],
+                 r.get('cfg_scale', 1.0)): r for r in map(json.loads, f)}
 
 
 def run(script, *argv, launch=None):
@@ -153,8 +154,8 @@ def tokenizer_figures(name, ckpt):
                      'none', '--num-images', n_val)
     figures['psnr'] = recon['psnr']
     if args.dit_data == 'synthetic':
-        figures['recon_robust'] = recon['judge_recognised']
-        figures['recon_crisp'] = recon['judge_recognised_crisp']
+        for judge in JUDGES:
+            figures[f'recon_{judge}'] = recon[f'judge_recognised{judge_suffix(judge)}']
     return figures
 
 
@@ -205,9 +206,8 @@ for name in objectives:
                         g = evaluate('synthetic', '--samples', os.path.join(samples, 'samples.npz'),
                                      '--image-size', size)
                         for judge in JUDGES:
-                            suffix = '' if judge == 'robust' else f'_{judge}'
-                            row[f'gen_acc_{judge}'] = g[f'class_accuracy{suffix}']
-                            row[f'gen_fd_{judge}'] = g[f'fd_judge{suffix}']
+                            row[f'gen_acc_{judge}'] = g[f'class_accuracy{judge_suffix(judge)}']
+                            row[f'gen_fd_{judge}'] = g[f'fd_judge{judge_suffix(judge)}']
                     with open(results_path, 'a') as f:
                         f.write(json.dumps(row) + '\n')
                     done[key] = row
@@ -244,21 +244,21 @@ for scale in cfg_scales:
                            'seeds': args.tokenizer_seeds, 'metrics': metrics})
 
 
-def mean_of(name, step, scale, metric):
-    v = seed_values(name, step, scale, metric)
-    return (sum(v) / len(v), spread(v)) if v else (float('nan'), float('nan'))
-
-
 def compare(better, worse, step, scale, judge, first=None):
-    """The effect `better` minus `worse` in class accuracy (or, with `first`, the gain from budget
-    `first` to `step`), the larger of their two spreads, and whether it is over twice that."""
+    """The effect `better` minus `worse` in class accuracy (with `first`: in the gain from budget
+    `first` to `step`, per seed, as both budgets are checkpoints of the same runs), the larger of
+    the two sets' spreads over seeds, and whether the effect is over twice that spread."""
     metric = f'gen_acc_{judge}'
-    (a, sa), (b, sb) = mean_of(better, step, scale, metric), mean_of(worse, step, scale, metric)
-    if first is not None:  # gains over the budgets: (a - a0) - (b - b0)
-        (a0, sa0), (b0, sb0) = (mean_of(better, first, scale, metric),
-                                mean_of(worse, first, scale, metric))
-        a, b, sa, sb = a - a0, b - b0, max(sa, sa0), max(sb, sb0)
-    effect, noise = a - b, max(sa, sb)
+    values = []
+    for name in (better, worse):
+        v = seed_values(name, step, scale, metric)
+        if first is not None:
+            v = [a - b for a, b in zip(v, seed_values(name, first, scale, metric))]
+        values.append(v)
+    if not all(values):
+        return {'effect': float('nan'), 'spread': float('nan'), 'holds': False}
+    effect = sum(values[0]) / len(values[0]) - sum(values[1]) / len(values[1])
+    noise = max(spread(values[0]), spread(values[1]))
     return {'effect': effect, 'spread': noise, 'holds': bool(effect > 2 * noise)}
 
 
@@ -288,6 +288,8 @@ for g in groups:
 for finding, by_cfg in findings.items():
     for cfg, by_judge in by_cfg.items():
         verdict = 'holds' if all(r['holds'] for r in by_judge.values()) else 'does not hold'
+        if args.tokenizer_seeds < 2:
+            verdict = 'n/a with one seed (no spread)'
         print(f"{finding}, {cfg}: " + ', '.join(
             f"{j} judge {r['effect']:+.1f} (spread {r['spread']:.1f})" for j, r in by_judge.items())
             + f": {verdict} (effect > 2 x spread under both judges)")

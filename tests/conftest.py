@@ -51,4 +51,5 @@ def tiny_tokenizer(tmp_path_factory):
     if p.returncode != 0:
         raise RuntimeError("tiny tokenizer training "
                            f"failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    (out / 'output.txt').write_text(p.stdout + p.stderr)  # what a user redirecting it would keep
     return out / 'ckpt.pt'

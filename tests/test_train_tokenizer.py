@@ -1,6 +1,7 @@
 """Stage 1 end to end on CPU: the tiny run learns, 2-rank DDP equals one process, resume is exact,
 bad data is skipped and counted, a non-finite loss stops the run. Each test runs train_tokenizer.py
 as a user would."""
+import json
 import math
 import re
 import signal
@@ -58,6 +59,14 @@ def test_tiny_run_learns_every_objective(tiny_tokenizer):
     assert (out / f'recon_{evals[-1]["step"]:06d}.png').exists()
     ckpt = torch.load(tiny_tokenizer, weights_only=True)
     assert ckpt['step'] == evals[-1]['step'] and ckpt['flops'] > 0
+    # not on a terminal (`> log.txt`): no progress-bar frames, one plain line per log step, and
+    # the resolved configuration first, also in config.json
+    output = (out / 'output.txt').read_text()
+    lines = [line for line in output.splitlines() if re.match(r'step \d+/300 \| loss ', line)]
+    assert len(lines) == len(train) == 30 and '\r' not in output, output[-2000:]
+    config = json.loads((out / 'config.json').read_text())
+    assert config['args']['max_steps'] == {'value': 300, 'source': 'flag'}
+    assert config['args']['lr']['source'] == "recipe 'tiny'" and 'config (' in output
 
 
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
