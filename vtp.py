@@ -2137,8 +2137,10 @@ def open_run(out_dir, resume, master):
     _LOCKS.append(lock)
     atexit.unregister(release_locks)  # registered once, however many runs this process opens
     atexit.register(release_locks)
-    if path is None and any(os.path.exists(os.path.join(out_dir, f))
-                            for f in ('ckpt.pt', 'log.jsonl')):
+    # --resume auto in a folder without a checkpoint (a run killed before its first one) starts
+    # over, with a fresh log
+    if resume is None and any(os.path.exists(os.path.join(out_dir, f))
+                              for f in ('ckpt.pt', 'log.jsonl')):
         release_locks()
         raise SystemExit(f"error: {out_dir} holds a run already; pass --resume auto to continue "
                          "it, or another --out-dir")

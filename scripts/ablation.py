@@ -186,8 +186,11 @@ for name in objectives:
                 if args.condition == 'text':
                     dit_flags += ['--condition', 'text', '--text-encoder', text_encoder]
                     sample_flags = ['--prompts', prompts_file]
-                if not os.path.exists(os.path.join(dit, 'ckpt.pt')):
+                if not os.path.exists(os.path.join(dit, 'done')):
+                    if os.path.exists(dit):  # killed before it finished
+                        dit_flags += ['--resume', 'auto']
                     run('train_dit.py', *dit_flags, *shlex.split(args.dit_args))
+                    open(os.path.join(dit, 'done'), 'w').close()
                 for scale in cfg_scales:
                     key = (name, step, seed, dit_seed, scale)
                     if key in done:

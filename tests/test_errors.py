@@ -80,8 +80,17 @@ def test_out_dir_read_only_full_in_use_or_holding_a_run(tmp_path):
         ro.rmdir()
         ro.write_text('a file')
     one_line_error(run('train_tokenizer.py', *QUICK, '--out-dir', ro / 'run'), 'cannot write')
-    # a finished run: rerunning refuses to overwrite it, --resume auto continues it
+    # a run killed before its first checkpoint: --resume auto starts it over, with a fresh log
     out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'log.jsonl').write_text('{"step": 1, "loss": 9.9}\n')
+    one_line_error(run('train_tokenizer.py', *QUICK, '--max-steps', 2, '--out-dir', out),
+                   'holds a run')
+    p = run('train_tokenizer.py', *QUICK, '--max-steps', 1, '--out-dir', out, '--resume', 'auto')
+    assert p.returncode == 0 and '9.9' not in (out / 'log.jsonl').read_text(), p.stderr[-2000:]
+    # a finished run: rerunning refuses to overwrite it, --resume auto continues it
+    (out / 'ckpt.pt').unlink()
+    (out / 'log.jsonl').unlink()
     assert run('train_tokenizer.py', *QUICK, '--max-steps', 2, '--out-dir', out).returncode == 0
     before = (out / 'ckpt.pt').read_bytes()
     one_line_error(run('train_tokenizer.py', *QUICK, '--max-steps', 2, '--out-dir', out),
