@@ -309,7 +309,8 @@ def inception_features(images_uint8_iter, model, device='cpu', total=None, desc=
     logits (N, 1008)) as float64 numpy arrays. Runs in fp32 (no autocast)."""
     model = model.to(device)
     feats, logits = [], []
-    for x in tqdm(images_uint8_iter, total=total, desc=desc, leave=False):
+    # disable=None: a bar on a terminal only, no frames in a log file
+    for x in tqdm(images_uint8_iter, total=total, desc=desc, leave=False, disable=None):
         x = torch.as_tensor(x)
         if x.shape[-1] == 3 and x.shape[1] != 3:
             x = x.permute(0, 3, 1, 2)  # NHWC -> NCHW
@@ -641,7 +642,8 @@ def train_linear_probes(train_x, train_y, val_x, val_y, num_classes, lrs=PROBE_L
     lr = torch.tensor(lrs, device=device).view(H, 1, 1) * batch_size / 256
     steps = epochs * math.ceil(N / batch_size)
     best, step = {'top1': -1.0}, 0
-    for epoch in tqdm(range(epochs), desc='probe epochs', leave=False):
+    # disable=None: a bar on a terminal only, no frames in a log file
+    for epoch in tqdm(range(epochs), desc='probe epochs', leave=False, disable=None):
         perm = torch.randperm(N, generator=g).to(device)
         for i in range(0, N, batch_size):
             idx = perm[i: i + batch_size]

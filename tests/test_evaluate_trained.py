@@ -15,13 +15,12 @@ CHANCE = 5.0  # percent, 20 synthetic classes
 
 def test_zeroshot_and_linprobe_beat_chance(tiny_tokenizer, tmp_path):
     z = evaluate.main(['zeroshot', '--tokenizer', str(tiny_tokenizer), '--num-images', '256',
-                       '--device', 'cpu',
-                       '--num-workers', '0', '--out', str(tmp_path / 'z.json')])
-    assert z['top1'] > 2 * CHANCE, z['top1']
+                       '--device', 'cpu', '--num-workers', '0', '--out', str(tmp_path / 'z.json')])
     lp = evaluate.main(['linprobe', '--tokenizer', str(tiny_tokenizer), '--num-train', '1024',
-                        '--num-val', '256',
-                        '--epochs', '5', '--device', 'cpu', '--num-workers', '0', '--out',
-                        str(tmp_path / 'lp.json')])
+                        '--num-val', '256', '--epochs', '5', '--device', 'cpu', '--num-workers',
+                        '0', '--out', str(tmp_path / 'lp.json')])
+    print(f"zero-shot {z['top1']:.1f} %, linear probe {lp['top1']:.1f} % (README \"Tests\")")
+    assert z['top1'] > 2 * CHANCE, z['top1']
     assert lp['top1'] > 2 * CHANCE, lp['top1']
     assert lp['feature_source'].startswith('bottleneck')
 
@@ -42,4 +41,5 @@ def test_recon_psnr_rises_after_stage2(tiny_tokenizer, tmp_path):
                             str(tmp_path / 'b.json')] + flags)
     after = evaluate.main(['recon', '--tokenizer', str(out / 'ckpt.pt'), '--out',
                            str(tmp_path / 'a.json')] + flags)
+    print(f"PSNR {before['psnr']:.2f} -> {after['psnr']:.2f} dB (README \"Tests\")")
     assert after['psnr'] > before['psnr'] + 0.1, (before['psnr'], after['psnr'])
