@@ -798,22 +798,6 @@ def to_images(arrays):
     return vtp.imagenet_normalize(x)
 
 
-def save_grid(images, path, nrow=8, pad=2):
-    """(n, 3, H, W) images in [0, 1] -> one PNG, nrow to a row with 2-pixel black borders: what
-    torchvision's save_image writes. The stage scripts do not import torchvision for it, since its
-    import costs 1.6 s at every start (measured on 2 CPU cores; the tests start ~100 processes)."""
-    images = images.detach().float().cpu()
-    n, c, h, w = images.shape
-    cols = min(nrow, n)
-    rows = math.ceil(n / cols)
-    grid = torch.zeros(c, rows * (h + pad) + pad, cols * (w + pad) + pad)
-    for i, img in enumerate(images):
-        top, left = pad + (i // cols) * (h + pad), pad + (i % cols) * (w + pad)
-        grid[:, top:top + h, left:left + w] = img
-    grid = (grid * 255 + 0.5).clamp(0, 255).to(torch.uint8)  # rounding as torchvision's
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
-
-
 def block_mask(rng, h, w, ratio, min_patches=4, max_frac=0.5, aspect=0.3):
     """BEiT/DINOv2 block-wise mask (recipe_full.md §2): add random rectangles (area U(4, remaining),
     aspect log-uniform in [0.3, 1/0.3]) until int(h*w*ratio) patches are masked or a block cannot be

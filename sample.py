@@ -31,6 +31,7 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.utils import save_image
 
 import data
 import vtp
@@ -241,7 +242,7 @@ if master:
         z.write(npy, 'arr_0.npy')
     os.replace(npz + '.tmp', npz)
     grid = torch.from_numpy(np.array(arr[:64])).permute(0, 3, 1, 2).float() / 255
-    data.save_grid(grid, os.path.join(out_dir, 'grid.png'), nrow=8)
+    save_image(grid, os.path.join(out_dir, 'grid.png'), nrow=8)
     del arr
     os.remove(npy)
     print0(f"wrote {args.num_samples} samples to {image_dir}, {npz} ({args.num_samples}, "

@@ -427,16 +427,3 @@ def test_tar_shards_two_ranks(tmp_path):
     # evaluation streams every shard once, in order
     ev = list(data.eval_batches(ds, 6, 32, tokenizer=tok))
     assert [k for b in ev for k in decode_ids(b)] == list(range(n))
-
-
-def test_save_grid_writes_what_torchvision_writes(tmp_path):
-    """data.save_grid (the stage scripts' grids, without importing torchvision) gives the same
-    pixels as torchvision's save_image, for a full and a ragged last row."""
-    from torchvision.utils import save_image
-    g = torch.Generator().manual_seed(0)
-    for n, nrow in ((16, 8), (11, 4), (3, 8)):
-        x = torch.rand(n, 3, 12, 10, generator=g) * 1.2 - 0.1  # out-of-range values are clamped
-        data.save_grid(x, tmp_path / 'ours.png', nrow=nrow)
-        save_image(x, tmp_path / 'theirs.png', nrow=nrow)
-        ours, theirs = (np.asarray(Image.open(tmp_path / f)) for f in ('ours.png', 'theirs.png'))
-        assert ours.shape == theirs.shape and np.array_equal(ours, theirs), (n, nrow)
