@@ -691,7 +691,7 @@ def probe_transforms(crop, resize, train_aug='rrc'):
 # space, and their class accuracy on conditional samples, i.e. how often a sample shows the class
 # or prompt it was asked for)
 
-JUDGE_IMAGES, JUDGE_EPOCHS = 5000, 6  # 100 % on real val images, ~20 s on 2 CPU cores (README)
+JUDGE_IMAGES, JUDGE_EPOCHS = 5000, 6  # 100 % on real val images, ~17 s a judge on 2 CPU cores
 
 
 class SyntheticJudge(nn.Module):

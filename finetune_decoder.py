@@ -226,7 +226,7 @@ def generator_pass(x, z, gan, net, k, d=None):
     loss = loss_rec
     if gan:
         with autocast:
-            logits_fake = (d or disc)(to_disc(recon))
+            logits_fake = (disc if d is None else d)(to_disc(recon))
         loss_g = vtp.generator_loss(logits_fake)
         # W_last of the adaptive weight: the decoder's final 1x1 conv
         w = vtp.adaptive_weight(loss_rec, loss_g, decoder.proj_out.weight)
@@ -364,8 +364,8 @@ for step in progress:
     samples_since += B
     done = step + 1
     log_due = done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.max_steps
-    val_due = val_images is not None and args.eval_every and (done % args.eval_every == 0 or
-                                                               done == args.max_steps)
+    val_due = val_images is not None and args.eval_every and \
+        (done % args.eval_every == 0 or done == args.max_steps)
     record = {}
     if log_due:
         vals = meter.reduce()  # the one host sync per log step; checked before any checkpoint

@@ -370,8 +370,8 @@ for step in progress:
                   'lr': args.lr, 'img_per_s': round(samples_since / dt, 2),
                   'epoch': round(done * G / train_set.n, 3)}
         if peak_flops:
-            record['mfu'] = round(flops_per_sample * samples_since / dt / (peak_flops * world_size),
-                                  4)
+            per_s = samples_since / dt
+            record['mfu'] = round(flops_per_sample * per_s / (peak_flops * world_size), 4)
         if master:
             vtp.append_log(log_path, record)
             progress.log(done, record['loss'], record['img_per_s'])

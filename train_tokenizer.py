@@ -548,8 +548,8 @@ for step in progress:
                   'teacher_temp': teacher_temp_at(step),
                   'teacher_momentum': teacher_momentum_at(step)}
         if peak_flops:
-            record['mfu'] = round(flops_per_sample * samples_since / dt / (peak_flops * world_size),
-                                  4)
+            per_s = samples_since / dt
+            record['mfu'] = round(flops_per_sample * per_s / (peak_flops * world_size), 4)
         total = vtp.count_over_ranks(skipped)  # bad-sample counts live on each rank
         if total:
             record['skipped'] = total
