@@ -1,7 +1,7 @@
 """
 Samples from the EMA weights of a train_dit.py checkpoint (or an official LightningDiT checkpoint),
 decoded by the VTP tokenizer: a PNG grid, one PNG per sample ({index:06d}.png) and an ADM-style
-samples.npz (arr_0, uint8 NHWC) for FID (dit_full.md §3, §5).
+samples.npz (arr_0, uint8 NHWC) for FID, as ADM's evaluation suite reads it.
 
 Laptop CPU, the quick start's DiT (64 samples, with guidance); a text-to-image DiT takes prompts:
     python sample.py --ckpt out/dit/ckpt.pt --num-samples 64 --cfg-scale 4
@@ -39,45 +39,73 @@ import vtp
 parser = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 arg = parser.add_argument
-vtp.add_run_flags(parser, None,
-                  "decodes the samples (default: the one recorded in the DiT checkpoint; a "
-                  "stage-2 decoder of the same encoder also fits)",
-                  batch_help="samples per batch over all ranks (each rank runs batch-size / "
-                  "world of them)",
-                  resume_help="'auto': continue an interrupted sampling, keeping the PNGs "
-                  "already written", training=False, compile_help="torch.compile each transformer "
-                  "block (default: on CUDA, where 250 steps a batch pay for it; off on the CPU)")
+vtp.add_run_flags(parser, None, "decodes the samples (unset: the one recorded in the DiT "
+                  "checkpoint; a stage-2 decoder of the same encoder also fits)", training=False,
+                  batch_size="samples per batch over all ranks (each rank runs batch-size / world)",
+                  resume="'auto': continue an interrupted sampling, keeping the PNGs written",
+                  compile="torch.compile each transformer block (unset: on CUDA, where 250 steps "
+                  "a batch pay for it; off on CPUs)",
+                  out_dir="where the run writes: the samples (unset: samples/ beside --ckpt)")
 parser.set_defaults(batch_size=32)
 arg('--ckpt', required=True, help="train_dit.py ckpt.pt, or an official LightningDiT checkpoint")
 arg('--dit-config', default=None, choices=list(vtp.DIT_CONFIGS),
-    help="official checkpoints: the preset (default: read from the weights' shapes)")
-arg('--latent-stats', default=None, help="latents_stats.pt {'mean','std'} (default: "
-    "the ones in our checkpoint; required for official ones)")
+    help="official checkpoints: the preset (unset: read from the weights' shapes)")
+arg('--latent-stats', default=None, help="latents_stats.pt {'mean','std'} (unset: the ones in "
+    "our checkpoint; required for official ones)")
 arg('--num-samples', type=int, default=64, help="samples to generate (FID: 50000)")
-arg('--labels', default=None, help="comma-separated labels, cycled (default: class-balanced, "
+arg('--labels', default=None, help="comma-separated labels, cycled (unset: class-balanced, "
     "label of sample i = i %% num_classes)")
 arg('--prompt', action='append', default=None,
     help="text DiTs: a prompt (repeatable); prompts are cycled over the samples, in order")
 arg('--prompts', default=None, help="text DiTs: a file of prompts, one per line")
-arg('--cfg-scale', type=float, default=1.0, help="classifier-free guidance (1 = none)")
+arg('--cfg-scale', type=float, default=1.0, help="classifier-free guidance (1: none)")
 arg('--cfg-interval-start', type=float, default=0.0, help="no guidance while t < this")
 arg('--cfg-channels', type=int, default=0,
-    help="guide only the first N latent channels (0 = all; 3 = the official LightningDiT quirk)")
+    help="guide only the first N latent channels (0: all; 3: the official LightningDiT quirk)")
 arg('--num-steps', type=int, default=250, help="Euler time points (num_steps - 1 calls)")
-arg('--timestep-shift', type=float, default=0.075, help="time-grid shift (VTP 0.075)")
+arg('--timestep-shift', type=float, default=0.075, help="time-grid shift (VTP's)")
 arg('--heun', action='store_true', help="Heun steps instead of Euler (2 calls a step)")
 arg('--fid-ref', default=None, help="run `evaluate.py fid` against this reference at the end")
-args = parser.parse_args()
-
-# -----------------------------------------------------------------------------
-# distributed setup: torchrun's environment decides (nccl on CUDA, gloo on CPU, one process without)
-ddp, rank, world_size, local_rank, device = vtp.init_distributed(args.device)
+args = vtp.parse_args(parser)[0]
+# the inputs checked before anything loads, each with one line
+try:
+    label_list = [int(v) for v in args.labels.split(',')] if args.labels is not None else None
+except ValueError:
+    raise SystemExit(f"error: --labels {args.labels!r}: comma-separated integers expected")
+prompts = list(args.prompt or [])
+if args.prompts:
+    try:
+        with open(args.prompts, encoding='utf-8') as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: --prompts {args.prompts}: {e}")
+if any('\n' in p or '\r' in p for p in prompts):  # prompts.txt keeps one prompt per line
+    raise SystemExit("error: --prompt: a prompt cannot contain a line break")
+for bad, why in ((args.num_samples < 1, "--num-samples must be at least 1"),
+                 (args.num_steps < 2, "--num-steps must be at least 2 (the noise and t = 1)"),
+                 (not math.isfinite(args.cfg_scale) or args.cfg_scale < 0,
+                  "--cfg-scale must be a finite number >= 0 (1: no guidance)"),
+                 (not 0 <= args.cfg_interval_start <= 1, "--cfg-interval-start lies in [0, 1]"),
+                 (args.batch_size < 1, "--batch-size must be at least 1")):
+    if bad:
+        raise SystemExit(f"error: {why}")
+rank, world_size, device = vtp.setup(args.device)
+vtp.start_ranks(device)
 master, print0 = rank == 0, vtp.print0
 per_rank = vtp.split_batch(args.batch_size, world_size, 1)
 
 # -----------------------------------------------------------------------------
 # DiT (EMA weights), latent statistics, tokenizer (and text tower)
-ckpt = vtp.load_checkpoint(args.ckpt, '--ckpt')
+exported = {}  # the latent statistics of a DiT that scripts/export.py wrote
+if args.ckpt.endswith('.safetensors'):
+    try:
+        ckpt = vtp.load_safetensors(args.ckpt)
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: --ckpt {args.ckpt} is not a readable .safetensors ({e})")
+    exported = {k.split('.', 1)[1]: ckpt.pop(k) for k in list(ckpt)
+                if k.startswith('latent_stats.')}
+else:
+    ckpt = vtp.load_checkpoint(args.ckpt, '--ckpt')
 ours = isinstance(ckpt, dict) and ckpt.get('stage') == 3
 try:
     if ours:
@@ -98,8 +126,8 @@ if args.compile:  # one block at a time, in place
     vtp.compile_model(dit)
 if args.latent_stats:
     stats = vtp.load_checkpoint(args.latent_stats, '--latent-stats')
-elif ours:
-    stats = ckpt['latent_stats']
+elif ours or exported:
+    stats = ckpt['latent_stats'] if ours else exported
 else:
     raise SystemExit("error: an official checkpoint needs --latent-stats (the latents_stats.pt of "
                      "its latents)")
@@ -110,12 +138,12 @@ mean, std = stats['mean'].to(device).float(), stats['std'].to(device).float()  #
 
 
 def recorded(entry, flag):
-    """A tokenizer path recorded in our DiT checkpoint. It is refused if the file there changed
-    since (a later run wrote over it): its weights would not be those the DiT was trained with."""
+    # a tokenizer path recorded in our DiT checkpoint, refused if the file there changed since (a
+    # later run wrote over it): its weights would not be those the DiT was trained with
     path = entry['path']
     if not os.path.exists(path):
         raise SystemExit(f"error: {path}, recorded in {args.ckpt}, is gone; pass {flag}")
-    if vtp.file_sha256(path) != entry['file_sha256']:
+    if data.file_sha256(path) != entry['file_sha256']:
         raise SystemExit(f"error: {path} changed since the DiT was trained (its sha256 differs "
                          f"from the one recorded in {args.ckpt}); pass {flag} explicitly to use "
                          "it anyway")
@@ -136,26 +164,19 @@ trained_on = ckpt['tokenizer']['encoder_sha256'] if ours else None
 if ours and args.tokenizer and data.encoder_fingerprint(tokenizer) != trained_on:
     print0(f"warning: {tok_path}'s encoder is not the one whose latents the DiT learned; decodes "
            f"may be off unless its decoder was trained for those latents")
-prompts = None
 if cfg.text_dim:
-    prompts = list(args.prompt or [])
-    if args.prompts:
-        try:
-            with open(args.prompts, encoding='utf-8') as f:
-                prompts += [line.strip() for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise SystemExit(f"error: --prompts {args.prompts}: {e}")
     if not prompts:
         raise SystemExit("error: a text-to-image DiT needs --prompt TEXT (repeatable) or --prompts "
                          "FILE")
     text_encoder = vtp.load_tokenizer(recorded(ckpt['text_encoder'], '--tokenizer')).to(device)
     text_tokenizer = data.text_tokenizer(text_encoder.config)
-elif args.prompt or args.prompts:
+elif prompts:
     raise SystemExit(f"error: {args.ckpt} is class-conditional: use --labels, not prompts")
+else:
+    prompts = None
 del ckpt
 
-label_list = [int(v) for v in args.labels.split(',')] if args.labels else None
-if label_list and not all(0 <= v < cfg.num_classes for v in label_list):
+if label_list is not None and not all(0 <= v < cfg.num_classes for v in label_list or [-1]):
     raise SystemExit(f"error: --labels must lie in [0, {cfg.num_classes})")
 out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), 'samples')
 image_dir = os.path.join(out_dir, 'images')
@@ -171,12 +192,11 @@ if master and not args.bench:
     if prompts:
         with open(os.path.join(out_dir, 'prompts.txt'), 'w') as f:
             f.writelines(f"{prompts[i % len(prompts)]}\n" for i in range(args.num_samples))
-if ddp:
-    torch.distributed.barrier()  # the folder exists before any rank writes into it
+data.barrier()  # the folder exists before any rank writes into it
 
 
 def condition(idx):
-    """Labels (B,), or for a text DiT the text tower's features of the prompts (B, 1 + L, W)."""
+    # labels (B,), or for a text DiT the text tower's features of the prompts (B, 1 + L, W)
     if prompts is None:
         return torch.tensor([label_list[i % len(label_list)] if label_list else i % cfg.num_classes
                              for i in idx], device=device)
@@ -194,7 +214,7 @@ def noise_of(i):
 
 @torch.no_grad()
 def sample(idx):
-    """Samples idx -> uint8 images (n, H, W, 3), decoded by the tokenizer (fp32, as upstream)."""
+    # samples idx -> uint8 images (n, H, W, 3), decoded by the tokenizer (fp32, as upstream)
     noise = torch.stack([noise_of(i) for i in idx]).to(device)  # (n, C, H, W)
     z = vtp.euler_sample(dit, noise, condition(idx), args.num_steps, args.timestep_shift,
                          args.cfg_scale, args.cfg_interval_start, null_class=dit.null_condition(),
@@ -205,11 +225,10 @@ def sample(idx):
 
 
 if args.bench:  # sampling throughput on the first batch's samples, nothing written
-    def bench_step():
-        sample(range(rank * per_rank, (rank + 1) * per_rank))
-
-    vtp.bench(bench_step, args.bench, args.batch_size, 0.0, device, world_size,
-              f"sampling {args.num_steps} points, cfg {args.cfg_scale}", measure_flops=False)
+    from scripts import bench
+    bench.bench(lambda: sample(range(rank * per_rank, (rank + 1) * per_rank)), args.bench,
+                args.batch_size, 0.0, device, world_size,
+                f"sampling {args.num_steps} points, cfg {args.cfg_scale}", measure_flops=False)
     vtp.teardown()
     raise SystemExit(0)
 
@@ -226,8 +245,7 @@ for k in range(n_batches):
     if master and (k % 10 == 0 or k == n_batches - 1):
         print(f"batch {k + 1}/{n_batches} ({(time.time() - t0) / (k + 1):.1f} s/batch)", flush=True)
 
-if ddp:
-    torch.distributed.barrier()
+data.barrier()
 if master:
     # the ADM-style npz, streamed: the PNGs go one by one into a memory-mapped .npy, then the zip
     first = np.asarray(Image.open(os.path.join(image_dir, '000000.png')))

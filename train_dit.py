@@ -1,7 +1,7 @@
 """
 Stage 3 of VTP: a LightningDiT trained by flow matching on the frozen tokenizer's latents (paper
-§4.1, "generation"; recipe: dit.md), class-conditional, or text-conditional on the VTP text tower
-(§5). The latents are extracted once into --latent-dir (plain and flipped, ADM centre crop, with
+§4.1, "generation"; the recipe of VTP's LightningDiT configs), class-conditional, or
+text-conditional on the VTP text tower (§5). The latents are extracted once into --latent-dir (plain and flipped, ADM centre crop, with
 the captions) and reused while the tokenizer's encoder and the data stay the same.
 
 Laptop CPU, the quick start's tokenizer, synthetic data; the defaults follow the tokenizer (below
@@ -11,11 +11,8 @@ Laptop CPU, the quick start's tokenizer, synthetic data; the defaults follow the
 One GPU (the paper's recipe: LightningDiT-XL/1, batch 1024, lr 2e-4, EMA 0.9999, 100k steps; the
 micro-batch that fits the GPU is probed, the accumulation derived from it):
     python train_dit.py --tokenizer out/decoder_L/ckpt.pt --data /data/imagenet/train
-One node, 8 GPUs (the global batch is split across ranks; same flags):
+Many GPUs, one node or several (the same flags):
     torchrun --standalone --nproc_per_node 8 train_dit.py --tokenizer ... --data /data/imagenet/...
-Two nodes (run on each, node_rank 0 and 1):
-    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 \\
-        train_dit.py --tokenizer ... --data /data/imagenet/train
 Throughput only (random latents, no data, no cache): add --bench 20; where time goes: --profile 3.
 """
 import argparse
@@ -34,10 +31,10 @@ import data
 import vtp
 
 # -----------------------------------------------------------------------------
-# config. Flags left at None follow the tokenizer: the paper's recipe (VTP's LightningDiT configs:
-# AdamW 2e-4 constant, betas (0.9, 0.95), wd 0, no clipping, EMA 0.9999) for S/B/L and official
-# tokenizers; for a tiny one (below 256 px) a CPU recipe, whose short run needs a short EMA: after
-# 2000 steps 0.9999 would still hold 82 % of the random init.
+# config. The recipe follows the tokenizer: 'paper' (VTP's LightningDiT configs: AdamW 2e-4
+# constant, betas (0.9, 0.95), wd 0, no clipping, EMA 0.9999) for S/B/L and official tokenizers;
+# 'tiny' for one below 256 px, whose short run needs a short EMA (after 2000 steps, 0.9999 would
+# still hold 82 % of the random init).
 RECIPES = {
     'tiny': dict(model='DiT-T/1', batch_size=32, lr=2e-3, ema_decay=0.99, max_steps=2000,
                  log_every=50, sample_every=500, ckpt_every=500, num_images=20000),
@@ -51,58 +48,55 @@ vtp.add_run_flags(parser, 'out/dit', "its encoder makes the latents, its decoder
                   tokenizer_default='out/tokenizer/ckpt.pt')
 arg('--data', default='synthetic', help="'synthetic', a folder of class sub-folders (ImageNet "
     "train), or, for --condition text, any stage-1 data (caption folders, .tar)")
-arg('--latent-dir', default=None, help="latent cache (default: OUT_DIR/latents; "
-    "on a filesystem every node sees); rebuilt if the encoder or data differ")
-arg('--num-images', type=int, default=None, help="cache the first N training images (0 = all; "
-    "tiny recipe: 20000 of the endless synthetic set)")
+arg('--latent-dir', default=None, help="latent caches, one sub-folder per (encoder, data, size) "
+    "(unset: OUT_DIR/latents; on a filesystem every node sees)")
+arg('--num-images', type=int, help="cache the first N training images (0: all; the synthetic "
+    "set is endless)")
 arg('--image-size', type=int, default=0,
-    help="centre-crop size before encoding (default: the tokenizer's training size)")
+    help="centre-crop size before encoding (0: the tokenizer's training size)")
 arg('--cache-batch-size', type=int, default=64, help="images per encoder batch, caching")
 # model and condition
-arg('--model', default=None, choices=list(vtp.DIT_CONFIGS), help="LightningDiT preset")
+arg('--model', choices=list(vtp.DIT_CONFIGS), help="LightningDiT preset")
 arg('--condition', default='class', choices=['class', 'text'],
     help="class labels, or captions through a frozen VTP text tower (paper §5)")
 arg('--text-encoder', default=None, help="--condition text: the VTP checkpoint whose text tower "
-    "encodes the captions (default: --tokenizer; fix one across tokenizers to compare them, "
+    "encodes the captions (unset: --tokenizer; fix one across tokenizers to compare them, "
     "as scripts/ablation.py does)")
-arg('--num-classes', type=int, default=0, help="label count (default: the data's; --bench: 1000)")
+arg('--num-classes', type=int, default=0, help="label count (0: the data's; --bench: 1000)")
 arg('--class-dropout', type=float, default=0.1,
     help="label -> null class, or caption -> empty caption, probability (classifier-free guidance)")
-# objective (flow matching, dit.md "Transport")
+# the objective: flow matching with LightningDiT's logit-normal t and cosine term
 arg('--lognorm-mu', type=float, default=-0.5, help="logit-normal t: mean (VTP S/B; L -0.75)")
 arg('--lognorm-sigma', type=float, default=1.25, help="logit-normal t: std (VTP S/B; L 1.0)")
 arg('--uniform-t', action='store_true', help="uniform t instead of logit-normal")
 arg('--no-cosine-loss', action='store_true',
     help="drop LightningDiT's cosine velocity term (on in all VTP configs)")
 # optimisation
-arg('--lr', type=float, default=None, help="constant learning rate (no warm-up, no decay)")
+arg('--lr', type=float, help="constant learning rate (no warm-up, no decay)")
 arg('--beta2', type=float, default=0.95, help="AdamW beta2 (beta1 0.9)")
 arg('--weight-decay', type=float, default=0.0, help="AdamW weight decay")
 arg('--grad-clip', type=float, default=0.0, help="grad-norm clip; 0 = off (as upstream)")
-arg('--ema-decay', type=float, default=None, help="EMA decay, every step from a copy")
-arg('--max-steps', type=int, default=None, help="optimizer steps (paper 100k ~ 80 epochs)")
+arg('--ema-decay', type=float, help="EMA decay, every step from a copy")
+arg('--max-steps', type=int, help="optimizer steps (the paper's 100k: ~80 ImageNet epochs)")
 arg('--grad-checkpointing', action='store_true', help="activation checkpointing of the DiT blocks: "
     "~1/3 more compute, activations of one block at a time")
 # sampling previews
-arg('--sample-every', type=int, default=None,
-    help="steps between a PNG grid of EMA samples (0 = off)")
+arg('--sample-every', type=int, help="steps between a PNG grid of EMA samples (0: never)")
 arg('--sample-steps', type=int, default=250, help="Euler time points of the previews")
 arg('--timestep-shift', type=float, default=0.075, help="preview time shift (VTP 0.075)")
 # system
-arg('--num-workers', type=int, default=None, help="data loader processes per rank (default: "
-    "the CPUs per rank less one, at most 16)")
-args = parser.parse_args()
-given = vtp.explicit_flags(parser)  # the flags on the command line (for the config report)
-
-# -----------------------------------------------------------------------------
-# distributed setup: torchrun's environment decides (nccl on CUDA, gloo on CPU, one process without)
-ddp, rank, world_size, local_rank, device = vtp.init_distributed(args.device)
+arg('--num-workers', type=int, default=None, help="data loader processes per rank (unset: the "
+    "CPUs per rank less one, at most 16)")
+args, recipe_name, sources = vtp.parse_args(parser, RECIPES, vtp.recipe_by_tokenizer(RECIPES))
+rank, world_size, device = vtp.setup(args.device)
+vtp.start_ranks(device)  # the latent cache is built by all ranks together (no memory probe first:
+# without DDP the DiT's forward has no collectives, so a rank can probe alone later)
 master, print0 = rank == 0, vtp.print0
 autocast = vtp.autocast(device, args.dtype)
 text = args.condition == 'text'
 
 # -----------------------------------------------------------------------------
-# tokenizer (and text tower), recipe, latents
+# the tokenizer (and text tower), the latents
 try:
     tokenizer = vtp.load_tokenizer(args.tokenizer)
     text_encoder = vtp.load_tokenizer(args.text_encoder or args.tokenizer) if text else None
@@ -114,21 +108,18 @@ if not hasattr(tokenizer, 'pixel_decoder'):
 if text and not hasattr(text_encoder, 'text_transformer'):
     raise SystemExit(f"error: {args.text_encoder or args.tokenizer} has no text tower (trained "
                      f"without CLIP): pass --text-encoder with one that has")
-recipe_name = 'tiny' if tokenizer.config.image_size < 256 else 'paper'
-vtp.apply_recipe(args, RECIPES[recipe_name])
 if args.compile is None:  # compile where it pays: full-size models on the GPU
     args.compile = device.type == 'cuda' and recipe_name == 'paper'
 G = args.batch_size
-vtp.split_batch(G, world_size, args.grad_accum or 1)  # a bad --batch-size stops here
+vtp.split_batch(G, world_size, args.grad_accum or 1)  # a bad --batch-size stops here, early
 image_size = args.image_size or tokenizer.config.image_size
 stride, latent_dim = tokenizer.config.patch_size, tokenizer.config.bottleneck_dim
 if image_size % stride:
     raise SystemExit(f"error: --image-size {image_size} is not a multiple of the tokenizer's "
                      f"stride {stride}")
-
-
+# what sampling checks: the tokenizer file (changed since?) and the encoder whose latents these are
 fingerprint = {'path': os.path.abspath(args.tokenizer),
-               'file_sha256': vtp.file_sha256(args.tokenizer),
+               'file_sha256': data.file_sha256(args.tokenizer),
                'encoder_sha256': data.encoder_fingerprint(tokenizer), 'image_size': image_size}
 latent_dir = args.latent_dir or os.path.join(args.out_dir, 'latents')
 workers = data.worker_count(args.num_workers, print0)
@@ -137,20 +128,20 @@ measuring = args.bench or args.profile  # random latents: no data, cache, log or
 resume = vtp.open_run(args.out_dir, args.resume, master) \
     if not (measuring or args.bench_data) else None
 if measuring:
-    num_classes = args.num_classes or 1000
+    num_classes, folder = args.num_classes or 1000, None
     stats = {'mean': torch.zeros(1, latent_dim, 1, 1), 'std': torch.ones(1, latent_dim, 1, 1)}
 else:
     try:
-        meta, built = data.build_latent_cache(tokenizer, args.data, latent_dir, image_size,
-                                              args.num_images, args.cache_batch_size, workers,
-                                              device, rank, world_size, log=print0)
+        folder, meta, built = data.build_latent_cache(
+            tokenizer, args.data, latent_dir, image_size, args.num_images, args.cache_batch_size,
+            workers, device, rank, world_size, log=print0)
     except OSError as e:
         raise SystemExit(f"error: latent cache {latent_dir}: {e}")
     if not built:
-        print0(f"reusing the latent cache in {latent_dir} ({meta['num_latents']} latents)")
+        print0(f"reusing the latent cache {folder} ({meta['num_latents']} latents)")
     # captions name positions ("on the left"): a text DiT never sees the flipped latents
-    train_set = data.LatentDataset(latent_dir, seed=args.seed, flip=not text)
-    stats = data.load_latent_stats(latent_dir)
+    train_set = data.LatentDataset(folder, seed=args.seed, flip=not text)
+    stats = data.load_latent_stats(folder)
     num_classes = args.num_classes or train_set.num_classes
     if not text and num_classes < max(1, train_set.num_classes):
         raise SystemExit(f"error: --data {args.data} has no class labels for a class-conditional "
@@ -163,8 +154,7 @@ if text:  # frozen, outside DDP: its features are the condition (vtp.TextEmbedde
 
 
 @torch.no_grad()
-def encode_text(captions):
-    """Captions -> (B, 1 + L, W) fp32: the text tower's pooled embedding, then its token outputs."""
+def encode_text(captions):  # captions -> (B, 1 + L, W) fp32: the pooled embedding, then tokens
     tokens = text_tokenizer(list(captions)).to(device)
     with autocast:
         pooled, feats = text_encoder.text_features(tokens, normalize=True, return_tokens=True)
@@ -201,10 +191,11 @@ if resume:
     if ckpt['config'] != asdict(cfg):
         raise SystemExit(f"error: --resume {resume}: its DiT config differs from this run's flags")
     if not all(torch.equal(ckpt['latent_stats'][k].cpu(), stats[k]) for k in ('mean', 'std')):
-        raise SystemExit(f"error: --resume {resume}: the latent statistics of {latent_dir} differ")
+        raise SystemExit(f"error: --resume {resume}: the latent statistics of {folder} differ")
     vtp.load_state(model, ckpt['model'], f"--resume {resume}")
     vtp.load_state(ema, ckpt['ema'], f"--resume {resume} (EMA)")
     vtp.load_state(optimizer, ckpt['optimizer'], f"--resume {resume} (optimizer)")
+    vtp.check_resume(ckpt, args, args.out_dir, free={'tokenizer', 'latent_dir', 'text_encoder'})
     start_step = ckpt['step']
     # for completeness: every step reseeds from (seed, step, rank)
     vtp.set_rng_state(ckpt['rng'], device)
@@ -212,8 +203,7 @@ if resume:
 
 if args.compile:  # one block at a time, in place (after the EMA copy, which stays eager)
     vtp.compile_model(model)
-train_model = DDP(model, device_ids=[local_rank] if device.type == 'cuda' else None) if ddp \
-    else model
+train_model = model  # DDP's wrapper, once the ranks have agreed on the micro-batch
 
 
 def step_seed(step, micro):
@@ -235,7 +225,8 @@ def train_step(step, micro_batches, meter):
     for micro, (x, y) in enumerate(micro_batches):
         torch.manual_seed(step_seed(step, micro))
         last = micro == len(micro_batches) - 1  # DDP all-reduces on the last micro-step only
-        with train_model.no_sync() if ddp and not last else contextlib.nullcontext():
+        with train_model.no_sync() if train_model is not model and not last else \
+                contextlib.nullcontext():
             loss, terms = forward_backward(x, y, train_model, len(micro_batches))
         meter.add({'loss': loss, **terms})
         loss_sum = loss_sum + loss.detach()
@@ -274,12 +265,13 @@ def save_preview(step, n=32):
 
 def save(step):
     ckpt = vtp.make_checkpoint(3, model, ema, optimizer, step, args, cfg, device,
-                               {'position': step * G, 'latent_dir': os.path.abspath(latent_dir)},
+                               {'position': step * G, 'latent_dir': os.path.abspath(folder)},
                                latent_stats={k: v.cpu() for k, v in stats.items()},
                                tokenizer=fingerprint)
     if text:
         path = args.text_encoder or args.tokenizer
-        ckpt['text_encoder'] = {'path': os.path.abspath(path), 'file_sha256': vtp.file_sha256(path)}
+        ckpt['text_encoder'] = {'path': os.path.abspath(path),
+                                'file_sha256': data.file_sha256(path)}
     vtp.save_checkpoint(ckpt, ckpt_path)
 
 
@@ -301,80 +293,80 @@ def probe(b):
         optimizer.zero_grad(set_to_none=True)
 
 
-derived = {'compile', 'num_workers'} - given  # what the machine decided (reported with the config)
+derived = {'compile', 'num_workers'} - {k for k, v in sources.items() if v == 'flag'}
+k_acc = args.grad_accum or 1
 if args.grad_accum is None:
-    derived.add('grad_accum')
     moments = 0 if optimizer.state else 8 * sum(p.numel() for p in model.parameters()
                                                 if p.requires_grad)  # AdamW's, fp32, made later
-    args.grad_accum = vtp.fit_grad_accum(probe, G, world_size, device, reserve_bytes=moments)
-b = vtp.split_batch(G, world_size, args.grad_accum)
+    k_acc = vtp.fit_grad_accum(probe, G, world_size, device, reserve_bytes=moments)
+    derived.add('grad_accum')
+args.grad_accum = k_acc = vtp.agree_grad_accum(k_acc)
+args.num_workers = workers
+b = vtp.split_batch(G, world_size, k_acc)
+if world_size > 1:
+    train_model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None,
+                      gradient_as_bucket_view=True)
 
 # -----------------------------------------------------------------------------
-# training loop
-flops_per_sample = vtp.dit_train_flops_per_sample(cfg)
-peak_flops = vtp.gpu_peak_flops(device) if device.type == 'cuda' else None
-args.num_workers = workers
-vtp.report_config(args, given, RECIPES[recipe_name], recipe_name, derived, cfg,
-                  (args.model, vtp.DIT_CONFIGS[args.model]),
-                  os.path.join(args.out_dir, 'config.json')
-                  if master and not (measuring or args.bench_data) else None)
-print0(f"batch {G} = {world_size} ranks x {args.grad_accum} micro x {b}; "
+# the training loop
+flops_per_sample = vtp.dit_flops(cfg)
+peak_flops = vtp.gpu_peak_flops(device)
+sources.update(dict.fromkeys(derived, 'machine or tokenizer'))
+vtp.report_config(args, sources, os.path.join(args.out_dir, 'config.json')
+                  if master and not (measuring or args.bench_data) else None, cfg,
+                  (args.model, vtp.DIT_CONFIGS[args.model]))
+print0(f"batch {G} = {world_size} ranks x {k_acc} micro x {b}; "
        f"{flops_per_sample / 1e9:.3f} GFLOPs/latent (training); {workers} data worker(s) per "
        f"rank{'; compiled' if args.compile else ''}")
 model.train()
 meter = vtp.Meter()
-if measuring:  # the train step alone on a cached random batch
-    cached = [random_batch(b)] * args.grad_accum
-
-    def bench_step():
-        train_step(0, cached, meter)
-
-    vtp.bench(bench_step, args.bench, G, flops_per_sample, device, world_size,
-              f"{args.model} {cfg.input_size}x{cfg.input_size}x{cfg.in_channels} batch {G}",
-              profile_steps=args.profile, trace_dir=args.out_dir)
+if measuring or args.bench_data:  # scripts/bench.py: the step on a cached random batch, or the
+    from scripts import bench    # loader alone (with the text tower for --condition text)
+    if measuring:
+        cached = [random_batch(b)] * k_acc
+        bench.bench(lambda: train_step(0, cached, meter), args.bench, G, flops_per_sample, device,
+                    world_size, f"{args.model} {cfg.input_size}x{cfg.input_size}x"
+                    f"{cfg.in_channels} batch {G} = {k_acc} micro x {b}", args.profile,
+                    args.out_dir)
+    else:
+        loader = DataLoader(train_set, batch_size=b, num_workers=workers, sampler=data.
+                            latent_positions(start_step, G, world_size, rank, k_acc))
+        batches = iter(loader)
+        bench.bench_data(lambda: [encode_text(next(batches)[2]) if text else next(batches)
+                                  for _ in range(k_acc)], args.bench_data, G, workers)
+        del loader, batches
     del train_model
     vtp.teardown()
     raise SystemExit(0)
 
-positions = data.latent_positions(start_step, G, world_size, rank, args.grad_accum)
+positions = data.latent_positions(start_step, G, world_size, rank, k_acc)
 loader = DataLoader(train_set, batch_size=b, sampler=positions, num_workers=workers,
                     pin_memory=device.type == 'cuda', persistent_workers=workers > 0)
 batches = iter(loader)
-if args.bench_data:  # the loader alone (with the text tower for --condition text)
-    def next_step():
-        return [encode_text(next(batches)[2]) if text else next(batches)
-                for _ in range(args.grad_accum)]
-
-    vtp.bench_data(next_step, args.bench_data, G, workers)
-    del train_model, loader, batches
-    vtp.teardown()
-    raise SystemExit(0)
-log_path, progress = vtp.start_log(args.out_dir, start_step, args.max_steps)
-t0, samples_since = time.time(), 0
-for step in progress:
+log_path = vtp.start_log(args.out_dir, start_step)
+t_start = t0 = time.time()
+samples_since = 0
+for step in range(start_step, args.max_steps):
     micro_batches = []
-    for _ in range(args.grad_accum):
-        # (b, C, h, w) normalised latents, (b,) labels, b captions
-        x, labels, captions = next(batches)
+    for _ in range(k_acc):
+        x, labels, captions = next(batches)  # (b, C, h, w) normalised latents, (b,) labels
         y = encode_text(captions) if text else labels.to(device, non_blocking=True)
         micro_batches.append((x.to(device, non_blocking=True), y))
     train_step(step, micro_batches, meter)
     samples_since += G
     done = step + 1
     if done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.max_steps:
-        vals = meter.reduce()  # the one host sync per log step; checked before any checkpoint
+        vals = meter.reduce()  # the one host sync per log step, checked before any checkpoint
         vtp.check_finite(vals, done, ckpt_path)
-        dt = time.time() - t0
-        record = {'step': done, **{k: round(v, 6) for k, v in vals.items()
-                                   if k != 'skipped_steps'},
-                  'lr': args.lr, 'img_per_s': round(samples_since / dt, 2),
+        per_s = samples_since / (time.time() - t0)
+        record = {'step': done, **{k: round(v, 6) for k, v in vals.items() if k != 'skipped_steps'},
+                  'lr': args.lr, 'img_per_s': round(per_s, 2),
                   'epoch': round(done * G / train_set.n, 3)}
         if peak_flops:
-            per_s = samples_since / dt
             record['mfu'] = round(flops_per_sample * per_s / (peak_flops * world_size), 4)
         if master:
             vtp.append_log(log_path, record)
-            progress.log(done, record['loss'], record['img_per_s'])
+            vtp.log_line(done, args.max_steps, start_step, t_start, record['loss'], per_s)
         t0, samples_since = time.time(), 0
     if master and args.sample_every and (done % args.sample_every == 0 or done == args.max_steps):
         save_preview(done)
@@ -382,7 +374,5 @@ for step in progress:
         save(done)
 
 print0(f"done: {args.max_steps} steps; checkpoint {ckpt_path}, log {log_path}")
-# release what holds resources before the end: DDP the process group (or gloo may abort at
-# exit), the loader its workers (left to the interpreter's exit, each waits 5 s to be killed)
-del train_model, batches, loader
+del train_model, batches, loader  # before the process group goes (see vtp.teardown)
 vtp.teardown()

@@ -1,17 +1,16 @@
 """
-Stage 1 of VTP: joint pre-training of the ViT tokenizer with CLIP + SSL (DINO, iBOT, KoLeo) +
+Stage 1 of VTP: the ViT tokenizer pre-trained jointly with CLIP + SSL (DINO, iBOT, KoLeo) +
 reconstruction (L1 + LPIPS), L = λ_rec L_rec + λ_ssl L_ssl + λ_clip L_clip (paper §3, eq. 1-3).
 
-Laptop CPU, built-in synthetic data, a few minutes (README: the figures it reaches):
+Laptop CPU, the built-in synthetic data, ~11 minutes:
     python train_tokenizer.py --size tiny
-One GPU (the global batch by exact accumulation, the micro-batch probed to fit: see --grad-accum):
+One GPU (the paper's batch by exact accumulation; the micro-batch that fits is probed):
     python train_tokenizer.py --size L --data /data/datacomp/{00000..02000}.tar
-One node, 8 GPUs (the global batch is split across ranks; same flags):
+One node of 8 GPUs, or two nodes (run on each with --node_rank 0 and 1); the same flags:
     torchrun --standalone --nproc_per_node 8 train_tokenizer.py --size L --data ...
-Two nodes (run on each, node_rank 0 and 1):
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 \\
         train_tokenizer.py --size L --data ...
-Ablations of §4.3: --lambda-clip 0 (SSL+AE), --lambda-ssl 0 (CLIP+AE), both (AE only);
+The ablations of §4.3: --lambda-clip 0 (SSL+AE), --lambda-ssl 0 (CLIP+AE), both (AE only);
 scripts/ablation.py runs them all and the generation stage on top.
 """
 import argparse
@@ -29,10 +28,9 @@ import data
 import vtp
 
 # -----------------------------------------------------------------------------
-# config. Flags left at None take their value from the recipe of the size. S/B/L: the paper's recipe
-# (§3.6, §4.1) where it is stated; where it is silent we follow OpenCLIP (optimiser, schedule) and
-# DINOv2 (SSL views, heads, teacher): those values are assumptions, marked "assumed" in --help.
-# tiny: what makes every objective learn within minutes on a CPU (measured, README "Quick start").
+# config. S/B/L train the paper's recipe (§3.6, §4.1) where it is stated; where it is silent we
+# follow OpenCLIP (optimiser, schedule) and DINOv2 (SSL views, heads, teacher), marked "assumed".
+# tiny: what makes every objective learn within minutes on a CPU.
 RECIPES = {
     'tiny': dict(image_size=32, global_crop_size=32, local_crop_size=16, n_local_crops=4,
                  batch_size=64, ssl_frac=1 / 2, rec_frac=1 / 2, lr=2e-3, weight_decay=0.05,
@@ -49,104 +47,98 @@ RECIPES = {
                   freeze_last_layer_steps=1250, patch_embed_lr_mult=0.2, log_every=50,
                   eval_every=2000, ckpt_every=1000, num_val=10000),
 }
-
 parser = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 arg = parser.add_argument
-vtp.add_run_flags(parser, 'out/tokenizer',
-                  "start from its weights instead of a random init (continued "
-                  "pre-training; its sizes win over --size)",
-                  batch_help="global batch B_clip (paper 16k): "
-                  "image-text pairs per optimizer step over all ranks and --grad-accum micro-steps",
-                  accum_help="micro-steps per optimizer step; exact: CLIP sees the whole step's "
-                  "batch (OpenCLIP accum_freq: one more encoder + text forward), the teacher and "
-                  "Sinkhorn-Knopp too; KoLeo stays per micro-batch")
+vtp.add_run_flags(parser, 'out/tokenizer', "start from its weights instead of a random init "
+                  "(continued pre-training; its sizes win over --size)",
+                  batch_size="global batch B_clip (the paper's 16k): image-text pairs per "
+                  "optimizer step over all ranks and --grad-accum micro-steps")
 # model
 arg('--size', default='tiny', choices=list(vtp.VTP_CONFIGS), help="model preset")
-arg('--patch-size', type=int, default=None, help="encoder patch = latent stride (preset)")
-arg('--bottleneck-dim', type=int, default=None, help="latent channels d (paper 64; preset)")
-arg('--decoder-depth', type=int, default=None, help="decoder blocks (paper §4.1: 4; preset)")
-arg('--decoder-dim', type=int, default=None, help="decoder width (preset: the encoder's)")
-arg('--prototypes', type=int, default=None, help="DINO/iBOT prototypes K (DINOv2 65536)")
+arg('--patch-size', type=int, help="encoder patch = the latents' stride (the preset's)")
+arg('--bottleneck-dim', type=int, help="latent channels d (the preset's)")
+arg('--decoder-depth', type=int, help="decoder blocks (the preset's; §4.1 uses 4)")
+arg('--decoder-dim', type=int, help="decoder width (the preset's: the encoder's)")
+arg('--prototypes', type=int, help="DINO/iBOT prototypes K (DINOv2)")
 arg('--no-qk-norm', action='store_true', help="no QK-norm (the paper trains with it)")
 # data
 arg('--data', default='synthetic', help="'synthetic', an image folder (class sub-folders or .txt "
-    "captions), or .tar shards (file, folder, glob or {000..999} pattern)")
+    "captions), or .tar shards (a file, folder, glob or {000..999} pattern)")
 arg('--val-data', default=None,
-    help="val set for PSNR / zero-shot (default: the synthetic val split when --data synthetic)")
-arg('--num-val', type=int, default=None, help="val images per evaluation (the first ones)")
-arg('--image-size', type=int, default=None, help="main (CLIP + reconstruction) view, px")
-arg('--global-crop-size', type=int, default=None, help="SSL global crops (DINOv2 224)")
-arg('--local-crop-size', type=int, default=None, help="SSL local crops (DINOv2 96)")
-arg('--n-local-crops', type=int, default=None, help="SSL local crops per image (DINOv2 8)")
-arg('--color-jitter', type=float, default=None,
-    help="SSL colour jitter, times DINOv2's strengths (0.4, 0.4, 0.2, 0.1)")
-arg('--grayscale-p', type=float, default=None, help="SSL grayscale probability (DINOv2 0.2)")
-arg('--text-tokenizer', default=None, choices=['word', 'byte', 'bpe'], help="caption tokenizer, "
-    "stored in the model config (default: the preset's: tiny word-level, else OpenAI CLIP BPE)")
-arg('--bpe-path', default=None, help="CLIP BPE vocabulary file (downloaded once if unset)")
-arg('--num-workers', type=int, default=None, help="data loader processes per rank (default: "
-    "the CPUs per rank less one, at most 16)")
+    help="val set of PSNR and zero-shot (unset: the synthetic val split for --data synthetic)")
+arg('--num-val', type=int, help="val images per evaluation (the first ones)")
+arg('--image-size', type=int, help="the main (CLIP + reconstruction) view, px")
+arg('--global-crop-size', type=int, help="SSL global crops (DINOv2)")
+arg('--local-crop-size', type=int, help="SSL local crops (DINOv2)")
+arg('--n-local-crops', type=int, help="SSL local crops per image (DINOv2)")
+arg('--color-jitter', type=float, help="SSL colour jitter, times DINOv2's (0.4, 0.4, 0.2, 0.1)")
+arg('--grayscale-p', type=float, help="SSL grayscale probability (DINOv2)")
+arg('--text-tokenizer', choices=['word', 'byte', 'bpe'], help="caption tokenizer, stored in "
+    "the model config (the preset's: word-level for tiny, CLIP's BPE else)")
+arg('--bpe-path', default=None, help="CLIP BPE vocabulary file (unset: downloaded once)")
+arg('--num-workers', type=int, default=None, help="data loader processes per rank (unset: the "
+    "CPUs per rank less one, at most 16)")
 arg('--shuffle-buffer', type=int, default=1000,
-    help=".tar streams: samples shuffled across shards per worker (webdataset/OpenCLIP-style)")
-# objective (eq. 3) and batch sampling (§3.6)
-arg('--ssl-batch-size', type=int, default=None, help="global B_ssl, a subset of the batch "
-    "(default: the recipe's fraction of --batch-size: paper 1/4, tiny 1/2)")
-arg('--rec-batch-size', type=int, default=None, help="global B_rec, a subset of the batch "
-    "(default: the recipe's fraction: paper 1/8, tiny 1/2)")
-arg('--lambda-rec', type=float, default=0.1, help="λ_rec (paper 0.1); 0: no reconstruction")
-arg('--lambda-ssl', type=float, default=1.0, help="λ_ssl (paper 1); 0 turns SSL off")
-arg('--lambda-clip', type=float, default=1.0, help="λ_clip (paper 1); 0 turns CLIP off")
-arg('--lambda-koleo', type=float, default=0.1, help="KoLeo weight inside L_ssl (DINOv2 0.1)")
-arg('--perceptual', default=None, choices=['auto', 'lpips', 'none', 'random'],
-    help="LPIPS term of L_rec (auto: if VGG16 weights can be had; random: tests only)")
-arg('--teacher-momentum', type=float, default=None,
-    help="EMA teacher momentum at step 0, cosine to --teacher-momentum-final (DINOv2 0.992 -> 1)")
-arg('--teacher-momentum-final', type=float, default=None, help="... at the last step")
-arg('--teacher-temp', type=float, default=None, help="teacher temperature after the warm-up "
-    "(DINOv2 0.07; tiny 0.04: DINOv2 is still at 0.04 that early in its warm-up)")
+    help=".tar streams: samples shuffled across shards per worker (webdataset, OpenCLIP)")
+# the objective (eq. 3) and the batch sampling (§3.6)
+arg('--ssl-batch-size', type=int, default=None, help="global B_ssl, a subset of the batch (unset: "
+    "the recipe's fraction of --batch-size: the paper's 1/4, tiny 1/2)")
+arg('--rec-batch-size', type=int, default=None, help="global B_rec, a subset of the batch (unset: "
+    "the recipe's fraction: the paper's 1/8, tiny 1/2)")
+arg('--lambda-rec', type=float, default=0.1, help="λ_rec (the paper's); 0 turns L_rec off")
+arg('--lambda-ssl', type=float, default=1.0, help="λ_ssl (the paper's); 0 turns SSL off")
+arg('--lambda-clip', type=float, default=1.0, help="λ_clip (the paper's); 0 turns CLIP off")
+arg('--lambda-koleo', type=float, default=0.1, help="KoLeo's weight inside L_ssl (DINOv2)")
+arg('--perceptual', choices=['auto', 'lpips', 'none', 'random'],
+    help="L_rec's LPIPS term (auto: if VGG16's weights can be had; random: tests only)")
+arg('--teacher-momentum', type=float,
+    help="EMA teacher momentum at step 0, cosine to --teacher-momentum-final (DINOv2)")
+arg('--teacher-momentum-final', type=float, help="... at the last step")
+arg('--teacher-temp', type=float, help="teacher temperature after the warm-up (DINOv2; tiny "
+    "keeps 0.04, where DINOv2 still is that early in its warm-up)")
 arg('--teacher-temp-warmup', type=float, default=0.04, help="... at step 0 (DINOv2)")
-arg('--teacher-temp-warmup-steps', type=int, default=None,
+arg('--teacher-temp-warmup-steps', type=int,
     help="linear teacher-temperature warm-up (DINOv2: 30 epochs)")
 arg('--student-temp', type=float, default=0.1, help="student temperature (DINOv2)")
-# optimisation (OpenCLIP-style AdamW and DINOv2's pieces; assumed: the paper does not publish them)
-arg('--lr', type=float, default=None, help="peak learning rate (assumed)")
-arg('--weight-decay', type=float, default=None,
-    help="AdamW weight decay on matrices (OpenCLIP 0.2; assumed)")
+# optimisation: OpenCLIP's AdamW and DINOv2's pieces (assumed: the paper does not publish them)
+arg('--lr', type=float, help="peak learning rate (assumed)")
+arg('--weight-decay', type=float, help="AdamW weight decay on matrices (OpenCLIP; assumed)")
 arg('--beta2', type=float, default=0.98, help="AdamW beta2 (OpenCLIP)")
-arg('--warmup-steps', type=int, default=None, help="linear lr warm-up, then cosine to 0")
-arg('--max-steps', type=int, default=None, help="optimizer steps (paper ~1.1B samples)")
-arg('--grad-clip', type=float, default=3.0, help="grad-norm clip (DINOv2 3.0); 0 = off")
+arg('--warmup-steps', type=int, help="linear lr warm-up, then cosine to 0")
+arg('--max-steps', type=int, help="optimizer steps (the paper's ~1.1B samples)")
+arg('--grad-clip', type=float, default=3.0, help="grad-norm clip (DINOv2); 0: off")
 arg('--clip-per-module', action=argparse.BooleanOptionalAction, default=True, help="clip encoder, "
     "decoder, text tower and SSL heads each on its own (DINOv2 clips backbone and heads apart), "
     "so CLIP's larger gradients do not scale SSL's down")
 arg('--layer-decay', type=float, default=1.0,
     help="layer-wise lr decay of the encoder (DINOv2 0.9, its ViT-L configs 1.0; assumed)")
-arg('--patch-embed-lr-mult', type=float, default=None,
-    help="lr multiplier of the patch embedding (DINOv2 0.2)")
-arg('--freeze-last-layer-steps', type=int, default=None,
-    help="prototypes frozen (lr 0) for the first N steps (DINOv2: 1 epoch = 1250 steps)")
-arg('--drop-path', type=float, default=0.0, help="stochastic depth of the student encoder (DINOv2 "
-    "0.3-0.4 for ViT-L; the paper's value is not published)")
+arg('--patch-embed-lr-mult', type=float, help="lr multiplier of the patch embedding (DINOv2)")
+arg('--freeze-last-layer-steps', type=int,
+    help="the prototypes frozen (lr 0) for the first N steps (DINOv2: 1 epoch = 1250 steps)")
+arg('--drop-path', type=float, default=0.0, help="stochastic depth of the student encoder "
+    "(DINOv2 uses 0.3-0.4 for ViT-L; the paper's is not published)")
 arg('--grad-checkpointing', action='store_true', help="activation checkpointing of every "
-    "transformer block: ~1/3 more compute, activations of one block at a time")
-# system
-arg('--eval-every', type=int, default=None, help="steps between val PSNR / zero-shot (0 = off)")
-arg('--keep-every', type=int, default=0, help="also keep ckpt_STEP.pt every N steps (the "
-    "checkpoints of one run at several budgets, as scripts/ablation.py compares them)")
-args = parser.parse_args()
-given = vtp.explicit_flags(parser)  # the flags on the command line (for the config report)
-recipe_name = 'tiny' if args.size == 'tiny' else 'paper'
-vtp.apply_recipe(args, RECIPES[recipe_name])
+    "transformer block: ~1/3 more compute, the activations of one block at a time")
+arg('--eval-every', type=int, help="steps between val PSNR and zero-shot (0: never)")
+arg('--keep-every', type=int, default=0, help="also keep ckpt_STEP.pt every N steps (one run's "
+    "checkpoints at several budgets, as scripts/ablation.py compares them)")
 
-# -----------------------------------------------------------------------------
-# distributed setup: torchrun's environment decides (nccl on CUDA, gloo on CPU, one process without)
-ddp, rank, world_size, local_rank, device = vtp.init_distributed(args.device)
+
+def recipe(flags):  # the size's recipe, and its preset's shape as the model flags' defaults
+    name, c = 'tiny' if flags.size == 'tiny' else 'paper', vtp.VTP_CONFIGS[flags.size]
+    return name, dict(RECIPES[name], patch_size=c.patch_size, bottleneck_dim=c.bottleneck_dim,
+                      decoder_depth=c.decoder_depth, decoder_dim=c.decoder_embed_dim,
+                      text_tokenizer=c.text_tokenizer)
+
+
+args, recipe_name, sources = vtp.parse_args(parser, RECIPES, recipe)
+rank, world_size, device = vtp.setup(args.device)
 master, print0 = rank == 0, vtp.print0
-torch.manual_seed(args.seed)  # the same init on every rank (DDP also broadcasts it)
+torch.manual_seed(args.seed)  # the same init on every rank (DDP broadcasts it too)
 autocast = vtp.autocast(device, args.dtype)
 
-# the weights of eq. 3; an objective with weight 0 is off: it builds nothing and costs nothing
+# the weights of eq. 3: an objective with weight 0 is off, builds nothing and costs nothing
 weight = dict(clip=args.lambda_clip, ssl=args.lambda_ssl, rec=args.lambda_rec,
               koleo=args.lambda_koleo)
 use_clip, use_ssl, use_rec = weight['clip'] > 0, weight['ssl'] > 0, weight['rec'] > 0
@@ -154,17 +146,15 @@ if not (use_clip or use_ssl or use_rec):
     raise SystemExit("error: --lambda-clip, --lambda-ssl and --lambda-rec are all 0: nothing to "
                      "train")
 B = args.batch_size
-# the global B_ssl and B_rec: subsets of the batch (§3.6); an objective that is off has none
-subset = {'ssl': 0, 'rec': 0}
-for name, on, size, frac in (('ssl', use_ssl, args.ssl_batch_size, args.ssl_frac),
-                             ('rec', use_rec, args.rec_batch_size, args.rec_frac)):
-    if on:
-        subset[name] = size if size is not None else int(B * frac)
+# the global B_ssl and B_rec, subsets of the batch (§3.6); an objective that is off has none
+subset = {name: (size if size is not None else int(B * frac)) if on else 0
+          for name, on, size, frac in (('ssl', use_ssl, args.ssl_batch_size, args.ssl_frac),
+                                       ('rec', use_rec, args.rec_batch_size, args.rec_frac))}
 subset_flags = {f'--{name}-batch-size': n for name, n in subset.items() if n}
 vtp.split_batch(B, world_size, args.grad_accum or 1, subset_flags)  # bad sizes stop here, early
 
 # -----------------------------------------------------------------------------
-# model: an objective with weight 0 builds no modules, so DDP needs no find_unused_parameters
+# model: the student (every active objective's modules), its EMA teacher, LPIPS, AdamW
 init = None
 if args.tokenizer:  # continued pre-training: the checkpoint's sizes and text tokenizer
     try:
@@ -172,11 +162,11 @@ if args.tokenizer:  # continued pre-training: the checkpoint's sizes and text to
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise SystemExit(f"error: --tokenizer {args.tokenizer}: {e}")
 cfg = init.config if init is not None else vtp.VTP_CONFIGS[args.size]
-for field, value in (('patch_size', args.patch_size), ('bottleneck_dim', args.bottleneck_dim),
-                     ('decoder_depth', args.decoder_depth), ('decoder_embed_dim', args.decoder_dim),
-                     ('text_tokenizer', args.text_tokenizer)):
-    if value is not None:
-        cfg = replace(cfg, **{field: value})
+for field, flag in (('patch_size', 'patch_size'), ('bottleneck_dim', 'bottleneck_dim'),
+                    ('decoder_depth', 'decoder_depth'), ('decoder_embed_dim', 'decoder_dim'),
+                    ('text_tokenizer', 'text_tokenizer')):
+    if init is None or sources[flag] == 'flag':  # a checkpoint's own shape wins over the preset's
+        cfg = replace(cfg, **{field: getattr(args, flag)})
 if init is None:
     cfg = replace(cfg, qk_norm=not args.no_qk_norm, decoder_qk_norm=not args.no_qk_norm)
 tokenizer = data.get_tokenizer(cfg.text_tokenizer, cfg.text_context_length, args.bpe_path) \
@@ -198,23 +188,22 @@ print0(f"VTP-{args.size}: {model.num_params() / 1e6:.2f}M parameters (encoder "
        f"{model.num_params(model.trunk) / 1e6:.2f}M), patch {cfg.patch_size}, d = "
        f"{cfg.bottleneck_dim}")
 teacher = None
-if use_ssl:  # EMA teacher: encoder + heads, started as a copy of the student (DINOv2)
+if use_ssl:  # the EMA teacher: encoder and heads, started as a copy of the student (DINOv2)
     teacher = vtp.VTP(replace(cfg, train_clip=False, train_reconstruction=False)).to(device)
     vtp.update_ema(teacher, model, 0.0)
     teacher.requires_grad_(False)
 perceptual = vtp.make_lpips(args.perceptual, device, verbose=master) if use_rec else None
 groups = vtp.param_groups(model, args.weight_decay, args.layer_decay, args.patch_embed_lr_mult)
 optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6, fused=True)
-# gradient clipping per module (--clip-per-module; DINOv2 clips backbone and heads apart): the
-# encoder, the decoder, the SSL heads, and the rest (the text tower with the CLIP projections)
-PARTS = (('trunk.', 'encoder'), ('pixel_decoder.', 'decoder'), ('dino_head.', 'heads'),
-         ('ibot_head.', 'heads'))
+# gradient clipping per module (--clip-per-module): the encoder, the decoder, the SSL heads, and
+# the rest (the text tower with the CLIP projections)
 clip_parts = {}
 for name, p in model.named_parameters():
     if p.requires_grad:
-        part = next((v for k, v in PARTS if name.startswith(k)), 'text')
+        part = next((v for k, v in (('trunk.', 'encoder'), ('pixel_decoder.', 'decoder'),
+                                    ('dino_head.', 'heads'), ('ibot_head.', 'heads'))
+                     if name.startswith(k)), 'text')
         clip_parts.setdefault(part if args.clip_per_module else 'all', []).append(p)
-
 
 start_step, flops_done, skipped = 0, 0.0, {}
 ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
@@ -222,6 +211,7 @@ measuring = args.bench or args.profile or args.bench_data  # no run folder, log 
 resume = vtp.open_run(args.out_dir, args.resume, master) if not measuring else None
 if resume:
     ckpt = vtp.load_checkpoint(resume, stage=1)
+    vtp.check_resume(ckpt, args, args.out_dir)
     vtp.load_state(model, ckpt['model'], f"--resume {resume}")
     if teacher is not None:
         vtp.load_state(teacher, ckpt['ema'] or {}, f"--resume {resume} (teacher)")
@@ -229,15 +219,12 @@ if resume:
     start_step, flops_done, skipped = ckpt['step'], ckpt['flops'], ckpt['data']['skipped']
     vtp.set_rng_state(ckpt['rng'], device)
     print0(f"resumed from {resume} at step {start_step}")
-
 if args.compile is None:  # compile where it pays: full-size models on the GPU
     args.compile = device.type == 'cuda' and args.size != 'tiny'
-if args.compile:  # one block at a time, in place: `model` keeps its keys for checkpoints and EMA
+if args.compile:  # a block at a time, in place: `model` keeps its keys for checkpoints and EMA
     vtp.compile_model(model)
-    if teacher is not None:  # its heads see the real masked patches, a count that varies: eager
+    if teacher is not None:
         vtp.compile_model(teacher.trunk)
-train_model = DDP(model, device_ids=[local_rank] if device.type == 'cuda' else None) if ddp \
-    else model
 
 # -----------------------------------------------------------------------------
 # data: every micro-batch is built in workers from the global sample positions it covers
@@ -256,8 +243,13 @@ def make_loader(grad_accum, num_workers):
                             shuffle_buffer=args.shuffle_buffer)
 
 
+def to_device(batch):  # pinned by the loader: the copy overlaps the previous step's compute
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
 # -----------------------------------------------------------------------------
-# schedules (one global step counter)
+# the schedules, of one global step counter
 def lr_at(step):  # linear warm-up, then cosine to 0 (OpenCLIP)
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
@@ -265,84 +257,72 @@ def lr_at(step):  # linear warm-up, then cosine to 0 (OpenCLIP)
     return 0.5 * args.lr * (1 + math.cos(math.pi * t))
 
 
-# cosine from --teacher-momentum to --teacher-momentum-final (DINOv2)
-def teacher_momentum_at(step):
+def teacher_momentum_at(step):  # cosine from --teacher-momentum to the final one (DINOv2)
     m0, m1 = args.teacher_momentum, args.teacher_momentum_final
     return m1 - (m1 - m0) * (1 + math.cos(math.pi * step / args.max_steps)) / 2
 
 
-def teacher_temp_at(step):  # linear warm-up, then constant (DINOv2)
+def teacher_temp_at(step):  # a linear warm-up, then constant (DINOv2)
     w = args.teacher_temp_warmup_steps
     return args.teacher_temp if step >= w else \
         args.teacher_temp_warmup + (args.teacher_temp - args.teacher_temp_warmup) * step / w
 
 
 # -----------------------------------------------------------------------------
-# the train step: k micro-batches, one optimizer step. With k > 1 the step is that of the whole
-# batch: the teacher's targets and Sinkhorn-Knopp see every micro-batch, CLIP scores every image
-# against every caption of the step (OpenCLIP's accum_freq), so --grad-accum changes no objective.
-def ssl_targets(micro_batches, temp):
-    """Teacher targets of the step's SSL batch: DINO (2n, K) and iBOT (M, K, padded) per
-    micro-batch. Sinkhorn-Knopp runs over all micro-batches and ranks at once; the teacher sees only
-    the real masked patches (n_masked of the padded M), as DINOv2 does."""
-    dino, ibot = [], []
-    with autocast:
-        for mb in micro_batches:
-            d, i = teacher.teacher_logits(mb['global_crops'], mb['ibot_index'][:mb['n_masked']])
-            dino.append(d)
-            ibot.append(i)
-    p_dino = vtp.sinkhorn_knopp(torch.cat(dino), temp).split([len(d) for d in dino])
-    p_ibot = vtp.sinkhorn_knopp(torch.cat(ibot), temp).split([len(i) for i in ibot])
-    # zero rows for the padding, where the student's padded index has rows too (weight 0 there)
-    p_ibot = [torch.cat((p, p.new_zeros(len(mb['ibot_index']) - len(p), p.shape[1])))
-              for p, mb in zip(p_ibot, micro_batches)]
-    return p_dino, p_ibot
+# the train step: k micro-batches, one optimizer step. With k > 1 the step is still the whole
+# batch's: the teacher's targets and Sinkhorn-Knopp see every micro-batch, and CLIP scores every
+# image against every caption of the step (OpenCLIP's accum_freq), so --grad-accum changes no
+# objective; KoLeo alone stays per micro-batch, as DINOv2 computes it per rank.
+net = model  # what the micro-steps run: the model alone while the memory probe runs, then DDP's
 
 
-@torch.no_grad()
-def clip_cache(micro_batches):
-    """The step's CLIP features without gradient, gathered over ranks: (k, world b, W) each. The RNG
-    state before each micro-batch is kept, so that the gradient pass replays the same drop path."""
-    imgs, txts, states = [], [], []
-    for mb in micro_batches:
-        states.append(vtp.rng_state(device))
-        with autocast:
-            out = model(images=mb['images'], tokens=mb['tokens'])
-        imgs.append(vtp.all_gather(out['image_features']))
-        txts.append(vtp.all_gather(out['text_features']))
-    return (torch.stack(imgs), torch.stack(txts)), states
-
-
-def train_step(step, micro_batches, net=None):
-    """Forward and backward of one optimizer step; returns the logged terms (0-dim tensors). net:
-    the model to run (default: the DDP-wrapped one)."""
-    net = net or train_model
-    temp, k = teacher_temp_at(step), len(micro_batches)
-    terms = {}
+def train_step(step, micro_batches):
+    # forward and backward of one optimizer step; -> the terms to log (0-dim tensors)
+    k, terms = len(micro_batches), {}
     if use_ssl:
-        p_dino, p_ibot = ssl_targets(micro_batches, temp)
-        # SSL health: the targets' entropy. ln K = uniform targets, no signal for the student (what
-        # the old tiny recipe showed: 4.59 of 4.85); a teacher that knows the image gives far less
+        # the teacher's targets of the step's SSL batch, DINO (2n, K) and iBOT (M, K) per
+        # micro-batch: the unmasked global crops, the patches the student sees masked (the real
+        # n_masked of the padded M, as DINOv2); Sinkhorn-Knopp over all micro-batches and ranks
+        with torch.no_grad(), autocast:
+            out = [teacher(global_crops=mb['global_crops'],
+                           ibot_index=mb['ibot_index'][:mb['n_masked']]) for mb in micro_batches]
+        temp = teacher_temp_at(step)
+        p_dino = vtp.sinkhorn_knopp(torch.cat([o['dino_logits'] for o in out]), temp).split(
+            [len(o['dino_logits']) for o in out])
+        p_ibot = vtp.sinkhorn_knopp(torch.cat([o['ibot_logits'] for o in out]), temp).split(
+            [len(o['ibot_logits']) for o in out])
+        # zero rows for the padding, where the student's padded index has rows too (weight 0)
+        p_ibot = [torch.cat((p, p.new_zeros(len(mb['ibot_index']) - len(p), p.shape[1])))
+                  for p, mb in zip(p_ibot, micro_batches)]
+        # SSL's health: the targets' entropy; ln K means uniform targets, no signal for the student
         p = torch.cat(p_dino)
         terms['ssl_target_entropy'] = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
-    # one more forward without gradient when accumulating: the cost of an exact CLIP loss
-    cache, states = clip_cache(micro_batches) if use_clip and k > 1 else (None, None)
+    cache, states = None, None
+    if use_clip and k > 1:  # exact CLIP under accumulation: the step's features, without gradient
+        states, feats = [], []  # the RNG before each micro-batch: the gradient pass replays it
+        with torch.no_grad():
+            for mb in micro_batches:
+                states.append(vtp.rng_state(device))
+                with autocast:
+                    o = model(images=mb['images'], tokens=mb['tokens'])
+                feats.append((vtp.all_gather(o['image_features']),
+                              vtp.all_gather(o['text_features'])))
+        cache = tuple(torch.stack(f) for f in zip(*feats))  # (k, world b, W) each
     for m, mb in enumerate(micro_batches):
-        if states is not None:  # replay the cache pass's randomness: the same features
+        if states is not None:  # the cache pass's randomness (drop path): the same features
             vtp.set_rng_state(states[m], device)
-        last = m == k - 1  # DDP all-reduces the gradients once, in the last micro-step
-        sync = net.no_sync() if net is not model and not last else contextlib.nullcontext()
-        with sync:
+        last = m == k - 1  # DDP all-reduces on the last micro-step only
+        with net.no_sync() if net is not model and not last else contextlib.nullcontext():
             ssl_inputs = dict(global_crops=mb['global_crops'], local_crops=mb['local_crops'],
                               masks=mb['masks'], ibot_index=mb['ibot_index']) if use_ssl else {}
-            # one forward for every objective (DDP needs one call), the B_rec rows reusing the
-            # encoder's CLIP pass: the reconstruction costs the decoder only
+            # one forward for every objective (DDP needs a single call); the B_rec rows reuse the
+            # encoder's CLIP pass, so the reconstruction costs the decoder only
             with autocast:
                 out = net(images=mb['images'], tokens=mb['tokens'] if use_clip else None,
                           n_rec=mb['n_rec'] if use_rec else 0, **ssl_inputs)
-            # CLIP's loss is the whole step's in every micro-step (each one carries the gradient
-            # through its own features only), so it is not divided by k; the other terms are means
-            # over one micro-batch, and their step loss is the mean over the k of them
+            # CLIP's loss is the whole step's in every micro-step (each carries the gradient of its
+            # own features), so it is not divided by k; the other terms are means over one
+            # micro-batch, and their step loss the mean of the k
             micro, clip, rest = {}, 0.0, 0.0
             if use_clip:
                 scale = out['logit_scale'].float()  # live in one micro-step only: one gradient
@@ -350,17 +330,15 @@ def train_step(step, micro_batches, net=None):
                                                    scale if last else scale.detach(), cache, m)
                 clip = weight['clip'] * micro['loss_clip']
             if use_rec:  # the first n_rec rows of the main view are the B_rec subset (§3.6)
-                target = mb['images'][:mb['n_rec']]
                 micro['loss_l1'], micro['loss_lpips'] = vtp.reconstruction_loss(
-                    out['reconstruction'], target, perceptual)
+                    out['reconstruction'], mb['images'][:mb['n_rec']], perceptual)
                 micro['loss_rec'] = micro['loss_l1'] + micro['loss_lpips']
                 rest = rest + weight['rec'] * micro['loss_rec']
             if use_ssl:
                 micro['loss_dino'] = vtp.dino_loss(out['dino_logits'], p_dino[m], args.student_temp)
                 micro['loss_ibot'] = vtp.ibot_loss(out['ibot_logits'], p_ibot[m], mb['ibot_weight'],
                                                    len(mb['global_crops']), args.student_temp)
-                # KoLeo on each global crop's cls tokens, per rank and micro-batch (DINOv2: per
-                # rank), the one term that --grad-accum changes
+                # KoLeo on each global crop's cls tokens, per rank and micro-batch (DINOv2)
                 micro['loss_koleo'] = sum(vtp.koleo_loss(c) for c in out['global_cls'].chunk(2))
                 # L_ssl = L_dino + L_ibot (eq. 2), with DINOv2's KoLeo regulariser
                 rest = rest + weight['ssl'] * (micro['loss_dino'] + micro['loss_ibot'] +
@@ -373,13 +351,12 @@ def train_step(step, micro_batches, net=None):
 
 
 def optimizer_step(step, terms):
-    """Clip, step (skipped on the device when anything is non-finite: no host sync), then the
-    logit-scale clamp and the teacher's EMA update."""
+    # clip, step (skipped on the device when anything is not finite: no host sync), then the
+    # logit-scale clamp and the teacher's EMA update
     lr = lr_at(step)
     for g in optimizer.param_groups:  # DINOv2: the prototypes stay frozen at first (stability)
-        frozen = g['last_layer'] and step < args.freeze_last_layer_steps
-        g['lr'] = 0.0 if frozen else lr * g['lr_mult']
-    # per module (--clip-per-module); the logged norm is the whole gradient's
+        g['lr'] = 0.0 if g['last_layer'] and step < args.freeze_last_layer_steps else \
+            lr * g['lr_mult']
     terms['grad_norm'] = vtp.clip_grad_norms(clip_parts.values(), args.grad_clip)
     terms['skipped_steps'] = vtp.skip_if_not_finite(optimizer, terms['grad_norm'], terms['loss'])
     optimizer.step()
@@ -392,32 +369,15 @@ def optimizer_step(step, terms):
     return lr
 
 
-def to_device(batch):  # pinned by the loader: the copy overlaps the previous step's compute
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
-
-
-@torch.no_grad()
-def teacher_distance():
-    """||teacher - student|| / ||student|| over the encoder: ~0 when the teacher is a copy, and how
-    far the EMA trails the student otherwise."""
-    s = dict(model.trunk.named_parameters())
-    t = [(p, s[n]) for n, p in teacher.trunk.named_parameters()]
-    diff = torch.stack([(a - b).float().norm() for a, b in t]).norm()
-    return diff / torch.stack([b.float().norm() for _, b in t]).norm()
-
-
 @torch.no_grad()
 def validate(step):
-    """val PSNR of reconstructions and zero-shot top-1 with the class prompts on --num-val images,
-    sharded over the ranks; an input | reconstruction grid."""
+    # val PSNR of the reconstructions and zero-shot top-1 with the class prompts, on --num-val
+    # images sharded over the ranks, and a grid of inputs (top) and reconstructions (below)
     model.eval()
-    sums = torch.zeros(4, device=device)  # PSNR sum, correct, images, images with a label
-    clf = None
+    sums, clf, grid = torch.zeros(4, device=device), None, None  # PSNR, correct, images, labelled
     if use_clip and getattr(val_set, 'class_names', None):
         clf = vtp.zeroshot_classifier(model, tokenizer, val_set.class_names, val_set.templates,
                                       device)
-    grid = None
     for vb in data.eval_batches(val_set, 64, args.image_size, limit=args.num_val, rank=rank,
                                 world_size=world_size):
         if vb['images'] is None:
@@ -425,11 +385,9 @@ def validate(step):
         x = vb['images'].to(device)
         with autocast:
             tokens = model.features(x)
-            if use_rec:
-                recon = model.decode(model.latents(tokens, x.shape[-2:]))
+            recon = model.decode(model.latents(tokens, x.shape[-2:])) if use_rec else None
         if use_rec:
-            x01 = vtp.to_unit_range(x).clamp(0, 1)
-            recon01 = vtp.to_unit_range(recon.float()).clamp(0, 1)
+            x01, recon01 = (vtp.to_unit_range(t.float()).clamp(0, 1) for t in (x, recon))
             sums[0] += vtp.psnr(recon01, x01).sum()
             grid = grid if grid is not None else torch.cat((x01[:8], recon01[:8]))
         if clf is not None:
@@ -458,71 +416,64 @@ def save(step):
 
 
 # -----------------------------------------------------------------------------
-# micro-batches: --grad-accum, or on CUDA the fewest micro-steps whose micro-batch fits (probed)
-def probe(b):
-    """One micro-step of b samples per rank, forward and backward, nothing updated."""
-    try:
-        mb = to_device(make_loader(B // (world_size * b), 0).peek())
-        train_step(0, [mb], net=model)
-    finally:
-        optimizer.zero_grad(set_to_none=True)
-
-
-derived = {'compile', 'num_workers'} - given  # what the machine decided (reported with the config)
+# micro-batches: --grad-accum, or on CUDA the fewest micro-steps whose micro-batch fits, probed on
+# each rank alone (before the process group exists); then the ranks agree and DDP wraps the model
+derived = {'compile', 'num_workers'} - {k for k, s in sources.items() if s == 'flag'}
+k_acc = args.grad_accum or 1
 if args.grad_accum is None:
+    def try_micro(b):  # one micro-step of b samples per rank, forward and backward, no update
+        try:
+            train_step(0, [to_device(make_loader(B // (world_size * b), 0).peek())])
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+
     moments = 0 if optimizer.state else 8 * sum(p.numel() for p in model.parameters()
                                                 if p.requires_grad)  # AdamW's, fp32, made later
-    args.grad_accum = vtp.fit_grad_accum(probe, B, world_size, device, subset_flags.values(),
-                                         reserve_bytes=moments)
+    k_acc = vtp.fit_grad_accum(try_micro, B, world_size, device, subset_flags.values(), moments)
     derived.add('grad_accum')
+vtp.start_ranks(device)
+args.grad_accum = k_acc = vtp.agree_grad_accum(k_acc)
 args.num_workers = workers
-k_acc = args.grad_accum
-b = vtp.split_batch(B, world_size, k_acc, subset_flags)  # per-rank micro-batch of the CLIP batch
-# the bench and the profile time the step on a cached batch: made here, no workers left busy
+b = vtp.split_batch(B, world_size, k_acc, subset_flags)  # the per-rank micro-batch of B_clip
+if world_size > 1:
+    net = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
+# the bench and the profile time the step on a cached batch: no workers left busy then
 loader = make_loader(k_acc, workers if args.bench_data or not measuring else 0)
 batches = iter(loader)
 
 # -----------------------------------------------------------------------------
-# training loop. The FLOPs count what runs (an objective with weight 0 adds nothing; the student's
-# iBOT head runs on the padded masked rows, the teacher's on the real ones): the x-axis of fig. 5
-n_ssl = subset['ssl'] // (world_size * k_acc)  # SSL samples per micro-batch
-flops_per_sample = vtp.train_flops_per_sample(
-    cfg, args.image_size, clip=use_clip, text_len=cfg.text_context_length, batch=B,
-    ssl_frac=subset['ssl'] / B, global_size=args.global_crop_size, local_size=args.local_crop_size,
-    n_local=args.n_local_crops, ibot_rows=loader.builder.ibot_size / max(n_ssl, 1),
-    ibot_rows_teacher=loader.builder.masked_rows_per_sample, rec_frac=subset['rec'] / B,
-    lpips=perceptual is not None)
-peak_flops = vtp.gpu_peak_flops(device) if device.type == 'cuda' else None
-vtp.report_config(args, given, RECIPES[recipe_name], recipe_name, derived, cfg,
-                  (args.size, vtp.VTP_CONFIGS[args.size]) if init is None else None,
-                  os.path.join(args.out_dir, 'config.json') if master and not measuring else None)
+# the training loop. The FLOPs count what runs (the x-axis of fig. 5): an objective with weight 0
+# adds nothing, the student's heads run on the padded iBOT rows, the teacher's on the real ones
+flops_per_sample = vtp.stage1_flops(
+    cfg, args, subset['ssl'] / B, subset['rec'] / B, perceptual is not None,
+    ibot_rows=loader.builder.ibot_size / max(subset['ssl'] // (world_size * k_acc), 1),
+    ibot_rows_teacher=loader.builder.masked_rows_per_sample)
+peak_flops = vtp.gpu_peak_flops(device)
+sources.update(dict.fromkeys(derived, 'machine or tokenizer'))
+vtp.report_config(args, sources, os.path.join(args.out_dir, 'config.json')
+                  if master and not measuring else None, cfg,
+                  (args.size, vtp.VTP_CONFIGS[args.size]) if init is None else None)
 print0(f"batch {B} (ssl {subset['ssl']}, rec {subset['rec']}) = {world_size} ranks x {k_acc} micro "
        f"x {b}; {flops_per_sample / 1e9:.3f} GFLOPs/sample; {workers} data worker(s) per rank"
        f"{'; compiled' if args.compile else ''}")
 model.train()
-if args.bench_data:  # the loader alone
-    def next_step():
-        return [next(batches) for _ in range(k_acc)]
-
-    vtp.bench_data(next_step, args.bench_data, B, workers)
-if args.bench or args.profile:  # the train step alone, on one cached step of micro-batches
-    cached = [to_device(next(batches)) for _ in range(k_acc)]
-
-    def bench_step():
-        optimizer_step(0, train_step(0, cached))
-
-    vtp.bench(bench_step, args.bench, B, flops_per_sample, device, world_size,
-              f"VTP-{args.size} {args.image_size}px batch {B}", profile_steps=args.profile,
-              trace_dir=args.out_dir)
-if measuring:
-    del train_model, loader, batches
+if measuring:  # scripts/bench.py: the loader alone, or the train step on one cached step
+    from scripts import bench
+    if args.bench_data:
+        bench.bench_data(lambda: [next(batches) for _ in range(k_acc)], args.bench_data, B, workers)
+    if args.bench or args.profile:
+        cached = [to_device(next(batches)) for _ in range(k_acc)]
+        bench.bench(lambda: optimizer_step(0, train_step(0, cached)), args.bench, B,
+                    flops_per_sample, device, world_size, f"VTP-{args.size} {args.image_size}px "
+                    f"batch {B} = {k_acc} micro x {b}", args.profile, args.out_dir)
+    del net, loader, batches
     vtp.teardown()
     raise SystemExit(0)
 
-log_path, progress = vtp.start_log(args.out_dir, start_step, args.max_steps)
-meter = vtp.Meter()
-t0, samples_since = time.time(), 0
-for step in progress:
+log_path, meter = vtp.start_log(args.out_dir, start_step), vtp.Meter()
+t_start = t0 = time.time()
+samples_since = 0
+for step in range(start_step, args.max_steps):
     micro_batches = [to_device(next(batches)) for _ in range(k_acc)]
     for mb in micro_batches:
         data.add_counts(skipped, mb['skipped'])
@@ -534,23 +485,28 @@ for step in progress:
     log_due = done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.max_steps
     val_due = args.eval_every and val_set is not None and \
         (done % args.eval_every == 0 or done == args.max_steps)
-    if log_due and teacher is not None:  # a frozen teacher (momentum ~1) shows as ~0 here
-        terms['teacher_distance'] = teacher_distance()
-    meter.add(terms)  # device tensors, summed on the device: no host sync between log steps
+    if log_due and teacher is not None:
+        # ||teacher - student|| / ||student|| over the encoder: ~0 for a copy (or a frozen
+        # teacher, momentum ~1), and how far the EMA trails the student otherwise
+        with torch.no_grad():
+            s = dict(model.trunk.named_parameters())
+            pairs = [(p, s[n]) for n, p in teacher.trunk.named_parameters()]
+            terms['teacher_distance'] = \
+                torch.stack([(t - u).float().norm() for t, u in pairs]).norm() / \
+                torch.stack([u.float().norm() for _, u in pairs]).norm()
+    meter.add(terms)  # device tensors summed on the device: no host sync between log steps
     record = {}
-    if log_due:  # the one host sync per log step; checked before any checkpoint is written
+    if log_due:  # the one host sync per log step, checked before any checkpoint is written
         vals = meter.reduce()
         vtp.check_finite(vals, done, ckpt_path)
-        dt = time.time() - t0
-        record = {'step': done, **{k: round(v, 6) for k, v in vals.items()
-                                   if k != 'skipped_steps'},
-                  'lr': lr, 'img_per_s': round(samples_since / dt, 2), 'flops': flops_done,
+        per_s = samples_since / (time.time() - t0)
+        record = {'step': done, **{k: round(v, 6) for k, v in vals.items() if k != 'skipped_steps'},
+                  'lr': lr, 'img_per_s': round(per_s, 2), 'flops': flops_done,
                   'teacher_temp': teacher_temp_at(step),
                   'teacher_momentum': teacher_momentum_at(step)}
         if peak_flops:
-            per_s = samples_since / dt
             record['mfu'] = round(flops_per_sample * per_s / (peak_flops * world_size), 4)
-        total = vtp.count_over_ranks(skipped)  # bad-sample counts live on each rank
+        total = data.count_over_ranks(skipped)  # the bad-sample counts live on each rank
         if total:
             record['skipped'] = total
         if use_clip:
@@ -562,14 +518,15 @@ for step in progress:
     if master and record:
         vtp.append_log(log_path, record)
         if 'loss' in record:
-            progress.log(done, record['loss'], record['img_per_s'])
+            vtp.log_line(done, args.max_steps, start_step, t_start, record['loss'],
+                         record['img_per_s'])
     if master and (done % args.ckpt_every == 0 or done == args.max_steps or
                    args.keep_every and done % args.keep_every == 0):
         save(done)
 
 print0(f"done: {args.max_steps} steps, {flops_done:.3e} FLOPs; checkpoint {ckpt_path}, "
        f"log {log_path}")
-# release what holds resources before the end: DDP the process group (or gloo may abort at
-# exit), the loader its workers (left to the interpreter's exit, each waits 5 s to be killed)
-del train_model, batches, loader
+# release what holds resources before the end: DDP the process group (or gloo may abort at exit),
+# the loader its workers (left to the interpreter's exit, each waits 5 s to be killed)
+del net, batches, loader
 vtp.teardown()

@@ -12,7 +12,7 @@ on each checkpoint:
   compute         the pre-training FLOPs of the checkpoint
 Every (objective set, budget, guidance) is reported as the mean and the spread (the sample standard
 deviation) over the tokenizer seeds: the tokenizer's seed varies the results most in a tokenizer
-ablation, more than the DiT's (README "The ablation"). A finding holds when its effect is larger
+ablation, more than the DiT's (scripts/ablation.md). A finding holds when its effect is larger
 than twice that spread under both judges.
 
 Results: OUT_DIR/results.jsonl (a line per checkpoint, DiT seed and guidance), summary.json
@@ -20,13 +20,16 @@ Results: OUT_DIR/results.jsonl (a line per checkpoint, DiT seed and guidance), s
 understanding; fig. 5, generation vs pre-training FLOPs; a row per judge, error bars the spread). A
 killed run continues where it stopped (finished stages are skipped).
 
-    python scripts/ablation.py        # tiny on the synthetic data, CPU (README: the figures)
+    python scripts/ablation.py        # tiny on the synthetic data, CPU
     python scripts/ablation.py --size S --data /data/datacomp/{00000..00999}.tar \\
         --dit-data /data/imagenet/train --budgets 5000,10000,20000 --tokenizer-seeds 2 \\
         --tokenizer-args "--batch-size 4096" --dit-args "--model DiT-B/1 --batch-size 256" \\
         --dit-steps 20000 --launch "torchrun --nproc_per_node 8"
 S/B/L on real data: the `synthetic` judges only know the toy world, so score the samples with
 evaluate.py fid instead.
+
+The protocol of the committed run (assets/ablation_results.jsonl), how each choice in it was
+measured, and what it found: scripts/ablation.md.
 """
 import argparse
 import json
@@ -64,8 +67,8 @@ arg('--budgets', default='300,900', help="pre-training steps at which checkpoint
 arg('--tokenizer-seeds', type=int, default=3, help="tokenizers per objective set (seeds 0..N-1); "
     "the spread over them is the noise a finding must exceed")
 arg('--dit-seeds', type=int, default=1, help="DiT seeds per tokenizer at the last budget")
-arg('--dit-steps', type=int, default=1000, help="DiT steps, equal for every tokenizer (README: "
-    "the regime where the DiT is compute-limited, chosen by a sweep)")
+arg('--dit-steps', type=int, default=1000, help="DiT steps, equal for every tokenizer "
+    "(scripts/ablation.md: the regime where the DiT is compute-limited, chosen by a sweep)")
 arg('--num-samples', type=int, default=400, help="samples per DiT and guidance (20 per class)")
 arg('--cfg-scales', default='1,2,4', help="sampling guidance, comma-separated (1 = none, as the "
     "paper's gFID; 2 is the primary comparison, chosen by the sweep)")

@@ -16,8 +16,7 @@ from PIL import Image
 import data
 import vtp
 
-SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
-BPE = SHARED / 'data' / 'bpe_simple_vocab_16e6.txt.gz'
+BPE = Path(__file__).resolve().parent / 'golden' / 'bpe_simple_vocab_16e6.txt.gz'
 
 # tiny loader settings: 32 px main view, 32 px global crops (2x2 patches), 16 px locals
 KW = dict(image_size=32, global_size=32, local_size=16, n_local=2, global_batch=16, ssl_batch=8,
@@ -52,7 +51,6 @@ def test_byte_tokenizer():
     assert (t.argmax(-1) == torch.tensor([3, 7, 3])).all()  # the text tower pools at EOT = argmax
 
 
-@pytest.mark.skipif(not BPE.exists(), reason='shared BPE file absent')
 def test_bpe_tokenizer():
     tok = data.get_tokenizer('bpe', 77, bpe_path=str(BPE))
     t = tok(['a photo of a dog.', 'A  Photo of a &amp;amp; DOG.', 'x ' * 100])

@@ -1,5 +1,5 @@
 """LightningDiT, flow-matching loss and ODE sampler: parity with the official code (golden data made
-by hustvl/LightningDiT and the authors' fork, ../shared/golden/README.md) and behaviour checks."""
+by hustvl/LightningDiT and the authors' fork, tests/golden/README.md) and behaviour checks."""
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,10 +10,7 @@ import torch
 from vtp import (DiT, DiTConfig, DIT_CONFIGS, flow_loss, flow_loss_terms, interpolate, sample_t,
                  time_grid, guided_velocity, euler_sample, sincos_pos_embed, rope_tables)
 
-SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
-GOLDEN = SHARED / 'golden'
-needs_golden = pytest.mark.skipif(not (GOLDEN / 'ldit_tiny.pt').exists(),
-                                  reason='../shared/golden absent')
+GOLDEN = Path(__file__).resolve().parent / 'golden'
 
 
 def close(ours, official):
@@ -53,7 +50,6 @@ def detailed():
     return d, DiT.from_official(d['state_dict'], d['config']['config']).eval()
 
 
-@needs_golden
 @torch.no_grad()
 def test_official_forward_cfg_and_ode(golden):
     g, model = golden
@@ -70,7 +66,6 @@ def test_official_forward_cfg_and_ode(golden):
           o['ode_euler10_shift0.3'])
 
 
-@needs_golden
 def test_from_official_reads_config_prefixes_and_ema(golden):
     g, model = golden
     sd = g['state_dict']
@@ -89,7 +84,6 @@ def test_from_official_reads_config_prefixes_and_ema(golden):
         DiT.from_official({k: v for k, v in sd.items() if not k.startswith('feat_rope.')})
 
 
-@needs_golden
 def test_fixed_tables_equal_official(golden):
     g, model = golden
     sd, cfg = g['state_dict'], model.config
@@ -101,7 +95,6 @@ def test_fixed_tables_equal_official(golden):
     assert torch.allclose(sin, sd['feat_rope.freqs_sin'], atol=1e-6)
 
 
-@needs_golden
 @torch.no_grad()
 def test_official_intermediates(detailed):
     d, m = detailed
@@ -120,7 +113,6 @@ def test_official_intermediates(detailed):
     close(m(x, t, y), o['forward'])
 
 
-@needs_golden
 @torch.no_grad()
 def test_official_guidance_interval(detailed):
     d, m = detailed
@@ -135,7 +127,6 @@ def test_official_guidance_interval(detailed):
         close(guided_velocity(m, x[:2], t[0].item(), y[:2], s, start, null, 3), want[:2])
 
 
-@needs_golden
 @torch.no_grad()
 def test_official_loss_terms(detailed):
     d, m = detailed
@@ -155,7 +146,6 @@ def test_official_loss_terms(detailed):
     close(cos, o['fixedt_cos_per_sample'])
 
 
-@needs_golden
 @torch.no_grad()
 def test_official_trajectories(detailed):
     d, m = detailed
@@ -172,7 +162,6 @@ def test_official_trajectories(detailed):
     close(traj[-1], o['sample_cfg_final'])
 
 
-@needs_golden
 @torch.no_grad()
 def test_official_init_is_zero_output(detailed):
     d, _ = detailed
@@ -291,7 +280,7 @@ def test_time_grid():
         assert torch.allclose(grid, torch.tensor(want), atol=1e-6)
         # fp32 as upstream: the last point is 1 to within 1e-6
         assert grid[0] == 0 and abs(grid[-1] - 1) < 1e-6 and (grid.diff() > 0).all()
-    # 232 of 249 steps start below t = 0.5 (dit_full.md)
+    # 232 of 249 steps start below t = 0.5 (shift 0.075)
     assert (time_grid(250, 0.075)[:-1] < 0.5).sum() == 232
     assert (time_grid(250, 0.3)[:-1] < 0.11).sum() == 73
 

@@ -27,7 +27,7 @@ N_IMAGES = 2000       # cached synthetic images (x2 with flips)
 TRAIN_STEPS = 400
 BATCH = 32
 N_SAMPLES = 400       # 20 per class for the end-to-end check
-# thresholds in percent, set from measurement (README). Measured on the conftest runs (percent of
+# thresholds in percent, set from measurement (tests/conftest.py). Measured on the conftest runs (percent of
 # 400 samples, chance 5; 32 px world): class-conditional 15.75 without guidance, 25.0 at cfg 4;
 # text-to-image 25.75 and 31.25
 CLASS_ACC_CFG1, CLASS_ACC_CFG4, TEXT_ACC_CFG4 = 5.0, 10.0, 10.0
@@ -103,11 +103,12 @@ def trained_dit(tiny_tokenizer, latent_dir, tmp_path_factory):
 # --- latent cache ---------------------------------------------------------------------------------
 
 def test_latent_cache_matches_direct_encoding_and_normalises(tiny_tokenizer, latent_dir):
-    meta, built = build_cache(tiny_tokenizer, latent_dir, N_IMAGES)
+    folder, meta, built = build_cache(tiny_tokenizer, latent_dir, N_IMAGES)
     assert not built and meta['num_latents'] == N_IMAGES and meta['latent_shape'] == [64, 4, 4]
+    folder = Path(folder)
     # shard rows against the tokenizer on the ADM centre crop, plain and flipped
     tok = vtp.load_tokenizer(str(tiny_tokenizer))
-    shard = torch.load(latent_dir / meta['shards'][0], weights_only=True)
+    shard = torch.load(folder / meta['shards'][0], weights_only=True)
     S = tok.config.image_size
     ds = data.SyntheticDataset('train', image_size=S, seed=0)
     rows = [0, 7, 1999]
@@ -119,47 +120,61 @@ def test_latent_cache_matches_direct_encoding_and_normalises(tiny_tokenizer, lat
     assert shard['labels'][rows].tolist() == [ds[i][2] for i in rows]
     assert [shard['captions'][i] for i in rows] == [ds[i][1] for i in rows]
     # stats: all 2000 (< 10k) plain latents, per channel, unbiased std
-    stats = data.load_latent_stats(latent_dir)
+    stats = data.load_latent_stats(folder)
     z = shard['latents'].double()
     torch.testing.assert_close(stats['mean'], z.mean((0, 2, 3), keepdim=True).float())
     torch.testing.assert_close(stats['std'], z.std((0, 2, 3), keepdim=True).float())
     # one epoch: every latent once, about half flipped, normalised to mean 0 / std 1 per channel
-    lds = data.LatentDataset(latent_dir, seed=0)
+    lds = data.LatentDataset(folder, seed=0)
     where = [lds.locate(p) for p in range(len(lds))]
     assert sorted(lds.starts[k] + j for k, j, _ in where) == list(range(N_IMAGES))
     assert 0.45 < np.mean([f for _, _, f in where]) < 0.55
-    assert not any(f for _, _, f in (data.LatentDataset(latent_dir,
+    assert not any(f for _, _, f in (data.LatentDataset(folder,
                                                         flip=False).locate(p) for p in range(100)))
     zn = torch.stack([lds[p][0] for p in range(len(lds))])  # (N, C, h, w)
     assert zn.mean((0, 2, 3)).abs().max() < 0.05
     assert (zn.std((0, 2, 3)) - 1).abs().max() < 0.05
     # positions decide everything: a fresh instance gives the same items, a new epoch a new order
-    again = data.LatentDataset(latent_dir, seed=0)
+    again = data.LatentDataset(folder, seed=0)
     assert all(torch.equal(lds[p][0], again[p][0]) for p in (0, 5, 4321))
     assert [lds.locate(p)[:2] for p in range(8)] != [lds.locate(N_IMAGES + p)[:2] for p in range(8)]
 
 
 def test_latent_cache_reused_and_rebuilt_for_another_encoder(tiny_tokenizer, tmp_path):
+    """A cache is keyed by what it depends on: reused while that matches (a stage-2 decoder keeps
+    the encoder), built beside the old one for another encoder; two runs building the same cache
+    at once end with one complete cache and no leftovers."""
     d = tmp_path / 'cache'
-    _, built = build_cache(tiny_tokenizer, d, 100)
-    shard = d / 'latents_00000.pt'
+    folder, _, built = build_cache(tiny_tokenizer, d, 100)
+    shard = Path(folder) / 'latents_00000.pt'
     first = shard.stat().st_mtime_ns
-    _, built_again = build_cache(tiny_tokenizer, d, 100)
-    assert built and not built_again and shard.stat().st_mtime_ns == first
+    again, _, built_again = build_cache(tiny_tokenizer, d, 100)
+    assert built and not built_again and again == folder and shard.stat().st_mtime_ns == first
     ckpt = torch.load(tiny_tokenizer, weights_only=True)
-    # a new decoder (stage 2) keeps the encoder: the cache stays valid
     ckpt['model']['pixel_decoder.proj_out.bias'] += 0.1
     torch.save(ckpt, tmp_path / 'decoder_tuned.pt')
-    _, built_dec = build_cache(tmp_path / 'decoder_tuned.pt', d, 100)
-    assert not built_dec and shard.stat().st_mtime_ns == first
-    # another encoder: rebuilt, with other latents
-    old = torch.load(shard, weights_only=True)['latents']
+    dec, _, built_dec = build_cache(tmp_path / 'decoder_tuned.pt', d, 100)
+    assert not built_dec and dec == folder and shard.stat().st_mtime_ns == first
     ckpt['model']['trunk.norm.weight'] *= 1.5
     torch.save(ckpt, tmp_path / 'other_encoder.pt')
-    meta, built_enc = build_cache(tmp_path / 'other_encoder.pt', d, 100)
-    assert built_enc and meta['key']['encoder_sha256'] != \
+    other, meta, built_enc = build_cache(tmp_path / 'other_encoder.pt', d, 100)
+    assert built_enc and other != folder and meta['key']['encoder_sha256'] != \
         data.encoder_fingerprint(vtp.load_tokenizer(str(tiny_tokenizer)))
-    assert not torch.allclose(torch.load(shard, weights_only=True)['latents'], old)
+    assert not torch.allclose(torch.load(Path(other) / 'latents_00000.pt',
+                                         weights_only=True)['latents'],
+                              torch.load(shard, weights_only=True)['latents'])
+    assert shard.stat().st_mtime_ns == first  # a run still reading the old cache keeps it
+    # two builders of one cache at the same time
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import data, vtp; "
+            "tok = vtp.load_tokenizer(sys.argv[2]); print(data.build_latent_cache(tok, "
+            "'synthetic', sys.argv[3], 32, 300, num_workers=0, log=lambda *a: None)[0])")
+    procs = [subprocess.Popen([sys.executable, '-c', code, str(ROOT), str(tiny_tokenizer),
+                               str(tmp_path / 'shared')], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, 'OMP_NUM_THREADS': '1'}) for _ in range(2)]
+    outs = [p.communicate()[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and outs[0] == outs[1]
+    assert os.listdir(tmp_path / 'shared') == [os.path.basename(outs[0])]  # no .tmp- leftovers
+    assert data.LatentDataset(outs[0]).n == 300
 
 
 # --- training -------------------------------------------------------------------------------------
@@ -230,7 +245,7 @@ def test_samples_are_recognised_as_their_class(trained_dit, tmp_path):
     assert acc[4] > CLASS_ACC_CFG4 and acc[1] > CLASS_ACC_CFG1 and acc[4] > acc[1] + 5, acc
 
 
-# --- text-to-image (paper §5) ---------------------------------------------------------------------
+# --- text-to-image (paper §5) -------------------------------------------------------------------
 
 TEXT_STEPS = 400
 

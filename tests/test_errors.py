@@ -100,13 +100,17 @@ def test_out_dir_read_only_full_in_use_or_holding_a_run(tmp_path):
                    'holds a run',
                    '--resume auto')
     assert (out / 'ckpt.pt').read_bytes() == before
-    # another live process holds the folder
-    holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    # another live process holds the folder: an flock on its .lock, as a run takes it
+    hold = ("import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, "
+            "fcntl.LOCK_EX); f.write(f'process {os.getpid()} on elsewhere'); f.flush(); "
+            "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, '-c', hold, str(out / '.lock')],
+                              stdout=subprocess.PIPE, text=True)
     try:
-        (out / '.lock').write_text(f"{socket.gethostname()} {holder.pid}\n")
+        assert holder.stdout.readline().strip() == 'locked'
         one_line_error(run('train_tokenizer.py', *QUICK, '--max-steps', 3, '--out-dir', out,
                            '--resume', 'auto'),
-                       'in use', str(holder.pid))
+                       'in use', str(holder.pid), 'elsewhere', '.lock')
     finally:
         holder.kill()
         holder.wait()

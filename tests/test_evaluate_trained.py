@@ -19,7 +19,7 @@ def test_zeroshot_and_linprobe_beat_chance(tiny_tokenizer, tmp_path):
     lp = evaluate.main(['linprobe', '--tokenizer', str(tiny_tokenizer), '--num-train', '1024',
                         '--num-val', '256', '--epochs', '5', '--device', 'cpu', '--num-workers',
                         '0', '--out', str(tmp_path / 'lp.json')])
-    print(f"zero-shot {z['top1']:.1f} %, linear probe {lp['top1']:.1f} % (README \"Tests\")")
+    print(f"zero-shot {z['top1']:.1f} %, linear probe {lp['top1']:.1f} % (tests/conftest.py)")
     assert z['top1'] > 2 * CHANCE, z['top1']
     assert lp['top1'] > 2 * CHANCE, lp['top1']
     assert lp['feature_source'].startswith('bottleneck')
@@ -41,5 +41,5 @@ def test_recon_psnr_rises_after_stage2(tiny_tokenizer, tmp_path):
                             str(tmp_path / 'b.json')] + flags)
     after = evaluate.main(['recon', '--tokenizer', str(out / 'ckpt.pt'), '--out',
                            str(tmp_path / 'a.json')] + flags)
-    print(f"PSNR {before['psnr']:.2f} -> {after['psnr']:.2f} dB (README \"Tests\")")
+    print(f"PSNR {before['psnr']:.2f} -> {after['psnr']:.2f} dB (tests/conftest.py)")
     assert after['psnr'] > before['psnr'] + 0.1, (before['psnr'], after['psnr'])

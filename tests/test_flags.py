@@ -45,12 +45,12 @@ def test_shared_flags_mean_the_same_everywhere():
         for flag in SHARED:
             assert flag_help(helps[script], flag), (script, flag)
     canonical = {'--tokenizer': vtp.TOKENIZER_HELP, '--resume': "'auto'",
-                 '--out-dir': "where the run writes", '--device': "auto: CUDA if available",
+                 '--out-dir': "where the run writes", '--device': "auto: CUDA if",
                  '--seed': "seed of the initialisation",
                  '--compile': "torch.compile each transformer block",
                  '--bench': "time this many steps", '--profile': "profile this many steps",
                  '--grad-accum': "micro-steps per optimizer step",
-                 '--num-workers': "data loader processes per rank (default: the CPUs per rank"}
+                 '--num-workers': "data loader processes per rank (unset: the CPUs per rank"}
     for script, text in helps.items():
         for flag, meaning in canonical.items():
             h = flag_help(text, flag)
@@ -59,8 +59,19 @@ def test_shared_flags_mean_the_same_everywhere():
         # the global batch where there is a step, images otherwise
         h = flag_help(text, '--batch-size')
         assert 'over all ranks' in h or script.startswith('evaluate'), (script, h)
+        # no help repeats its default, and none shows an unset one as None
+        assert not [f for f, h in text.items() if '(default: None)' in h or
+                    h.count('(default:') > 1], (script, text)
     # the text tokenizer is not the tokenizer
     assert 'caption tokenizer' in flag_help(helps['train_tokenizer.py'], '--text-tokenizer')
+
+
+def test_help_shows_the_values_the_run_uses():
+    """--help shows the recipe of the size (or tokenizer) chosen: the paper's for --size L."""
+    paper, tiny = help_of('train_tokenizer.py', '--size', 'L'), help_of('train_tokenizer.py')
+    assert '(default: 16384)' in paper['--batch-size'] and '(default: 0.0005)' in paper['--lr']
+    assert '(default: 65536)' in paper['--prototypes'] and '(default: 16)' in paper['--patch-size']
+    assert '(default: 64)' in tiny['--batch-size'] and '(default: 8)' in tiny['--patch-size']
 
 
 @pytest.mark.parametrize('batch', [8, 16])

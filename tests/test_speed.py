@@ -93,10 +93,12 @@ def test_grad_accum_probe_halves_on_out_of_memory():
     tried.clear()
     assert vtp.fit_grad_accum(try_micro, 192, 2, cpu, probe=True) == 4 and tried == [96, 48, 24]
     # B_rec = 32 over 2 ranks splits into at most 16 micro-steps of 16 samples: at a limit of 4
-    # nothing fits, and the run stops with one line
+    # nothing fits (0), and when the ranks agree the run stops with one line
     limit = 4
-    with pytest.raises(SystemExit, match='micro-batch of 16 sample.* does not fit'):
-        vtp.fit_grad_accum(try_micro, 512, 2, cpu, divides=(32,), probe=True)
+    assert vtp.fit_grad_accum(try_micro, 512, 2, cpu, divides=(32,), probe=True) == 0
+    with pytest.raises(SystemExit, match='smallest micro-batch .* does not fit'):
+        vtp.agree_grad_accum(0)
+    assert vtp.agree_grad_accum(3) == 3
     assert vtp.fit_grad_accum(try_micro, 512, 1, cpu) == 1  # no probe on the CPU by default
 
 

@@ -37,7 +37,7 @@ def test_tiny_run_learns_every_objective(tiny_tokenizer):
     """The quick start's recipe, 15 % of its length (tests/conftest.py trains it once for every
     stage's tests): each objective's figure moves well away from where an objective that does not
     learn stays (random init: zero-shot at chance, DINO at ln K, Sinkhorn targets uniform, the
-    reconstruction of a random decoder). Thresholds set from measured runs (README "Tests")."""
+    reconstruction of a random decoder). Thresholds set from measured runs (tests/conftest.py)."""
     out = tiny_tokenizer.parent
     log = read_log(out)
     train = [r for r in log if 'loss' in r]
@@ -66,7 +66,7 @@ def test_tiny_run_learns_every_objective(tiny_tokenizer):
     assert len(lines) == len(train) == 30 and '\r' not in output, output[-2000:]
     config = json.loads((out / 'config.json').read_text())
     assert config['args']['max_steps'] == {'value': 300, 'source': 'flag'}
-    assert config['args']['lr']['source'] == "recipe 'tiny'" and 'config (' in output
+    assert config['args']['lr']['source'] == "recipe 'tiny'" and "recipe 'tiny': " in output
 
 
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
@@ -102,9 +102,14 @@ def test_objective_off_builds_nothing_and_trains(tmp_path):
                                  'visual_proj')) for k in ckpt['model'])
     logged = set(read_log(tmp_path)[-1])
     assert {'loss_rec', 'loss'} <= logged and 'loss_clip' not in logged
-    # resuming it with every objective on is refused in one line
+    # resuming it with every objective on is refused in one line naming the changed flags, and
+    # with --allow-changes in one line naming the weights that do not fit
     p = run(SMALL + ['--max-steps', '3', '--resume', str(tmp_path / 'ckpt.pt')], tmp_path / 'all',
             check=False)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr
+    assert '--lambda-clip 0.0 -> 1.0' in p.stderr and '--allow-changes' in p.stderr
+    p = run(SMALL + ['--max-steps', '3', '--resume', str(tmp_path / 'ckpt.pt'), '--allow-changes'],
+            tmp_path / 'all2', check=False)
     assert (p.returncode != 0 and 'does not fit' in p.stdout + p.stderr
             and 'Traceback' not in p.stderr)
     # AE only: only the B_rec rows are loaded and encoded: a quarter of the rows, a quarter of the
@@ -162,7 +167,8 @@ def test_non_finite_loss_stops_with_clear_message(tmp_path):
     and the checkpoint on disk (step 2) is still the finite one."""
     args = SMALL + ['--grad-clip', '0', '--ckpt-every', '1']
     run(args + ['--max-steps', '2'], tmp_path)
-    p = run(args + ['--max-steps', '40', '--lr', '1e30', '--resume', 'auto'], tmp_path, check=False)
+    p = run(args + ['--max-steps', '40', '--lr', '1e30', '--resume', 'auto', '--allow-changes'],
+            tmp_path, check=False)
     assert p.returncode != 0
     msg = p.stdout + p.stderr
     assert 'non-finite values by step 3' in msg and 'no non-finite update was applied' in msg, msg

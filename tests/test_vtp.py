@@ -2,6 +2,7 @@
 against a direct computation, and the distributed losses over 2 gloo ranks against one process."""
 import json
 import math
+from types import SimpleNamespace
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -14,8 +15,7 @@ import torch.nn.functional as F
 
 import vtp
 
-SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
-GOLDEN = SHARED / 'golden' / 'vtp_tiny.pt'
+GOLDEN = Path(__file__).resolve().parent / 'golden' / 'vtp_tiny.pt'
 
 
 def small_config(**kw):
@@ -39,16 +39,17 @@ def test_attention_equals_naive_softmax():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_text_attention_is_causal_softmax():
+def test_text_block_is_openclips_causal_block():
     torch.manual_seed(0)
-    attn = vtp.TextAttention(16, 2)
-    torch.nn.init.normal_(attn.in_proj_weight, std=0.3)
+    blk = vtp.TextBlock(16, 2)
+    torch.nn.init.normal_(blk.attn.in_proj_weight, std=0.3)
     x = torch.randn(3, 5, 16)
     mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)  # the official module, same weights
-    mha.load_state_dict(attn.state_dict())
+    mha.load_state_dict(blk.attn.state_dict())
     mask = torch.full((5, 5), float('-inf')).triu(1)
-    ref = mha(x, x, x, need_weights=False, attn_mask=mask)[0]
-    torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
+    h = blk.ln_1(x)
+    h = x + mha(h, h, h, need_weights=False, attn_mask=mask)[0]
+    torch.testing.assert_close(blk(x), h + blk.mlp(blk.ln_2(h)), atol=1e-5, rtol=1e-5)
 
 
 def test_rope_preserves_norm_and_depends_on_offsets_only():
@@ -79,11 +80,10 @@ def test_rope_periods_match_official_table():
     periods = vtp.DinoRope(64).periods
     ref = [1.0, 1.3359375, 1.78125, 2.375, 3.15625, 4.21875, 5.625, 7.5, 10.0, 13.3125, 17.75,
            23.75,
-           31.625, 42.25, 56.25, 75.0]  # vtp_architecture.md §1.2
+           31.625, 42.25, 56.25, 75.0]  # the official VTP RoPE periods
     assert periods.dtype == torch.bfloat16 and periods.float().tolist() == ref
 
 
-@pytest.mark.skipif(not GOLDEN.exists(), reason="../shared/golden absent")
 def test_official_parity():
     g = torch.load(GOLDEN, weights_only=True)
     model = vtp.VTP.from_official(g['state_dict'], g['config']).eval()
@@ -120,7 +120,6 @@ def write_safetensors(path, tensors):
         f.write(len(h).to_bytes(8, 'little') + h + b''.join(blobs))
 
 
-@pytest.mark.skipif(not GOLDEN.exists(), reason="../shared/golden absent")
 def test_from_official_hf_folder_and_legacy_keys(tmp_path):
     g = torch.load(GOLDEN, weights_only=True)
     write_safetensors(tmp_path / 'model.safetensors', g['state_dict'])
@@ -311,17 +310,20 @@ def test_flops_count_matches_a_direct_count():
     cfg = vtp.VTP_CONFIGS['B']
     n = 257
     per_block = 2 * n * (3 * 768 * 768 + 768 * 768 + 3 * 768 * 2048) + 2 * 2 * n * n * 768
-    blocks, embed = vtp.encoder_flops(cfg, 256)
+    blocks, embed = vtp.vtp_flops(cfg, 'encoder', 256), vtp.vtp_flops(cfg, 'embed', 256)
     assert blocks == 12 * per_block and embed == 2 * 256 * 3 * 16 * 16 * 768
     # LPIPS-VGG16 at 224 px: 15.3 GMACs (the known figure for VGG16's convolutions) + 1x1 lins
-    assert abs(vtp.vgg16_lpips_flops(224) / 2 - 15.35e9) < 0.05e9
+    assert abs(vtp.vtp_flops(cfg, 'lpips', 224) / 2 - 15.35e9) < 0.05e9
     # the objectives add up: CLIP adds the text tower, reconstruction the decoder and LPIPS
-    ae = vtp.train_flops_per_sample(cfg, 256, clip=False, rec_frac=1.0)
-    assert ae == 3 * blocks + 2 * embed + 3 * vtp.decoder_flops(cfg, 256)
-    assert vtp.train_flops_per_sample(cfg, 256, clip=False, rec_frac=1.0, lpips=True) > ae
-    both = vtp.train_flops_per_sample(cfg, 256, text_len=77, rec_frac=0.125)
-    assert both == pytest.approx(vtp.train_flops_per_sample(cfg, 256, text_len=77) +
-                                 0.125 * 3 * vtp.decoder_flops(cfg, 256))
+    args = SimpleNamespace(image_size=256, batch_size=1024)
+    ae_cfg = replace(cfg, train_clip=False, train_ssl=False)
+    ae = vtp.stage1_flops(ae_cfg, args, 0, 1.0, False, 0, 0)
+    assert ae == 3 * blocks + 2 * embed + 3 * vtp.vtp_flops(cfg, 'decoder', 256)
+    assert vtp.stage1_flops(ae_cfg, args, 0, 1.0, True, 0, 0) > ae
+    clip_cfg = replace(cfg, train_ssl=False)
+    both = vtp.stage1_flops(clip_cfg, args, 0, 0.125, False, 0, 0)
+    assert both == pytest.approx(vtp.stage1_flops(clip_cfg, args, 0, 0, False, 0, 0) +
+                                 0.125 * 3 * vtp.vtp_flops(cfg, 'decoder', 256))
 
 
 # --- DINOv2's optimisation pieces and the memory lever --------------------------------------------
