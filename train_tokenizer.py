@@ -436,7 +436,9 @@ args.grad_accum = k_acc = vtp.agree_grad_accum(k_acc)
 args.num_workers = workers
 b = vtp.split_batch(B, world_size, k_acc, subset_flags)  # the per-rank micro-batch of B_clip
 if world_size > 1:
-    net = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    # the RoPE tables are the model's only buffers, and constant: no broadcast every forward
+    net = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None,
+              broadcast_buffers=False, gradient_as_bucket_view=True)
 # the bench and the profile time the step on a cached batch: no workers left busy then
 loader = make_loader(k_acc, workers if args.bench_data or not measuring else 0)
 batches = iter(loader)
