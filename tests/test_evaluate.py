@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import evaluate as E
 import vtp
 
@@ -249,7 +250,7 @@ def test_reconstruction_metrics_known_values():
 
 def test_zeroshot_on_tiny_checkpoint(tmp_path, tiny_ckpt):
     model = E.load_vtp(tiny_ckpt)
-    tok = E.text_tokenizer_for(model)
+    tok = data.text_tokenizer(model.config)
     names, templates = ['red circle', 'blue square', 'green star'], ['a {}.', 'a photo of a {}.']
     clf = vtp.zeroshot_classifier(model, tok, names, templates)
     assert clf.shape == (model.config.text_embed_dim, 3)
