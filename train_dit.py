@@ -1,8 +1,9 @@
 """
 Stage 3 of VTP: a LightningDiT trained by flow matching on the frozen tokenizer's latents (paper
 §4.1, "generation"; the recipe of VTP's LightningDiT configs), class-conditional, or
-text-conditional on the VTP text tower (§5). The latents are extracted once into --latent-dir (plain and flipped, ADM centre crop, with
-the captions) and reused while the tokenizer's encoder and the data stay the same.
+text-conditional on the VTP text tower (§5). The latents are extracted once into --latent-dir
+(plain and flipped, ADM centre crop, with the captions) and reused while the tokenizer's encoder
+and the data stay the same.
 
 Laptop CPU, the quick start's tokenizer, synthetic data; the defaults follow the tokenizer (below
 256 px: DiT-T/1, batch 32, lr 2e-3, EMA 0.99, 2000 steps, minutes; else the paper's recipe below):

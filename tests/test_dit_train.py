@@ -27,9 +27,9 @@ N_IMAGES = 2000       # cached synthetic images (x2 with flips)
 TRAIN_STEPS = 400
 BATCH = 32
 N_SAMPLES = 400       # 20 per class for the end-to-end check
-# thresholds in percent, set from measurement (tests/conftest.py). Measured on the conftest runs (percent of
-# 400 samples, chance 5; 32 px world): class-conditional 15.75 without guidance, 25.0 at cfg 4;
-# text-to-image 25.75 and 31.25
+# thresholds in percent, set from measurement (tests/conftest.py). Measured on the conftest runs
+# (percent of 400 samples, chance 5; 32 px world): class-conditional 15.75 without guidance, 25.0
+# at cfg 4; text-to-image 25.75 and 31.25
 CLASS_ACC_CFG1, CLASS_ACC_CFG4, TEXT_ACC_CFG4 = 5.0, 10.0, 10.0
 # the tiny recipe's defaults (DiT-T/1, lr 2e-3, EMA 0.99: what a tiny tokenizer gets), but a
 # shorter run on fewer images
