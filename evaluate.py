@@ -286,6 +286,7 @@ class ImageSource:
             raise FileNotFoundError(f"not found: {path}")
         self.path, self.files, self.array, self.mu, self.sigma, self.skipped = \
             path, None, None, None, None, 0
+        self.has_images = True  # False for an npz of statistics only
         if os.path.isdir(path):
             self.files = sorted(os.path.join(d, n)
                                 for d, _, names in os.walk(path, followlinks=True)
@@ -315,8 +316,6 @@ class ImageSource:
                              f"'sigma'; found {sorted(keys)}")
         self.kind = 'npz images' if self.array is not None else 'npz statistics'
         self.has_images = self.array is not None
-
-    has_images = True
 
     def __len__(self):
         return len(self.files if self.files is not None else self.array if self.has_images else [])

@@ -176,7 +176,7 @@ else:
     prompts = None
 del ckpt
 
-if label_list is not None and not all(0 <= v < cfg.num_classes for v in label_list or [-1]):
+if label_list is not None and not all(0 <= v < cfg.num_classes for v in label_list):
     raise SystemExit(f"error: --labels must lie in [0, {cfg.num_classes})")
 out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), 'samples')
 image_dir = os.path.join(out_dir, 'images')

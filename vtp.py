@@ -1782,8 +1782,8 @@ def agree_grad_accum(k):
 # 7. running a stage: launch, flags, run folder, checkpoints, log
 
 def setup(device='auto'):
-    # a stage's first call: -> rank, world size (torchrun's environment; one process without it),
-    # device. The process group starts later (start_ranks): the memory probe runs on ranks alone
+    # a stage's first call -> rank, world size (torchrun's; one process without), device; the
+    # process group starts later (start_ranks), so that the memory probe runs on each rank alone
     cuda = device == 'cuda' or device == 'auto' and torch.cuda.is_available()
     if device == 'cuda' and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but torch sees no CUDA device")
@@ -1800,8 +1800,7 @@ def setup(device='auto'):
 
 
 def start_ranks(device):
-    # the process group under torchrun, nccl on CUDA, gloo on CPUs; device_id binds the rank's GPU
-    # at once, and a collective that waits for 30 minutes fails rather than hangs
+    # torchrun's process group (nccl, or gloo on CPUs); a collective stuck for 30 minutes fails
     if 'RANK' in os.environ and not dist.is_initialized():
         cuda = device.type == 'cuda'
         dist.init_process_group('nccl' if cuda else 'gloo', device_id=device if cuda else None,
@@ -1884,8 +1883,10 @@ def parse_args(parser, recipes=None, pick=None):
 
 
 def recipe_by_tokenizer(recipes):  # parse_args' pick for the later stages: below 256 px 'tiny'
-    return lambda flags: (lambda name: (name, recipes[name]))(
-        'tiny' if (tokenizer_image_size(flags.tokenizer) or 256) < 256 else 'paper')
+    def pick(flags):
+        name = 'tiny' if (tokenizer_image_size(flags.tokenizer) or 256) < 256 else 'paper'
+        return name, recipes[name]
+    return pick
 
 
 def report_config(args, sources, path=None, model=None, preset=None):
@@ -1912,12 +1913,11 @@ LOCKS = []  # (path, file) of the run-folder locks this process holds (open_run)
 
 
 def open_run(out_dir, resume, master):
-    # The run folder, locked by rank 0 with an flock on OUT_DIR/.lock, which the kernel releases
-    # when the process ends however it ends (the file names the holder). -> the checkpoint to
-    # resume, or None. One line refuses a folder that cannot be written, one that another process
-    # holds, a run overwritten without --resume; --resume auto without a checkpoint starts over.
+    # The run folder, locked by rank 0: an flock on OUT_DIR/.lock (naming its holder), which the
+    # kernel releases however the process ends. -> the checkpoint to resume, or None. One line
+    # refuses an unwritable or held folder, or a run overwritten without --resume.
     ckpt = os.path.join(out_dir, 'ckpt.pt')
-    path = (ckpt if os.path.exists(ckpt) else None) if resume == 'auto' else resume
+    path = (ckpt if os.path.exists(ckpt) else None) if resume == 'auto' else resume  # or anew
     if path is not None and not os.path.isfile(path):
         raise SystemExit(f"error: --resume {path}: no such checkpoint")
     lock = os.path.join(out_dir, '.lock')
@@ -1997,9 +1997,8 @@ RUN_FLAGS = {'resume', 'out_dir', 'device', 'compile', 'bench', 'profile', 'benc
 
 
 def check_resume(ckpt, args, out_dir, free=()):
-    # --resume with flags that change the recipe: refused in one line naming them, unless
-    # --allow-changes (another --max-steps is what resuming is for); the earlier configuration is
-    # kept as config_STEP.json whenever a flag changed
+    # --resume with flags that change the recipe (not --max-steps: that is what resuming is for) is
+    # refused in one line naming them, unless --allow-changes; the old config.json is kept
     old = ckpt.get('args') or {}
     changed = [k for k, v in sorted(vars(args).items())
                if k in old and k not in RUN_FLAGS.union(free) and old[k] != v]

@@ -73,7 +73,7 @@ def export_tokenizer(path, out):
 
 
 def export_dit(ckpt, out):
-    state = {k: v for k, v in ckpt['ema'].items()}  # the EMA weights, which sampling uses
+    state = dict(ckpt['ema'])  # the EMA weights, which sampling uses
     state.update({f'latent_stats.{k}': v for k, v in ckpt['latent_stats'].items()})
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     vtp.save_safetensors(state, out, {'format': 'pt', 'config': json.dumps(ckpt['config']),

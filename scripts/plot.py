@@ -31,9 +31,10 @@ def read_log(path):  # the records of a log.jsonl (a torn last line is skipped)
 
 def plot(runs, keys, out):
     # runs: {name: records}; a panel per key that some run logged, its points joined by step
+    asked = keys
     keys = [k for k in keys if any(k in r for records in runs.values() for r in records)]
     if not keys:
-        raise SystemExit(f"error: none of {', '.join(keys) or 'the keys'} is in the logs")
+        raise SystemExit(f"error: none of {', '.join(asked)} is in the logs")
     cols = min(3, len(keys))
     fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, squeeze=False,
                              figsize=(4.2 * cols, 3 * math.ceil(len(keys) / cols)))
