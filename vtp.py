@@ -878,11 +878,12 @@ def dino_loss(student_logits, teacher_probs, student_temp=0.1):
     # chunks of n rows [global 0, global 1, local 0, ...], teacher_probs [global 0, global 1]; a
     # global crop is never paired with itself. As DINOv2, the 2 + 2 n_local pair means are summed
     # and divided by 2 + max(2 n_local, 1): their mean, but 3, not 2, without local crops.
-    n = teacher_probs.shape[0] // 2
-    log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1).split(n)
-    losses = [-(tj * si).sum(-1).mean() for i, si in enumerate(log_p)
-              for j, tj in enumerate(teacher_probs.split(n)) if i != j]
-    return sum(losses) / (2 + max(len(losses) - 2, 1))
+    n, K = teacher_probs.shape[0] // 2, teacher_probs.shape[1]
+    log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1).view(-1, n, K)
+    # every (student crop, teacher crop) pair's mean cross-entropy in one batched product, (C, 2)
+    ce = -torch.einsum('cnk,tnk->ct', log_p, teacher_probs.view(2, n, K)) / n
+    pairs = 2 * len(log_p) - 2  # all but the two crops paired with themselves
+    return (ce.sum() - ce[0, 0] - ce[1, 1]) / (2 + max(pairs - 2, 1))
 
 
 def ibot_loss(student_logits, teacher_probs, weight, n_images, student_temp=0.1):

@@ -31,6 +31,8 @@ N_SAMPLES = 400       # 20 per class for the end-to-end check
 # (percent of 400 samples, chance 5; 32 px world): class-conditional 15.75 without guidance, 25.0
 # at cfg 4; text-to-image 25.75 and 31.25
 CLASS_ACC_CFG1, CLASS_ACC_CFG4, TEXT_ACC_CFG4 = 5.0, 10.0, 10.0
+# shape (chance 20 %: 4 colours x 5 shapes) at cfg 4: measured 24.5 (cfg 1: 23.75), asserted halfway
+SHAPE_ACC_CFG4 = 22.0
 # the tiny recipe's defaults (DiT-T/1, lr 2e-3, EMA 0.99: what a tiny tokenizer gets), but a
 # shorter run on fewer images
 TRAIN_FLAGS = ['--batch-size', str(BATCH), '--num-images', str(N_IMAGES), '--log-every', '10',
@@ -233,16 +235,18 @@ def test_sampling_is_the_same_on_one_and_two_ranks(trained_dit, tmp_path):
 def test_samples_are_recognised_as_their_class(trained_dit, tmp_path):
     """The judge of evaluate.py synthetic (a CNN trained on real synthetic images) recognises the
     class each decoded sample was asked for: above chance, and more often with guidance."""
-    acc = {}
+    acc, shape = {}, {}
     for cfg in (1, 4):
         run('sample.py', '--ckpt', trained_dit / 'ckpt.pt', '--num-samples', N_SAMPLES,
             '--batch-size', 200, '--num-steps', 25, '--cfg-scale', cfg,
             '--out-dir', tmp_path / f'cfg{cfg}')
         r = evaluate.main(['synthetic', '--samples', str(tmp_path / f'cfg{cfg}' / 'samples.npz'),
                            '--num-real', '400'])
-        acc[cfg] = r['class_accuracy']
-    print(f"class accuracy of decoded samples: {acc} (chance 5 %)")
+        acc[cfg], shape[cfg] = r['class_accuracy'], r['shape_accuracy']
+    print(f"class accuracy of decoded samples: {acc} (chance 5 %), shape {shape} (chance 20 %)")
     assert acc[4] > CLASS_ACC_CFG4 and acc[1] > CLASS_ACC_CFG1 and acc[4] > acc[1] + 5, acc
+    # the colour alone would give 5 x chance in class; the shape must be drawn too
+    assert shape[4] > SHAPE_ACC_CFG4, shape
 
 
 # --- text-to-image (paper §5) -------------------------------------------------------------------
