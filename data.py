@@ -785,16 +785,6 @@ def permute_index(i, n, seed, epoch):
             return x
 
 
-def trim_tokens(tokens, bucket=8):
-    # (b, L) caption ids -> (b, L') with L' the batch's longest caption (its end-of-text token, the
-    # row's largest id, included) rounded up to a multiple of `bucket` (a few shapes for
-    # torch.compile). Under causal attention nothing before a row's end of text reads what comes
-    # after it, so CLIP's pooled features are those of the full context (to fp32 rounding: the
-    # attention sums in another order), for less text compute (tiny: 16-24 of 32 positions).
-    n = int(tokens.argmax(-1).max()) + 1
-    return tokens[:, :min(tokens.shape[1], -(-n // bucket) * bucket)]
-
-
 class MicroBatchBuilder:
     # (global micro-batch index k, its samples) -> the batch tensors; see TrainLoader
     def __init__(self, tokenizer, image_size, global_size, local_size, n_local, global_batch,
@@ -860,8 +850,7 @@ class MicroBatchBuilder:
         batch = dict(images=to_images(main) if main else None, n_rec=n_rec, n_ssl=int(ssl.sum()),
                      labels=torch.tensor([s[2] for s in samples], dtype=torch.long),
                      positions=torch.from_numpy(pos), step=step, micro=micro, skipped=dict(counts),
-                     tokens=trim_tokens(self.tokenizer([s[1] for s in samples]))
-                     if self.tokenizer else None)
+                     tokens=self.tokenizer([s[1] for s in samples]) if self.tokenizer else None)
         if self.ssl_batch:
             m = np.stack([ms[c] for c in range(2) for ms in masks])  # (2n, N), crop-major
             idx = np.flatnonzero(m)  # flat indices into the (2n N) global patch tokens
