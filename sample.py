@@ -66,6 +66,8 @@ arg('--num-steps', type=int, default=250, help="Euler time points (num_steps - 1
 arg('--timestep-shift', type=float, default=0.075, help="time-grid shift (VTP's)")
 arg('--heun', action='store_true', help="Heun steps instead of Euler (2 calls a step)")
 arg('--fid-ref', default=None, help="run `evaluate.py fid` against this reference at the end")
+arg('--save-latents', action='store_true', help="also write latents.npy (N, C, h, w): the DiT's "
+    "normalised latents before decoding, for a judge that never sees pixels")
 args = vtp.parse_args(parser)[0]
 # the inputs checked before anything loads, each with one line
 try:
@@ -186,6 +188,8 @@ if master and not args.bench:
         raise SystemExit(f"error: {image_dir} holds samples already; --resume auto keeps them, or "
                          f"choose another --out-dir")
     os.makedirs(image_dir, exist_ok=True)
+    if args.save_latents:
+        os.makedirs(os.path.join(out_dir, 'latents'), exist_ok=True)
     with open(os.path.join(out_dir, 'sample_args.json'), 'w') as f:
         json.dump({**vars(args), 'tokenizer': tok_path, 'dit_config': asdict(cfg),
                    'world_size': world_size}, f, indent=1)
@@ -214,11 +218,15 @@ def noise_of(i):
 
 @torch.no_grad()
 def sample(idx):
-    # samples idx -> uint8 images (n, H, W, 3), decoded by the tokenizer (fp32, as upstream)
+    # samples idx -> uint8 images (n, H, W, 3), decoded by the tokenizer (fp32, as upstream); with
+    # --save-latents each sample's latent goes first into latents/{index}.npy, so that a sample
+    # whose PNG exists always has its latent
     noise = torch.stack([noise_of(i) for i in idx]).to(device)  # (n, C, H, W)
     z = vtp.euler_sample(dit, noise, condition(idx), args.num_steps, args.timestep_shift,
                          args.cfg_scale, args.cfg_interval_start, null_class=dit.null_condition(),
                          cfg_channels=args.cfg_channels or None, heun=args.heun)
+    for i, zi in zip(idx, z.float().cpu().numpy() if args.save_latents else []):
+        np.save(os.path.join(out_dir, 'latents', f'{i:06d}.npy'), zi)
     z = z * std + mean  # un-normalise: a forgotten step costs FID ~130 (LightningDiT#34)
     x = vtp.to_unit_range(tokenizer.decode(z).float()).clamp(0, 1)  # (n, 3, H, W)
     return (x * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # truncation, as upstream
@@ -263,6 +271,9 @@ if master:
     save_image(grid, os.path.join(out_dir, 'grid.png'), nrow=8)
     del arr
     os.remove(npy)
+    if args.save_latents:
+        np.save(os.path.join(out_dir, 'latents.npy'), np.stack(
+            [np.load(os.path.join(out_dir, 'latents', f'{i:06d}.npy')) for i in range(args.num_samples)]))
     print0(f"wrote {args.num_samples} samples to {image_dir}, {npz} ({args.num_samples}, "
            f"{first.shape}) and "
            f"grid.png (cfg {args.cfg_scale}, {args.num_steps} points, shift {args.timestep_shift})")

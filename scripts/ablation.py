@@ -1,35 +1,39 @@
 """
-The ablation of paper §4.3 (fig. 2, 4, 5) at toy scale, as one command: does understanding drive
-generation, by more than the noise?
+The ablation of paper §4.3 (fig. 2, 4) at toy scale, as one command: does understanding drive
+generation, by more than the noise, once the DiT draws shapes?
 
-For each objective set (AE, CLIP+AE, SSL+AE, CLIP+SSL+AE), --tokenizer-seeds tokenizers are
-pre-trained (train_tokenizer.py --seed S, with their checkpoints at each of --budgets steps), and
-on each checkpoint:
-  understanding   zero-shot top-1 and the bottleneck linear probe (evaluate.py zeroshot, linprobe)
-  reconstruction  PSNR, and how often each judge recognises a reconstruction's class (recon)
-  generation      the same DiT at equal compute (--dit-steps), its samples at each --cfg-scales
-                  judged by two CNNs trained on real synthetic images (evaluate.py synthetic)
-  compute         the pre-training FLOPs of the checkpoint
-Every (objective set, budget, guidance) is reported as the mean and the spread (the sample standard
-deviation) over the tokenizer seeds: the tokenizer's seed varies the results most in a tokenizer
-ablation, more than the DiT's (scripts/ablation.md). A finding holds when its effect is larger
-than twice that spread under both judges.
+The rule, fixed before the committed run (assets/ablation_*) was made:
+  arms        AE-only and CLIP+SSL+AE tokenizers (train_tokenizer.py --seed 0..2, --budgets[-1]
+              steps), and AE-only at --budgets[0] steps, whose PSNR is close to CLIP+SSL+AE's at
+              the end (the semantic objectives cost reconstruction at equal steps; this arm
+              compares generation at matched reconstruction). --objectives adds CLIP+AE, SSL+AE.
+  DiT budget  chosen on a tokenizer outside the compared ones (AE-only, --pilot-seed), so that the
+              choice cannot favour the hypothesis: the first of --dit-grid at which its unguided
+              samples show their shape under both pixel judges, shape accuracy >= SHAPE_FLOOR
+              (chance 20 %; 25 % is ~4 binomial errors above it at 1000 samples).
+              Every arm's DiT (the toy recipe of train_dit.py, equal for all) is then judged at
+              each --dit-grid step up to that budget: the convergence curve.
+  metric      class accuracy of --num-samples class-balanced samples (1000: binomial error <= 1.6
+              points), cfg 1 primary (as the paper's gFID), cfg 4 secondary, by three judges:
+              robust and crisp, two CNNs trained on real images (evaluate.py synthetic), and
+              latent, an MLP trained on the tokenizer's real cached latents and applied to the
+              DiT's latents before decoding (neither the decoder nor sharpness decides).
+  holds       effect (mean over tokenizer seeds, better minus worse, at the DiT budget) > twice
+              the larger of the two arms' spreads (sample std over seeds), under the robust and
+              the crisp judge; where those two disagree, the latent judge is reported as the
+              tie-break. Read separately at cfg 1 and at cfg 4.
+Also per checkpoint: zero-shot top-1, the bottleneck linear probe, PSNR (evaluate.py).
 
-Results: OUT_DIR/results.jsonl (a line per checkpoint, DiT seed and guidance), summary.json
-(per-seed values, means, spreads and the findings), ablation_cfgS.png (fig. 2, generation vs
-understanding; fig. 5, generation vs pre-training FLOPs; a row per judge, error bars the spread). A
-killed run continues where it stopped (finished stages are skipped).
+Results: OUT_DIR/results.jsonl (a row per tokenizer seed, DiT step and guidance), summary.json
+(per-seed values, means, spreads, the findings), ablation_curves.png (class accuracy against DiT
+steps, one panel per judge, error bars the spread). A killed run continues where it stopped.
 
-    python scripts/ablation.py        # tiny on the synthetic data, CPU
+    python scripts/ablation.py        # tiny on the synthetic data, 2 CPU cores: see README
     python scripts/ablation.py --size S --data /data/datacomp/{00000..00999}.tar \\
-        --dit-data /data/imagenet/train --budgets 5000,10000,20000 --tokenizer-seeds 2 \\
-        --tokenizer-args "--batch-size 4096" --dit-args "--model DiT-B/1 --batch-size 256" \\
-        --dit-steps 20000 --launch "torchrun --nproc_per_node 8"
-S/B/L on real data: the `synthetic` judges only know the toy world, so score the samples with
-evaluate.py fid instead.
-
-The protocol of the committed run (assets/ablation_results.jsonl), how each choice in it was
-measured, and what it found: scripts/ablation.md.
+        --dit-data /data/imagenet/train --budgets 5000,20000 --tokenizer-args "--batch-size 4096" \\
+        --dit-args "--model DiT-B/1 --batch-size 256" --dit-steps 20000 \\
+        --launch "torchrun --nproc_per_node 8"
+S/B/L on real data: the judges only know the toy world, so score the samples with evaluate.py fid.
 """
 import argparse
 import json
@@ -39,12 +43,13 @@ import statistics
 import subprocess
 import sys
 
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402  (the repository's modules, found through ROOT)
-from evaluate import JUDGES, judge_suffix  # noqa: E402  (the two judges of evaluate.py synthetic)
+from evaluate import JUDGES, judge_suffix  # noqa: E402  (the two pixel judges)
 
 # name: the λ flags of train_tokenizer.py (eq. 3); an objective with weight 0 is off
 OBJECTIVES = {
@@ -53,6 +58,8 @@ OBJECTIVES = {
     'SSL+AE': ['--lambda-clip', '0'],
     'CLIP+SSL+AE': [],
 }
+SHAPE_FLOOR = 25.0  # % shape accuracy of the pilot's unguided samples: the DiT draws shapes
+ALL_JUDGES = (*JUDGES, 'latent')
 
 parser = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -61,25 +68,23 @@ arg('--out-dir', default='out/ablation', help="where every run and the results g
 arg('--size', default='tiny', help="tokenizer preset (train_tokenizer.py --size)")
 arg('--data', default='synthetic', help="tokenizer pre-training data")
 arg('--dit-data', default='synthetic', help="generation data (class-labelled)")
-arg('--objectives', default=','.join(OBJECTIVES), help="objective sets to compare")
-arg('--budgets', default='300,900', help="pre-training steps at which checkpoints are compared, "
-    "comma-separated, multiples of the first (the last is the run's length)")
-arg('--tokenizer-seeds', type=int, default=3, help="tokenizers per objective set (seeds 0..N-1); "
-    "the spread over them is the noise a finding must exceed")
-arg('--dit-seeds', type=int, default=1, help="DiT seeds per tokenizer at the last budget")
-arg('--dit-steps', type=int, default=1000, help="DiT steps, equal for every tokenizer "
-    "(scripts/ablation.md: the regime where the DiT is compute-limited, chosen by a sweep)")
-arg('--num-samples', type=int, default=400, help="samples per DiT and guidance (20 per class)")
-arg('--cfg-scales', default='1,2,4', help="sampling guidance, comma-separated (1 = none, as the "
-    "paper's gFID; 2 is the primary comparison, chosen by the sweep)")
+arg('--objectives', default='AE,CLIP+SSL+AE', help="objective sets compared with AE-only")
+arg('--budgets', default='300,900', help="pre-training steps: the matched-PSNR AE-only "
+    "checkpoint, the run's length")
+arg('--tokenizer-seeds', type=int, default=3, help="tokenizers per arm (seeds 0..N-1); the "
+    "spread over them is the noise a finding must exceed")
+arg('--pilot-seed', type=int, default=100, help="the AE-only tokenizer the DiT budget is chosen on")
+arg('--dit-grid', default='1000,2000,4000,8000', help="DiT steps at which samples are judged")
+arg('--dit-steps', type=int, default=0, help="the DiT budget (0: by the pilot, as above)")
+arg('--num-samples', type=int, default=1000, help="samples per DiT step and guidance")
+arg('--cfg-scales', default='1,4', help="guidance at the DiT budget (cfg 1 along the curve)")
 arg('--sample-steps', type=int, default=50, help="Euler time points of the samples")
 arg('--eval-images', type=int, default=5000, help="images of the linear probe's train set (its "
     "val set and the reconstruction metrics use a tenth, at least 64)")
 arg('--condition', default='class', choices=['class', 'text'], help="class- or text-conditional "
     "DiTs (fig. 8: text on the synthetic captions, prompts 'a {class}.')")
 arg('--text-encoder', default=None, help="--condition text: one VTP text tower for every DiT, "
-    "so that only the latents differ (default: the first CLIP+SSL+AE tokenizer's last "
-    "checkpoint; AE-only tokenizers have none)")
+    "so that only the latents differ (default: CLIP+SSL+AE seed 0's last checkpoint)")
 arg('--tokenizer-args', default='', help="more flags for train_tokenizer.py")
 arg('--dit-args', default='', help="more flags for train_dit.py")
 arg('--launch', default=sys.executable,
@@ -88,25 +93,24 @@ args = parser.parse_args()
 os.makedirs(args.out_dir, exist_ok=True)
 results_path = os.path.join(args.out_dir, 'results.jsonl')
 budgets = [int(b) for b in args.budgets.split(',')]
+first, last = budgets[0], budgets[-1]
+grid = [int(s) for s in args.dit_grid.split(',')]
 cfg_scales = [float(s) for s in args.cfg_scales.split(',')]
-objectives = args.objectives.split(',')
+names = ['AE'] + [n for n in args.objectives.split(',') if n != 'AE']
+KEY = ('objectives', 'step', 'tokenizer_seed', 'dit_step', 'cfg_scale')
 done = {}
 if os.path.exists(results_path):
     with open(results_path) as f:
-        # rows of a run before tokenizer seeds and several guidance scales: seed 0, guidance 1
-        done = {(r['objectives'], r['step'], r.get('tokenizer_seed', 0), r['dit_seed'],
-                 r.get('cfg_scale', 1.0)): r for r in map(json.loads, f)}
+        done = {tuple(r[k] for k in KEY): r for r in map(json.loads, f)}
 
 
 def run(script, *argv, launch=None):
     """A stage script in its own process; stops the ablation with its last lines if it fails."""
     cmd = shlex.split(launch or args.launch) + [os.path.join(ROOT, script)] + [str(a) for a in argv]
     print('$', ' '.join(cmd), flush=True)
-    # run in our working folder, since --out-dir is relative to it
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True)  # in our working folder (--out-dir)
     if p.returncode != 0:
         raise SystemExit(f"error: {script} failed:\n{(p.stdout + p.stderr)[-3000:]}")
-    return p.stdout
 
 
 def evaluate(*argv):
@@ -116,34 +120,24 @@ def evaluate(*argv):
         return json.load(f)
 
 
-def run_dir(name, seed):
-    return os.path.join(args.out_dir, f"{name.replace('+', '_')}_seed{seed}")
-
-
-# -----------------------------------------------------------------------------
-# 1. pre-training: one run per objective set and seed, its checkpoints at every budget kept
-for name in objectives:
-    for seed in range(args.tokenizer_seeds):
-        out = run_dir(name, seed)
-        if not os.path.exists(os.path.join(out, 'done')):
-            flags = ['--size', args.size, '--data', args.data, '--out-dir', out, '--seed', seed,
-                     '--max-steps', max(budgets), '--keep-every', min(budgets), '--eval-every', 0,
-                     *OBJECTIVES[name], *shlex.split(args.tokenizer_args)]
-            if os.path.exists(out):  # killed before it finished
-                flags += ['--resume', 'auto']
-            run('train_tokenizer.py', *flags)
-            open(os.path.join(out, 'done'), 'w').close()
-
-
-# -----------------------------------------------------------------------------
-# 2. on every kept checkpoint: understanding, reconstruction, generation at equal DiT compute
-TOKENIZER_METRICS = ('pretrain_flops', 'zeroshot_top1', 'linprobe_top1', 'psnr', 'recon_robust',
-                     'recon_crisp')
-GEN_METRICS = tuple(f'gen_{m}_{j}' for m in ('acc', 'fd') for j in JUDGES)
+def tokenizer(name, seed):
+    """Pre-trains one tokenizer (its checkpoint at `first` kept) -> its folder."""
+    out = os.path.join(args.out_dir, f"{name.replace('+', '_')}_seed{seed}")
+    if not os.path.exists(os.path.join(out, 'done')):
+        flags = ['--size', args.size, '--data', args.data, '--out-dir', out, '--seed', seed,
+                 '--max-steps', last, '--keep-every', first, '--eval-every', 0, *OBJECTIVES[name],
+                 *shlex.split(args.tokenizer_args)]
+        run('train_tokenizer.py', *flags, *(['--resume', 'auto'] if os.path.exists(out) else []))
+        open(os.path.join(out, 'done'), 'w').close()
+    return out
 
 
 def tokenizer_figures(name, ckpt):
-    """What does not depend on the DiT: compute, understanding, reconstruction."""
+    """Compute, understanding and reconstruction of one checkpoint (cached beside it)."""
+    path = ckpt.replace('.pt', '_figures.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
     meta = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True)
     figures = {'pretrain_flops': meta['flops']}
     if 'CLIP' in name:
@@ -153,190 +147,212 @@ def tokenizer_figures(name, ckpt):
     figures['linprobe_top1'] = evaluate(
         'linprobe', '--tokenizer', ckpt, '--train', args.dit_data, '--val', args.dit_data,
         '--num-train', args.eval_images, '--num-val', n_val)['top1']
-    recon = evaluate('recon', '--tokenizer', ckpt, '--data', args.dit_data, '--no-fid', '--lpips',
-                     'none', '--num-images', n_val)
-    figures['psnr'] = recon['psnr']
-    if args.dit_data == 'synthetic':
-        for judge in JUDGES:
-            figures[f'recon_{judge}'] = recon[f'judge_recognised{judge_suffix(judge)}']
+    figures['psnr'] = evaluate('recon', '--tokenizer', ckpt, '--data', args.dit_data, '--no-fid',
+                               '--lpips', 'none', '--num-images', n_val)['psnr']
+    with open(path, 'w') as f:
+        json.dump(figures, f)
     return figures
 
 
-text_encoder = args.text_encoder or os.path.join(run_dir('CLIP+SSL+AE', 0),
-                                                 f'ckpt_{max(budgets):06d}.pt')
+def latent_judge(cache):
+    """The pixel-free judge: an MLP trained on 90 % of a latent cache's images (plain and flipped,
+    as the DiT sees them), normalised as the DiT reads them -> (the MLP, its accuracy in % on the
+    other 10 %, the class count)."""
+    ds = data.LatentDataset(cache, shuffle=False, flip=False)
+    z = torch.cat([torch.cat((s['latents'], s['latents_flip'])) for s in ds.shards])
+    y = torch.cat([torch.cat((s['labels'], s['labels'])) for s in ds.shards])
+    z = ((z - ds.mean) / ds.std).flatten(1)
+    image = torch.cat([torch.arange(len(s['labels'])).repeat(2) + start
+                       for s, start in zip(ds.shards, ds.starts)])
+    val = image >= int(0.9 * ds.n)  # both views of an image on the same side
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(z.shape[1], 256), torch.nn.GELU(),
+                              torch.nn.Linear(256, ds.num_classes))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    train_z, train_y = z[~val], y[~val]
+    for epoch in range(10):
+        for idx in torch.randperm(len(train_y)).split(256):
+            loss = torch.nn.functional.cross_entropy(net(train_z[idx]), train_y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return net.eval(), 100 * (net(z[val]).argmax(1) == y[val]).float().mean().item(), \
+            ds.num_classes
+
+
+def judge(samples, size, latent_net, num_classes):
+    """Class, colour and shape accuracy (%) of one sample folder under the three judges."""
+    g = evaluate('synthetic', '--samples', os.path.join(samples, 'samples.npz'), '--image-size',
+                 size)
+    row = {f'gen_{m}_{j}': g[f'{m}_accuracy{judge_suffix(j)}']
+           for j in JUDGES for m in ('class', 'colour', 'shape')}
+    with torch.no_grad():
+        z = torch.from_numpy(np.load(os.path.join(samples, 'latents.npy'))).flatten(1)
+        pred = latent_net(z).argmax(1)
+    want = torch.arange(len(pred)) % num_classes  # sample.py's class-balanced labels (prompts)
+    # class = 4 shape + colour (data.SyntheticDataset)
+    for m, hit in (('class', pred == want), ('colour', pred % 4 == want % 4),
+                   ('shape', pred // 4 == want // 4)):
+        row[f'gen_{m}_latent'] = 100 * hit.float().mean().item()
+    return row
+
+
+text_encoder = args.text_encoder or os.path.join(args.out_dir, 'CLIP_SSL_AE_seed0',
+                                                 f'ckpt_{last:06d}.pt')
 prompts_file = os.path.join(args.out_dir, 'prompts.txt')
 if args.condition == 'text':
     with open(prompts_file, 'w') as f:
         f.writelines(f"a {c}.\n" for c in data.SyntheticDataset.class_names)
-figures = {}  # (objectives, step, tokenizer seed) -> tokenizer_figures(), once per checkpoint
-for k, r in done.items():
-    figures.setdefault(k[:3], {m: r[m] for m in TOKENIZER_METRICS if m in r})
-for name in objectives:
-    for seed in range(args.tokenizer_seeds):
-        out = run_dir(name, seed)
-        for step in budgets:
-            ckpt = os.path.join(out, f'ckpt_{step:06d}.pt')
-            for dit_seed in range(args.dit_seeds if step == max(budgets) else 1):
-                if all((name, step, seed, dit_seed, s) in done for s in cfg_scales):
-                    continue
-                if (name, step, seed) not in figures:
-                    figures[name, step, seed] = tokenizer_figures(name, ckpt)
-                dit = os.path.join(out, f'dit_{step:06d}_seed{dit_seed}')
-                dit_flags = ['--tokenizer', ckpt, '--data', args.dit_data, '--out-dir', dit,
-                             '--seed', dit_seed, '--sample-every', 0, '--max-steps', args.dit_steps,
-                             '--latent-dir', os.path.join(out, f'latents_{step:06d}')]
-                sample_flags = []
-                if args.condition == 'text':
-                    dit_flags += ['--condition', 'text', '--text-encoder', text_encoder]
-                    sample_flags = ['--prompts', prompts_file]
-                if not os.path.exists(os.path.join(dit, 'done')):
-                    if os.path.exists(dit):  # killed before it finished
-                        dit_flags += ['--resume', 'auto']
-                    run('train_dit.py', *dit_flags, *shlex.split(args.dit_args))
-                    open(os.path.join(dit, 'done'), 'w').close()
-                for scale in cfg_scales:
-                    key = (name, step, seed, dit_seed, scale)
-                    if key in done:
-                        continue
-                    samples = os.path.join(dit, f'samples_cfg{scale:g}')
-                    if not os.path.exists(os.path.join(samples, 'samples.npz')):
-                        run('sample.py', '--ckpt', os.path.join(dit, 'ckpt.pt'), *sample_flags,
-                            '--num-samples', args.num_samples, '--cfg-scale', scale,
-                            '--num-steps', args.sample_steps, '--out-dir', samples,
-                            '--resume', 'auto')
-                    row = {'objectives': name, 'step': step, 'tokenizer_seed': seed,
-                           'dit_seed': dit_seed, 'cfg_scale': scale, **figures[name, step, seed]}
-                    if args.dit_data == 'synthetic':
-                        size = torch.load(ckpt, map_location='cpu', weights_only=True,
-                                          mmap=True)['config']['image_size']
-                        g = evaluate('synthetic', '--samples', os.path.join(samples, 'samples.npz'),
-                                     '--image-size', size)
-                        for judge in JUDGES:
-                            row[f'gen_acc_{judge}'] = g[f'class_accuracy{judge_suffix(judge)}']
-                            row[f'gen_fd_{judge}'] = g[f'fd_judge{judge_suffix(judge)}']
-                    with open(results_path, 'a') as f:
-                        f.write(json.dumps(row) + '\n')
-                    done[key] = row
-                    print(json.dumps(row), flush=True)
+
+
+def dit(name, seed, step, steps, role, last_scales):
+    """One DiT on one tokenizer checkpoint, trained in stages to each of `steps` (exact resume, a
+    constant learning rate: the same run as one of max(steps)); at each, samples judged at cfg 1
+    (and at each of last_scales at the last) -> the rows."""
+    out = tokenizer(name, seed)
+    ckpt = os.path.join(out, f'ckpt_{step:06d}.pt')
+    figures = tokenizer_figures(name, ckpt)
+    dit_dir = os.path.join(out, f'dit_{step:06d}')
+    flags = ['--tokenizer', ckpt, '--data', args.dit_data, '--out-dir', dit_dir, '--sample-every', 0,
+             '--latent-dir', os.path.join(out, f'latents_{step:06d}'), *shlex.split(args.dit_args)]
+    sample_flags = ['--prompts', prompts_file] if args.condition == 'text' else []
+    if args.condition == 'text':
+        flags += ['--condition', 'text', '--text-encoder', text_encoder]
+    size = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True)['config']['image_size']
+    rows, latent_net = [], None
+    for s in steps:
+        scales = last_scales if s == steps[-1] else [1.0]
+        if all((name, step, seed, s, c) in done for c in scales):
+            rows += [done[name, step, seed, s, c] for c in scales]
+            continue
+        if not os.path.exists(os.path.join(dit_dir, f'done_{s}')):
+            run('train_dit.py', *flags, '--max-steps', s,
+                *(['--resume', 'auto'] if os.path.exists(os.path.join(dit_dir, 'ckpt.pt')) else []))
+            open(os.path.join(dit_dir, f'done_{s}'), 'w').close()
+        if latent_net is None:
+            cache = os.path.join(out, f'latents_{step:06d}')
+            cache = os.path.join(cache, next(d for d in sorted(os.listdir(cache))
+                                             if os.path.exists(os.path.join(cache, d, 'meta.json'))))
+            latent_net, latent_real, num_classes = latent_judge(cache)
+        for c in scales:
+            if (name, step, seed, s, c) in done:
+                rows.append(done[name, step, seed, s, c])
+                continue
+            samples = os.path.join(dit_dir, f'samples_{s:06d}_cfg{c:g}')
+            run('sample.py', '--ckpt', os.path.join(dit_dir, 'ckpt.pt'), *sample_flags,
+                '--num-samples', args.num_samples, '--cfg-scale', c, '--num-steps',
+                args.sample_steps, '--out-dir', samples, '--save-latents', '--resume', 'auto')
+            row = {'objectives': name, 'step': step, 'tokenizer_seed': seed, 'dit_step': s,
+                   'cfg_scale': c, 'role': role, **figures, 'latent_judge_real': latent_real,
+                   **judge(samples, size, latent_net, num_classes)}
+            with open(results_path, 'a') as f:
+                f.write(json.dumps(row) + '\n')
+            done[name, step, seed, s, c] = row
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
 
 
 # -----------------------------------------------------------------------------
-# 3. the summary: per-seed values, means and spreads; the paper's findings, each with its effect
-def seed_values(name, step, scale, metric):
-    """One value per tokenizer seed (its DiT seeds averaged), in seed order."""
-    values = []
+# 1. the DiT budget, by the rule, on the pilot tokenizer; 2. every arm up to it
+budget = args.dit_steps
+if not budget:
+    for s in grid:
+        r = dit('AE', args.pilot_seed, last, [g for g in grid if g <= s], 'pilot', [1.0])[-1]
+        budget = s
+        if all(r[f'gen_shape_{j}'] >= SHAPE_FLOOR for j in JUDGES):
+            break
+    print(f"DiT budget: {budget} steps (pilot AE-only seed {args.pilot_seed}: shape "
+          + ', '.join(f"{r[f'gen_shape_{j}']:.1f} %" for j in JUDGES) + f" at cfg 1, robust / "
+          f"crisp; the rule asks >= {SHAPE_FLOOR} % under both)", flush=True)
+steps = [g for g in grid if g < budget] + [budget]
+arms = [(n, last) for n in names] + ([('AE', first)] if first < last else [])
+for name, step in arms:
     for seed in range(args.tokenizer_seeds):
-        rows = [r for k, r in done.items() if k[:3] == (name, step, seed) and k[4] == scale
-                and metric in r]
-        if rows:
-            values.append(sum(r[metric] for r in rows) / len(rows))
-    return values
+        dit(name, seed, step, steps, 'final', cfg_scales)
 
 
-def spread(values):
-    return statistics.stdev(values) if len(values) > 1 else float('nan')
+# -----------------------------------------------------------------------------
+# 3. the summary: per-seed values, means, spreads; each finding under each judge
+def seed_values(name, step, dit_step, scale, metric):
+    rows = [done.get((name, step, seed, dit_step, scale), {}) for seed in range(args.tokenizer_seeds)]
+    return [r[metric] for r in rows if metric in r]
 
 
-groups = []
-for scale in cfg_scales:
-    for name in objectives:
-        for step in budgets:
-            metrics = {}
-            for m in TOKENIZER_METRICS + GEN_METRICS:
-                v = seed_values(name, step, scale, m)
-                if v:
-                    metrics[m] = {'per_seed': v, 'mean': sum(v) / len(v), 'spread': spread(v)}
-            groups.append({'objectives': name, 'step': step, 'cfg_scale': scale,
-                           'seeds': args.tokenizer_seeds, 'metrics': metrics})
+def stats(v):
+    return {'per_seed': v, 'mean': sum(v) / len(v),
+            'spread': statistics.stdev(v) if len(v) > 1 else float('nan')}
 
 
-def compare(better, worse, step, scale, judge, first=None):
-    """The effect `better` minus `worse` in class accuracy (with `first`: in the gain from budget
-    `first` to `step`, per seed, as both budgets are checkpoints of the same runs), the larger of
-    the two sets' spreads over seeds, and whether the effect is over twice that spread."""
-    metric = f'gen_acc_{judge}'
-    values = []
-    for name in (better, worse):
-        v = seed_values(name, step, scale, metric)
-        if first is not None:
-            v = [a - b for a, b in zip(v, seed_values(name, first, scale, metric))]
-        values.append(v)
-    if not all(values):
-        return {'effect': float('nan'), 'spread': float('nan'), 'holds': False}
-    effect = sum(values[0]) / len(values[0]) - sum(values[1]) / len(values[1])
-    noise = max(spread(values[0]), spread(values[1]))
-    return {'effect': effect, 'spread': noise, 'holds': bool(effect > 2 * noise)}
-
-
-last, first = max(budgets), min(budgets)
+METRICS = ('pretrain_flops', 'zeroshot_top1', 'linprobe_top1', 'psnr', 'latent_judge_real',
+           *(f'gen_{m}_{j}' for m in ('class', 'shape', 'colour') for j in ALL_JUDGES))
+groups = [{'objectives': n, 'step': st, 'dit_step': s, 'cfg_scale': c,
+           'metrics': {m: stats(v) for m in METRICS if (v := seed_values(n, st, s, c, m))}}
+          for n, st in arms for s in steps for c in (cfg_scales if s == budget else [1.0])]
+tests = {f'{n} > AE': ((n, last), ('AE', last)) for n in names[1:]}
+if first < last and 'CLIP+SSL+AE' in names:
+    tests[f'CLIP+SSL+AE > AE at matched PSNR (AE at {first} steps)'] = \
+        (('CLIP+SSL+AE', last), ('AE', first))
 findings = {}
-for scale in cfg_scales:
-    for judge in JUDGES:
-        tests = {'understanding drives generation: CLIP+SSL+AE > AE': ('CLIP+SSL+AE', 'AE', None),
-                 'SSL+AE > AE': ('SSL+AE', 'AE', None), 'CLIP+AE > AE': ('CLIP+AE', 'AE', None),
-                 'CLIP+SSL+AE gains more with compute than AE': ('CLIP+SSL+AE', 'AE', first)}
-        for finding, (better, worse, since) in tests.items():
-            if better in objectives and worse in objectives and (since is None or since < last):
-                findings.setdefault(finding, {}).setdefault(f'cfg {scale:g}', {})[judge] = \
-                    compare(better, worse, last, scale, judge, since)
+for finding, (better, worse) in tests.items():
+    for c in cfg_scales:
+        res = {}
+        for j in ALL_JUDGES:
+            a, b = (seed_values(*arm, budget, c, f'gen_class_{j}') for arm in (better, worse))
+            if a and b:
+                effect = sum(a) / len(a) - sum(b) / len(b)
+                noise = max(stats(a)['spread'], stats(b)['spread'])
+                res[j] = {'effect': effect, 'spread': noise, 'holds': bool(effect > 2 * noise)}
+        if len(res) < 3:
+            continue
+        pixel = [res[j]['holds'] for j in JUDGES]
+        res['verdict'] = ('holds' if all(pixel) else 'does not hold' if not any(pixel) else
+                          'the pixel judges disagree; latent judge: ' +
+                          ('holds' if res['latent']['holds'] else 'does not hold'))
+        findings.setdefault(finding, {})[f'cfg {c:g}'] = res
 with open(os.path.join(args.out_dir, 'summary.json'), 'w') as f:
-    json.dump({'tokenizer_seeds': args.tokenizer_seeds, 'dit_seeds': args.dit_seeds,
-               'dit_steps': args.dit_steps, 'spread': 'sample standard deviation over the '
-               'tokenizer seeds (DiT seeds averaged first)', 'groups': groups,
-               'findings': findings}, f, indent=1)
-print(f"\nmean ± spread over {args.tokenizer_seeds} tokenizer seeds (class accuracy: % of samples "
-      f"the judge calls the class asked for; chance 5 %)")
+    json.dump({'tokenizer_seeds': args.tokenizer_seeds, 'dit_budget': budget, 'dit_steps': steps,
+               'num_samples': args.num_samples, 'spread': 'sample standard deviation over the '
+               'tokenizer seeds', 'groups': groups, 'findings': findings}, f, indent=1)
+print(f"\nmean ± spread over {args.tokenizer_seeds} tokenizer seeds, class accuracy (%, chance 5) "
+      f"by the {' / '.join(ALL_JUDGES)} judge")
 for g in groups:
-    cells = [f"{m} {v['mean']:.1f}±{v['spread']:.1f}" for m, v in g['metrics'].items()
-             if m.startswith(('linprobe', 'recon', 'gen_acc'))]
-    print(f"  {g['objectives']:<12} step {g['step']:<5} cfg {g['cfg_scale']:g}: "
-          + ', '.join(cells))
+    m = g['metrics']
+    if 'gen_class_latent' in m:
+        print(f"  {g['objectives']:<12} tok {g['step']:<5} DiT {g['dit_step']:<5} cfg "
+              f"{g['cfg_scale']:g}: PSNR {m['psnr']['mean']:.1f}, probe {m['linprobe_top1']['mean']:.1f}, "
+              + ' / '.join(f"{m[f'gen_class_{j}']['mean']:.1f}±{m[f'gen_class_{j}']['spread']:.1f}"
+                           for j in ALL_JUDGES))
 for finding, by_cfg in findings.items():
-    for cfg, by_judge in by_cfg.items():
-        verdict = 'holds' if all(r['holds'] for r in by_judge.values()) else 'does not hold'
-        if args.tokenizer_seeds < 2:
-            verdict = 'n/a with one seed (no spread)'
-        print(f"{finding}, {cfg}: " + ', '.join(
-            f"{j} judge {r['effect']:+.1f} (spread {r['spread']:.1f})" for j, r in by_judge.items())
-            + f": {verdict} (effect > 2 x spread under both judges)")
+    for c, res in by_cfg.items():
+        print(f"{finding}, {c}: " + ', '.join(f"{j} {res[j]['effect']:+.1f} (spread "
+                                             f"{res[j]['spread']:.1f})" for j in ALL_JUDGES)
+              + f": {res['verdict']}")
 
 # -----------------------------------------------------------------------------
-# 4. the figures: generation vs understanding (fig. 2), generation vs pre-training compute (fig. 5)
+# 4. the convergence curves (as the paper's and VA-VAE's): class accuracy against DiT steps
 try:
     import matplotlib
-    import matplotlib.ticker
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 except ImportError:
-    raise SystemExit(f"results in {args.out_dir}; install matplotlib for the plots")
-if args.dit_data != 'synthetic':
-    raise SystemExit(f"results in {args.out_dir} (no synthetic generation metric to plot)")
-for scale in cfg_scales:
-    fig, ax = plt.subplots(len(JUDGES), 2, figsize=(10, 4 * len(JUDGES)), squeeze=False)
-    for row, judge in enumerate(JUDGES):
-        gen = f'gen_acc_{judge}'
-        for name in objectives:
-            gs = [g for g in groups if g['objectives'] == name and g['cfg_scale'] == scale and
-                  gen in g['metrics']]
-            x = [g['metrics']['linprobe_top1'] for g in gs]
-            y = [g['metrics'][gen] for g in gs]
-            ax[row, 0].errorbar([v['mean'] for v in x], [v['mean'] for v in y],
-                                xerr=[v['spread'] for v in x], yerr=[v['spread'] for v in y],
-                                fmt='o', capsize=3, label=name)
-            flops = [g['metrics']['pretrain_flops']['mean'] for g in gs]
-            ax[row, 1].errorbar(flops, [v['mean'] for v in y], yerr=[v['spread'] for v in y],
-                                marker='o', capsize=3, label=name)
-        ax[row, 0].set(xlabel='understanding: bottleneck linear probe (%)',
-                       ylabel=f'generation: class accuracy, {judge} judge (%)',
-                       title=f'fig. 2: generation vs understanding (cfg {scale:g})')
-        ax[row, 1].set(xlabel='pre-training FLOPs', ylabel=f'class accuracy, {judge} judge (%)',
-                       xscale='log', title='fig. 5: generation vs pre-training compute')
-        ax[row, 1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        for a in ax[row]:
-            a.legend(fontsize=8)
-    fig.suptitle(f'mean and spread (error bars) over {args.tokenizer_seeds} tokenizer seeds')
-    fig.tight_layout()
-    png = os.path.join(args.out_dir, f'ablation_cfg{scale:g}.png')
-    fig.savefig(png, dpi=110)
-    print(f"plot: {png}")
-print(f"results: {results_path}, {os.path.join(args.out_dir, 'summary.json')}")
+    raise SystemExit(f"results in {args.out_dir}; install matplotlib for the plot")
+fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+for a, j in zip(ax, ALL_JUDGES):
+    for n, st in arms:
+        gs = [g for g in groups if (g['objectives'], g['step'], g['cfg_scale']) == (n, st, 1.0)
+              and f'gen_class_{j}' in g['metrics']]
+        v = [g['metrics'][f'gen_class_{j}'] for g in gs]
+        a.errorbar([g['dit_step'] for g in gs], [x['mean'] for x in v],
+                   yerr=[x['spread'] for x in v], marker='o', capsize=3,
+                   label=f"{n}, {st} steps (PSNR {gs[0]['metrics']['psnr']['mean']:.1f})" if gs else n)
+    a.axhline(5, color='grey', lw=0.8, ls=':')
+    a.set(xlabel='DiT steps', ylabel=f'class accuracy, {j} judge (%)', xscale='log',
+          title=f'{j} judge, cfg 1')
+    a.legend(fontsize=7)
+fig.suptitle(f'mean and spread over {args.tokenizer_seeds} tokenizer seeds, '
+             f'{args.num_samples} samples each; chance 5 %')
+fig.tight_layout()
+fig.savefig(os.path.join(args.out_dir, 'ablation_curves.png'), dpi=110)
+print(f"results: {results_path}, summary.json, ablation_curves.png in {args.out_dir}")
