@@ -121,7 +121,7 @@ def evaluate(*argv):
 
 
 def tokenizer(name, seed):
-    """Pre-trains one tokenizer (its checkpoint at `first` kept) -> its folder."""
+    """Pre-trains one tokenizer (its checkpoint at `first` kept) into its folder."""
     out = os.path.join(args.out_dir, f"{name.replace('+', '_')}_seed{seed}")
     if not os.path.exists(os.path.join(out, 'done')):
         flags = ['--size', args.size, '--data', args.data, '--out-dir', out, '--seed', seed,
@@ -129,7 +129,6 @@ def tokenizer(name, seed):
                  *shlex.split(args.tokenizer_args)]
         run('train_tokenizer.py', *flags, *(['--resume', 'auto'] if os.path.exists(out) else []))
         open(os.path.join(out, 'done'), 'w').close()
-    return out
 
 
 def tokenizer_figures(name, ckpt):
@@ -210,22 +209,22 @@ def dit(name, seed, step, steps, role, last_scales):
     """One DiT on one tokenizer checkpoint, trained in stages to each of `steps` (exact resume, a
     constant learning rate: the same run as one of max(steps)); at each, samples judged at cfg 1
     (and at each of last_scales at the last) -> the rows."""
-    out = tokenizer(name, seed)
-    ckpt = os.path.join(out, f'ckpt_{step:06d}.pt')
-    figures = tokenizer_figures(name, ckpt)
-    dit_dir = os.path.join(out, f'dit_{step:06d}')
+    keys = [(name, step, seed, s, c) for s in steps for c in (last_scales if s == steps[-1] else [1.0])]
+    out = os.path.join(args.out_dir, f"{name.replace('+', '_')}_seed{seed}")
+    ckpt, dit_dir = os.path.join(out, f'ckpt_{step:06d}.pt'), os.path.join(out, f'dit_{step:06d}')
     flags = ['--tokenizer', ckpt, '--data', args.dit_data, '--out-dir', dit_dir, '--sample-every', 0,
              '--latent-dir', os.path.join(out, f'latents_{step:06d}'), *shlex.split(args.dit_args)]
     sample_flags = ['--prompts', prompts_file] if args.condition == 'text' else []
     if args.condition == 'text':
         flags += ['--condition', 'text', '--text-encoder', text_encoder]
-    size = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True)['config']['image_size']
-    rows, latent_net = [], None
-    for s in steps:
-        scales = last_scales if s == steps[-1] else [1.0]
-        if all((name, step, seed, s, c) in done for c in scales):
-            rows += [done[name, step, seed, s, c] for c in scales]
-            continue
+    latent_net = None
+    for key in [k for k in keys if k not in done]:  # what a finished (or killed) run has not
+        s, c = key[3:]
+        if latent_net is None:
+            tokenizer(name, seed)
+            figures = tokenizer_figures(name, ckpt)
+            size = torch.load(ckpt, map_location='cpu', weights_only=True,
+                              mmap=True)['config']['image_size']
         if not os.path.exists(os.path.join(dit_dir, f'done_{s}')):
             run('train_dit.py', *flags, '--max-steps', s,
                 *(['--resume', 'auto'] if os.path.exists(os.path.join(dit_dir, 'ckpt.pt')) else []))
@@ -235,23 +234,18 @@ def dit(name, seed, step, steps, role, last_scales):
             cache = os.path.join(cache, next(d for d in sorted(os.listdir(cache))
                                              if os.path.exists(os.path.join(cache, d, 'meta.json'))))
             latent_net, latent_real, num_classes = latent_judge(cache)
-        for c in scales:
-            if (name, step, seed, s, c) in done:
-                rows.append(done[name, step, seed, s, c])
-                continue
-            samples = os.path.join(dit_dir, f'samples_{s:06d}_cfg{c:g}')
-            run('sample.py', '--ckpt', os.path.join(dit_dir, 'ckpt.pt'), *sample_flags,
-                '--num-samples', args.num_samples, '--cfg-scale', c, '--num-steps',
-                args.sample_steps, '--out-dir', samples, '--save-latents', '--resume', 'auto')
-            row = {'objectives': name, 'step': step, 'tokenizer_seed': seed, 'dit_step': s,
-                   'cfg_scale': c, 'role': role, **figures, 'latent_judge_real': latent_real,
-                   **judge(samples, size, latent_net, num_classes)}
-            with open(results_path, 'a') as f:
-                f.write(json.dumps(row) + '\n')
-            done[name, step, seed, s, c] = row
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    return rows
+        samples = os.path.join(dit_dir, f'samples_{s:06d}_cfg{c:g}')
+        run('sample.py', '--ckpt', os.path.join(dit_dir, 'ckpt.pt'), *sample_flags,
+            '--num-samples', args.num_samples, '--cfg-scale', c, '--num-steps',
+            args.sample_steps, '--out-dir', samples, '--save-latents', '--resume', 'auto')
+        row = {'objectives': name, 'step': step, 'tokenizer_seed': seed, 'dit_step': s,
+               'cfg_scale': c, 'role': role, **figures, 'latent_judge_real': latent_real,
+               **judge(samples, size, latent_net, num_classes)}
+        with open(results_path, 'a') as f:
+            f.write(json.dumps(row) + '\n')
+        done[key] = row
+        print(json.dumps(row), flush=True)
+    return [done[k] for k in keys]
 
 
 # -----------------------------------------------------------------------------

@@ -218,15 +218,24 @@ def test_bench_and_bad_input(tiny_tokenizer, tmp_path):
 
 # --- sampling -------------------------------------------------------------------------------------
 
-def test_sampling_is_the_same_on_one_and_two_ranks(trained_dit, tmp_path):
+def test_sampling_is_the_same_on_one_and_two_ranks(trained_dit, tiny_tokenizer, tmp_path):
     # the same per-rank batch (2) on both: bit-identical GEMMs, so bit-identical images
     flags = ['--ckpt', trained_dit / 'ckpt.pt', '--num-samples', 10, '--num-steps', 10,
-             '--cfg-scale', 2]
+             '--cfg-scale', 2, '--save-latents']
     run('sample.py', *flags, '--batch-size', 2, '--out-dir', tmp_path / 'one')
     run('sample.py', *flags, '--batch-size', 4, '--out-dir', tmp_path / 'two', nproc=2)
     one, two = (np.load(tmp_path / d / 'samples.npz')['arr_0'] for d in ('one', 'two'))
     assert one.shape == (10, 32, 32, 3) and one.dtype == np.uint8  # the tiny world: 32 px
     assert np.array_equal(one, two)
+    # --save-latents: the normalised latents the PNGs were decoded from, in sample order
+    z = [np.load(tmp_path / d / 'latents.npy') for d in ('one', 'two')]
+    assert z[0].shape == (10, 64, 4, 4) and np.array_equal(*z)
+    stats = torch.load(trained_dit / 'ckpt.pt', map_location='cpu', weights_only=True)['latent_stats']
+    with torch.no_grad():
+        x = vtp.load_tokenizer(tiny_tokenizer).eval().decode(
+            torch.from_numpy(z[0]) * stats['std'] + stats['mean'])
+    x = (vtp.to_unit_range(x.float()).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1)
+    assert np.array_equal(x.numpy(), one)
     assert sorted(os.listdir(tmp_path / 'two' / 'images')) == [f'{i:06d}.png' for i in range(10)]
     assert (tmp_path / 'two' / 'grid.png').exists()
 

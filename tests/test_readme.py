@@ -23,8 +23,8 @@ SHORT = {  # appended to each command of that script: the run lengths only
     'evaluate.py': {'recon': ['--num-images', '16'], 'zeroshot': ['--num-images', '32'],
                     'linprobe': ['--num-train', '128', '--num-val', '32', '--epochs', '2'],
                     'synthetic': ['--num-real', '64']},
-    'scripts/ablation.py': ['--objectives', 'CLIP+SSL+AE', '--budgets', '12', '--dit-steps', '6',
-                            '--tokenizer-seeds', '1', '--dit-seeds', '1', '--num-samples', '40',
+    'scripts/ablation.py': ['--objectives', 'AE', '--budgets', '12', '--dit-steps', '6',
+                            '--tokenizer-seeds', '1', '--num-samples', '40',
                             '--cfg-scales', '1', '--sample-steps', '4',
                             '--dit-args=--num-images 128', '--eval-images', '64'],
 }
@@ -73,8 +73,9 @@ def test_readme_cpu_blocks_run_as_written(tmp_path):
               'dit/samples/grid.png'):
         assert (out / f).exists(), f
     assert list(tmp_path.rglob('eval_*.json'))
-    # the ablation: a row per tokenizer seed and guidance, both judges, and the summary of seeds
+    # the ablation: a row per tokenizer seed, DiT step and guidance, three judges, the summary
     results = (out / 'ablation' / 'results.jsonl').read_text()
     rows = [json.loads(line) for line in results.splitlines()]
-    assert rows and all('tokenizer_seed' in r and 'gen_acc_crisp' in r for r in rows)
+    assert rows and all('tokenizer_seed' in r and 'gen_shape_crisp' in r and
+                        'gen_class_latent' in r for r in rows)
     assert 'findings' in json.loads((out / 'ablation' / 'summary.json').read_text())
