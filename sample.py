@@ -272,8 +272,8 @@ if master:
     del arr
     os.remove(npy)
     if args.save_latents:
-        np.save(os.path.join(out_dir, 'latents.npy'), np.stack(
-            [np.load(os.path.join(out_dir, 'latents', f'{i:06d}.npy')) for i in range(args.num_samples)]))
+        np.save(os.path.join(out_dir, 'latents.npy'), np.stack([np.load(os.path.join(
+            out_dir, 'latents', f'{i:06d}.npy')) for i in range(args.num_samples)]))
     print0(f"wrote {args.num_samples} samples to {image_dir}, {npz} ({args.num_samples}, "
            f"{first.shape}) and "
            f"grid.png (cfg {args.cfg_scale}, {args.num_steps} points, shift {args.timestep_shift})")

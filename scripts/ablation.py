@@ -25,8 +25,9 @@ The rule, fixed before the committed run (assets/ablation_*) was made:
 Also per checkpoint: zero-shot top-1, the bottleneck linear probe, PSNR (evaluate.py).
 
 Results: OUT_DIR/results.jsonl (a row per tokenizer seed, DiT step and guidance), summary.json
-(per-seed values, means, spreads, the findings), ablation_curves.png (class accuracy against DiT
-steps, one panel per judge, error bars the spread). A killed run continues where it stopped.
+(per-seed values, means, spreads, the findings), findings.md (their tables), ablation_curves.png
+(class accuracy against DiT steps, one panel per judge, error bars the spread). A killed run
+continues where it stopped.
 
     python scripts/ablation.py        # tiny on the synthetic data, 2 CPU cores: see README
     python scripts/ablation.py --size S --data /data/datacomp/{00000..00999}.tar \\
@@ -209,11 +210,13 @@ def dit(name, seed, step, steps, role, last_scales):
     """One DiT on one tokenizer checkpoint, trained in stages to each of `steps` (exact resume, a
     constant learning rate: the same run as one of max(steps)); at each, samples judged at cfg 1
     (and at each of last_scales at the last) -> the rows."""
-    keys = [(name, step, seed, s, c) for s in steps for c in (last_scales if s == steps[-1] else [1.0])]
+    keys = [(name, step, seed, s, c) for s in steps
+            for c in (last_scales if s == steps[-1] else [1.0])]
     out = os.path.join(args.out_dir, f"{name.replace('+', '_')}_seed{seed}")
     ckpt, dit_dir = os.path.join(out, f'ckpt_{step:06d}.pt'), os.path.join(out, f'dit_{step:06d}')
-    flags = ['--tokenizer', ckpt, '--data', args.dit_data, '--out-dir', dit_dir, '--sample-every', 0,
-             '--latent-dir', os.path.join(out, f'latents_{step:06d}'), *shlex.split(args.dit_args)]
+    flags = ['--tokenizer', ckpt, '--data', args.dit_data, '--out-dir', dit_dir,
+             '--sample-every', 0, '--latent-dir', os.path.join(out, f'latents_{step:06d}'),
+             *shlex.split(args.dit_args)]
     sample_flags = ['--prompts', prompts_file] if args.condition == 'text' else []
     if args.condition == 'text':
         flags += ['--condition', 'text', '--text-encoder', text_encoder]
@@ -231,8 +234,8 @@ def dit(name, seed, step, steps, role, last_scales):
             open(os.path.join(dit_dir, f'done_{s}'), 'w').close()
         if latent_net is None:
             cache = os.path.join(out, f'latents_{step:06d}')
-            cache = os.path.join(cache, next(d for d in sorted(os.listdir(cache))
-                                             if os.path.exists(os.path.join(cache, d, 'meta.json'))))
+            cache = next(os.path.join(cache, d) for d in sorted(os.listdir(cache))
+                         if os.path.exists(os.path.join(cache, d, 'meta.json')))
             latent_net, latent_real, num_classes = latent_judge(cache)
         samples = os.path.join(dit_dir, f'samples_{s:06d}_cfg{c:g}')
         run('sample.py', '--ckpt', os.path.join(dit_dir, 'ckpt.pt'), *sample_flags,
@@ -270,7 +273,8 @@ for name, step in arms:
 # -----------------------------------------------------------------------------
 # 3. the summary: per-seed values, means, spreads; each finding under each judge
 def seed_values(name, step, dit_step, scale, metric):
-    rows = [done.get((name, step, seed, dit_step, scale), {}) for seed in range(args.tokenizer_seeds)]
+    rows = [done.get((name, step, seed, dit_step, scale), {})
+            for seed in range(args.tokenizer_seeds)]
     return [r[metric] for r in rows if metric in r]
 
 
@@ -309,20 +313,41 @@ with open(os.path.join(args.out_dir, 'summary.json'), 'w') as f:
     json.dump({'tokenizer_seeds': args.tokenizer_seeds, 'dit_budget': budget, 'dit_steps': steps,
                'num_samples': args.num_samples, 'spread': 'sample standard deviation over the '
                'tokenizer seeds', 'groups': groups, 'findings': findings}, f, indent=1)
-print(f"\nmean ± spread over {args.tokenizer_seeds} tokenizer seeds, class accuracy (%, chance 5) "
-      f"by the {' / '.join(ALL_JUDGES)} judge")
+
+
+def cell(m, key):  # 'mean ± spread' of one metric of a group, '-' where it was not measured
+    return f"{m[key]['mean']:.1f} ± {m[key]['spread']:.1f}" if key in m else '-'
+
+
+# findings.md: the two tables the README reports (mean ± spread over seeds; accuracy in %)
+pilot = [done[k] for k in sorted(done) if k[2] == args.pilot_seed and k[0] == 'AE']
+lines = [f"DiT budget: {budget} steps" + (f", by the rule on AE-only seed {args.pilot_seed}, "
+         "whose unguided shape accuracy (robust / crisp) was " + ', '.join(
+             f"{r['gen_shape_robust']:.1f} / {r['gen_shape_crisp']:.1f} % at {r['dit_step']}"
+             for r in pilot) if pilot else " (--dit-steps)"), '',
+         f"Arms, mean ± spread over {args.tokenizer_seeds} tokenizer seeds; class accuracy (%, "
+         f"chance 5) and shape accuracy (chance 20) of {args.num_samples} samples per seed; "
+         "latent judge: its accuracy on held-out real latents", '',
+         '| arm | tokenizer steps | PSNR | linear probe | zero-shot | latent judge | DiT steps '
+         '| cfg | class: robust | crisp | latent | shape: robust | crisp | latent |',
+         '|' + '---|' * 14]
 for g in groups:
     m = g['metrics']
-    if 'gen_class_latent' in m:
-        print(f"  {g['objectives']:<12} tok {g['step']:<5} DiT {g['dit_step']:<5} cfg "
-              f"{g['cfg_scale']:g}: PSNR {m['psnr']['mean']:.1f}, probe {m['linprobe_top1']['mean']:.1f}, "
-              + ' / '.join(f"{m[f'gen_class_{j}']['mean']:.1f}±{m[f'gen_class_{j}']['spread']:.1f}"
-                           for j in ALL_JUDGES))
+    lines.append(f"| {g['objectives']} | {g['step']} | " + ' | '.join(
+        [cell(m, k) for k in ('psnr', 'linprobe_top1', 'zeroshot_top1', 'latent_judge_real')] +
+        [str(g['dit_step']), f"{g['cfg_scale']:g}"] +
+        [cell(m, f'gen_{k}_{j}') for k in ('class', 'shape') for j in ALL_JUDGES]) + ' |')
+lines += ['', f"Findings at {budget} DiT steps: effect in class accuracy (points) and, in "
+          "brackets, the larger spread of the two arms; holds = effect > 2 x spread", '',
+          '| finding | cfg | robust | crisp | latent | verdict |', '|---|---|---|---|---|---|']
 for finding, by_cfg in findings.items():
     for c, res in by_cfg.items():
-        print(f"{finding}, {c}: " + ', '.join(f"{j} {res[j]['effect']:+.1f} (spread "
-                                             f"{res[j]['spread']:.1f})" for j in ALL_JUDGES)
-              + f": {res['verdict']}")
+        lines.append(f"| {finding} | {c[4:]} | " + ' | '.join(
+            f"{res[j]['effect']:+.1f} ({res[j]['spread']:.1f})" for j in ALL_JUDGES)
+            + f" | {res['verdict']} |")
+with open(os.path.join(args.out_dir, 'findings.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+print('\n'.join(lines))
 
 # -----------------------------------------------------------------------------
 # 4. the convergence curves (as the paper's and VA-VAE's): class accuracy against DiT steps
@@ -338,9 +363,10 @@ for a, j in zip(ax, ALL_JUDGES):
         gs = [g for g in groups if (g['objectives'], g['step'], g['cfg_scale']) == (n, st, 1.0)
               and f'gen_class_{j}' in g['metrics']]
         v = [g['metrics'][f'gen_class_{j}'] for g in gs]
+        psnr = gs[0]['metrics']['psnr']['mean'] if gs else float('nan')
         a.errorbar([g['dit_step'] for g in gs], [x['mean'] for x in v],
                    yerr=[x['spread'] for x in v], marker='o', capsize=3,
-                   label=f"{n}, {st} steps (PSNR {gs[0]['metrics']['psnr']['mean']:.1f})" if gs else n)
+                   label=f"{n}, {st} tokenizer steps (PSNR {psnr:.1f} dB)")
     a.axhline(5, color='grey', lw=0.8, ls=':')
     a.set(xlabel='DiT steps', ylabel=f'class accuracy, {j} judge (%)', xscale='log',
           title=f'{j} judge, cfg 1')

@@ -230,7 +230,8 @@ def test_sampling_is_the_same_on_one_and_two_ranks(trained_dit, tiny_tokenizer, 
     # --save-latents: the normalised latents the PNGs were decoded from, in sample order
     z = [np.load(tmp_path / d / 'latents.npy') for d in ('one', 'two')]
     assert z[0].shape == (10, 64, 4, 4) and np.array_equal(*z)
-    stats = torch.load(trained_dit / 'ckpt.pt', map_location='cpu', weights_only=True)['latent_stats']
+    stats = torch.load(trained_dit / 'ckpt.pt', map_location='cpu',
+                       weights_only=True)['latent_stats']
     with torch.no_grad():
         x = vtp.load_tokenizer(tiny_tokenizer).eval().decode(
             torch.from_numpy(z[0]) * stats['std'] + stats['mean'])
