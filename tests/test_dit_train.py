@@ -233,7 +233,7 @@ def test_sampling_is_the_same_on_one_and_two_ranks(trained_dit, tiny_tokenizer, 
     stats = torch.load(trained_dit / 'ckpt.pt', map_location='cpu',
                        weights_only=True)['latent_stats']
     with torch.no_grad():
-        x = vtp.load_tokenizer(tiny_tokenizer).eval().decode(
+        x = vtp.load_tokenizer(str(tiny_tokenizer)).eval().decode(
             torch.from_numpy(z[0]) * stats['std'] + stats['mean'])
     x = (vtp.to_unit_range(x.float()).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1)
     assert np.array_equal(x.numpy(), one)
