@@ -218,18 +218,17 @@ def noise_of(i):
 
 @torch.no_grad()
 def sample(idx):
-    # samples idx -> uint8 images (n, H, W, 3), decoded by the tokenizer (fp32, as upstream); with
-    # --save-latents each sample's latent goes first into latents/{index}.npy, so that a sample
-    # whose PNG exists always has its latent
+    # samples idx -> (uint8 images (n, H, W, 3), decoded by the tokenizer (fp32, as upstream);
+    # with --save-latents the DiT's normalised latents (n, C, h, w) on the CPU, else n Nones)
     noise = torch.stack([noise_of(i) for i in idx]).to(device)  # (n, C, H, W)
     z = vtp.euler_sample(dit, noise, condition(idx), args.num_steps, args.timestep_shift,
                          args.cfg_scale, args.cfg_interval_start, null_class=dit.null_condition(),
                          cfg_channels=args.cfg_channels or None, heun=args.heun)
-    for i, zi in zip(idx, z.float().cpu().numpy() if args.save_latents else []):
-        np.save(os.path.join(out_dir, 'latents', f'{i:06d}.npy'), zi)
+    latents = z.float().cpu().numpy() if args.save_latents else [None] * len(idx)
     z = z * std + mean  # un-normalise: a forgotten step costs FID ~130 (LightningDiT#34)
     x = vtp.to_unit_range(tokenizer.decode(z).float()).clamp(0, 1)  # (n, 3, H, W)
-    return (x * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # truncation, as upstream
+    images = (x * 255).to(torch.uint8)  # truncation, as upstream
+    return images.permute(0, 2, 3, 1).cpu().numpy(), latents
 
 
 if args.bench:  # sampling throughput on the first batch's samples, nothing written
@@ -246,9 +245,13 @@ n_batches = math.ceil(args.num_samples / args.batch_size)
 t0 = time.time()
 for k in range(n_batches):
     start = k * args.batch_size + rank * per_rank
+    # --resume: the samples written are kept (with --save-latents, those whose latent is too)
     idx = [i for i in range(start, min(start + per_rank, args.num_samples))
-           if not os.path.exists(os.path.join(image_dir, f'{i:06d}.png'))]  # --resume: kept
-    for i, img in zip(idx, sample(idx) if idx else []):
+           if not os.path.exists(os.path.join(image_dir, f'{i:06d}.png')) or args.save_latents
+           and not os.path.exists(os.path.join(out_dir, 'latents', f'{i:06d}.npy'))]
+    for i, img, z in zip(idx, *(sample(idx) if idx else ([], []))):
+        if args.save_latents:  # first, so that a sample whose PNG exists has its latent
+            np.save(os.path.join(out_dir, 'latents', f'{i:06d}.npy'), z)
         Image.fromarray(img).save(os.path.join(image_dir, f'{i:06d}.png'))
     if master and (k % 10 == 0 or k == n_batches - 1):
         print(f"batch {k + 1}/{n_batches} ({(time.time() - t0) / (k + 1):.1f} s/batch)", flush=True)

@@ -34,7 +34,8 @@ continues where it stopped.
         --dit-data /data/imagenet/train --budgets 5000,20000 --tokenizer-args "--batch-size 4096" \\
         --dit-args "--model DiT-B/1 --batch-size 256" --dit-steps 20000 \\
         --launch "torchrun --nproc_per_node 8"
-S/B/L on real data: the judges only know the toy world, so score the samples with evaluate.py fid.
+S/B/L on real data: the pixel judges only know the toy world, so the rows carry the latent judge's
+class accuracy alone; score the samples with evaluate.py fid as well.
 """
 import argparse
 import json
@@ -93,16 +94,30 @@ arg('--launch', default=sys.executable,
 args = parser.parse_args()
 os.makedirs(args.out_dir, exist_ok=True)
 results_path = os.path.join(args.out_dir, 'results.jsonl')
-budgets = [int(b) for b in args.budgets.split(',')]
+try:
+    budgets = [int(b) for b in args.budgets.split(',')]
+    grid = [int(s) for s in args.dit_grid.split(',')]
+    cfg_scales = [float(s) for s in args.cfg_scales.split(',')]
+except ValueError as e:
+    raise SystemExit(f"error: --budgets, --dit-grid and --cfg-scales are comma-separated "
+                     f"numbers ({e})")
 first, last = budgets[0], budgets[-1]
-grid = [int(s) for s in args.dit_grid.split(',')]
-cfg_scales = [float(s) for s in args.cfg_scales.split(',')]
-names = ['AE'] + [n for n in args.objectives.split(',') if n != 'AE']
-KEY = ('objectives', 'step', 'tokenizer_seed', 'dit_step', 'cfg_scale')
+names = ['AE'] + [n for n in args.objectives.split(',') if n != 'AE']  # AE-only: the baseline
+if set(names) - set(OBJECTIVES) or last % first or min(budgets + grid) < 1:
+    raise SystemExit(f"error: --objectives are some of {', '.join(OBJECTIVES)}; the budgets and "
+                     "the DiT grid are positive, the last budget a multiple of the first")
+if args.dit_data != 'synthetic' and not args.dit_steps:
+    raise SystemExit("error: --dit-data other than synthetic needs --dit-steps (the budget rule "
+                     "reads the toy world's judges)")
+KEY = ('objectives', 'step', 'tokenizer_seed', 'dit_step', 'cfg_scale')  # a row's identity
 done = {}
 if os.path.exists(results_path):
     with open(results_path) as f:
-        done = {tuple(r[k] for k in KEY): r for r in map(json.loads, f)}
+        try:
+            done = {tuple(r[k] for k in KEY): r for r in map(json.loads, f)}
+        except (KeyError, ValueError):
+            raise SystemExit(f"error: {results_path} holds rows this version does not write; "
+                             "choose another --out-dir") from None
 
 
 def run(script, *argv, launch=None):
@@ -182,18 +197,21 @@ def latent_judge(cache):
 
 
 def judge(samples, size, latent_net, num_classes):
-    """Class, colour and shape accuracy (%) of one sample folder under the three judges."""
-    g = evaluate('synthetic', '--samples', os.path.join(samples, 'samples.npz'), '--image-size',
-                 size)
-    row = {f'gen_{m}_{j}': g[f'{m}_accuracy{judge_suffix(j)}']
-           for j in JUDGES for m in ('class', 'colour', 'shape')}
+    """Class, colour and shape accuracy (%) of one sample folder under the three judges (on
+    other data than the toy world's: the latent judge's class accuracy only)."""
+    row, toy = {}, args.dit_data == 'synthetic'
+    if toy:  # the pixel judges know the toy world only
+        g = evaluate('synthetic', '--samples', os.path.join(samples, 'samples.npz'),
+                     '--image-size', size)
+        row = {f'gen_{m}_{j}': g[f'{m}_accuracy{judge_suffix(j)}']
+               for j in JUDGES for m in ('class', 'colour', 'shape')}
     with torch.no_grad():
         z = torch.from_numpy(np.load(os.path.join(samples, 'latents.npy'))).flatten(1)
         pred = latent_net(z).argmax(1)
     want = torch.arange(len(pred)) % num_classes  # sample.py's class-balanced labels (prompts)
     # class = 4 shape + colour (data.SyntheticDataset)
     for m, hit in (('class', pred == want), ('colour', pred % 4 == want % 4),
-                   ('shape', pred // 4 == want // 4)):
+                   ('shape', pred // 4 == want // 4))[:3 if toy else 1]:
         row[f'gen_{m}_latent'] = 100 * hit.float().mean().item()
     return row
 

@@ -48,3 +48,21 @@ def test_summary_has_per_seed_values_spreads_and_findings(tmp_path):
     matched = summary['findings']['CLIP+SSL+AE > AE at matched PSNR (AE at 6 steps)']['cfg 4']
     assert matched['verdict'] == 'holds' and matched['crisp']['effect'] == 20.0
     assert 'latent judge: holds' in p.stdout and (tmp_path / 'ablation_curves.png').exists()
+
+
+def test_bad_flags_and_foreign_results_are_one_line(tmp_path):
+    # checked before anything trains: an unknown objective set, unparsable or mismatched budgets,
+    # and an --out-dir whose results.jsonl another version wrote (its rows are kept as they are)
+    (tmp_path / 'old').mkdir()
+    old = '{"objectives": "AE", "step": 900, "dit_seed": 0}\n'
+    (tmp_path / 'old' / 'results.jsonl').write_text(old)
+    for flags, words in ((['--objectives', 'AE,FOO'], '--objectives are some of'),
+                         (['--budgets', '300,x'], 'comma-separated numbers'),
+                         (['--budgets', '300,1000'], 'a multiple of the first'),
+                         (['--out-dir', tmp_path / 'old'], 'choose another --out-dir')):
+        p = subprocess.run([sys.executable, ROOT / 'scripts/ablation.py', '--out-dir',
+                            tmp_path / 'new', *flags], capture_output=True, text=True)
+        assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+        assert p.stderr.startswith('error: ') and words in p.stderr, p.stderr
+    assert (tmp_path / 'old' / 'results.jsonl').read_text() == old
+    assert not list((tmp_path / 'new').iterdir())

@@ -1,9 +1,8 @@
 """Many ranks without many machines: at 8 and 256 ranks the batch splits into disjoint micro-batches
 that cover it (with B_rec and B_ssl), tar shards into disjoint streams that cover them, 8 gloo
 processes agree on the memory probe's k, and at 256 ranks (PyTorch's fake process group: every
-collective is a no-op that returns at once) one stage-1 step issues the collectives, with the
+collective returns at once, moving nothing) one stage-1 step issues the collectives, with the
 bytes, that the model written here predicts."""
-import contextlib
 import itertools
 import os
 import socket
@@ -35,7 +34,9 @@ def test_micro_batches_partition_the_batch(world, k):
             got[0] += pos.tolist()
             got[1] += n_rec
             got[2] += int(is_ssl.sum())
-            assert not is_ssl[:n_rec].any() or ssl % rec == 0  # rec rows first
+            # B_rec and B_ssl are every (B / B_sub)-th sample, the B_rec rows first
+            assert (pos[:n_rec] % (B // rec) == 0).all() and (pos[n_rec:] % (B // rec) != 0).all()
+            assert (is_ssl == (pos % (B // ssl) == 0)).all()
     for step, (pos, n_rec, n_ssl) in per_step.items():
         assert sorted(pos) == list(range(step * B, (step + 1) * B))  # each sample once
         assert (n_rec, n_ssl) == (rec, ssl)
