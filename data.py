@@ -799,13 +799,12 @@ class MicroBatchBuilder:
         self.b = global_batch // (world_size * grad_accum)  # the micro-batch's share of the batch
         self.rows = len(self.positions(0)[2])  # the samples it loads: b, or without CLIP fewer
         self.n_patches = (global_size // patch_size) ** 2
-        # a fixed-size iBOT gather: an image never has more than int(N mask_ratio[1]) masked patches
+        # the iBOT gather's bound (an image never has more than int(N mask_ratio[1]) masked
+        # patches) and its bucket: the index is padded to the next multiple of 1/16 of the bound,
+        # a few shapes to compile, where the bound itself is ~3x the real count
         self.ibot_size = math.ceil(2 * ssl_batch // (world_size * grad_accum) * self.n_patches *
                                    mask_ratio[1])
-        # the masked patches of an SSL sample's two global crops on average (the teacher's rows):
-        # a crop is masked with probability mask_prob, at a ratio drawn from U(mask_ratio)
-        self.masked_rows_per_sample = 2 * mask_prob * ((mask_ratio[0] + mask_ratio[1]) / 2) * \
-            self.n_patches
+        self.ibot_bucket = max(1, math.ceil(self.ibot_size / 16))
 
     def positions(self, k):
         # micro-batch k (counted from step 0) -> step, micro, positions, n_rec, per-row SSL flags;
@@ -851,14 +850,19 @@ class MicroBatchBuilder:
                      labels=torch.tensor([s[2] for s in samples], dtype=torch.long),
                      positions=torch.from_numpy(pos), step=step, micro=micro, skipped=dict(counts),
                      tokens=self.tokenizer([s[1] for s in samples]) if self.tokenizer else None)
+        if self.tokenizer:
+            # the text tower attends causally and pools at EOT: the ids after the batch's longest
+            # caption change nothing, so they are cut (to a multiple of 8: a few shapes)
+            n = int(batch['tokens'].ne(0).sum(1).max())
+            batch['tokens'] = batch['tokens'][:, :min(-(-n // 8) * 8, batch['tokens'].shape[1])]
         if self.ssl_batch:
             m = np.stack([ms[c] for c in range(2) for ms in masks])  # (2n, N), crop-major
             idx = np.flatnonzero(m)  # flat indices into the (2n N) global patch tokens
             assert len(idx) <= self.ibot_size
-            # the real entries first, then padding of weight 0 to a fixed size (static shapes for
-            # torch.compile and DDP); each image's masked tokens average to 1
-            index = torch.zeros(self.ibot_size, dtype=torch.long)
-            weight = torch.zeros(self.ibot_size)
+            # the real entries first, then padding of weight 0 to the bucket (a few static shapes
+            # for torch.compile); each image's masked tokens average to 1
+            size = min(self.ibot_size, -(-len(idx) // self.ibot_bucket) * self.ibot_bucket)
+            index, weight = torch.zeros(size, dtype=torch.long), torch.zeros(size)
             index[:len(idx)] = torch.from_numpy(idx)
             weight[:len(idx)] = torch.from_numpy((1.0 / m.sum(1)[idx // self.n_patches])
                                                  .astype(np.float32))
@@ -957,9 +961,10 @@ class TrainLoader:
     # (b, 3, S, S) (without CLIP the n_rec rows only, or None), tokens (b, L) (None without a
     # tokenizer), labels (-1: unknown), positions, n_rec, n_ssl, step, micro, and skipped (its
     # {reason: count}). With SSL also: global_crops (2n, 3, G, G), local_crops (n_local n, 3, l, l)
-    # crop-major, masks (2n, (G / patch)^2) bool, ibot_index and ibot_weight (M,) padded to a fixed
-    # M = ceil(2n N mask_ratio[1]) (weight 1 / masked patches of the image, 0 for the padding) and
-    # n_masked, the real entries. Rows are ordered rec, other SSL, the rest: the model reconstructs
+    # crop-major, masks (2n, (G / patch)^2) bool, ibot_index and ibot_weight (M,) padded to a
+    # bucket of M <= ceil(2n N mask_ratio[1]) (weight 1 / masked patches of the image, 0 for the
+    # padding) and n_masked, the real entries. Tokens are cut after the batch's longest caption
+    # (to a multiple of 8). Rows are ordered rec, other SSL, the rest: the model reconstructs
     # images[:n_rec]. clip=False: the CLIP batch is not used; jitter, gray_p: the SSL crops' colour
     # augmentation.
     def __init__(self, dataset, tokenizer, *, image_size, global_size, local_size, n_local,

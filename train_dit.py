@@ -339,7 +339,7 @@ if measuring or args.bench_data:  # scripts/bench.py: the step on a cached rando
         bench.bench(lambda: train_step(0, cached, meter), args.bench, G, flops_per_sample, device,
                     world_size, f"{args.model} {cfg.input_size}x{cfg.input_size}x"
                     f"{cfg.in_channels} batch {G} = {k_acc} micro x {b}", args.profile,
-                    args.out_dir)
+                    args.out_dir, recompute=1 / 3 if args.grad_checkpointing else 0)
     else:
         loader = DataLoader(train_set, batch_size=b, num_workers=workers, sampler=data.
                             latent_positions(start_step, G, world_size, rank, k_acc))

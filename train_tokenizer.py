@@ -281,19 +281,18 @@ def train_step(step, micro_batches):
     k, terms = len(micro_batches), {}
     if use_ssl:
         # the teacher's targets of the step's SSL batch, DINO (2n, K) and iBOT (M, K) per
-        # micro-batch: the unmasked global crops, the patches the student sees masked (the real
-        # n_masked of the padded M, as DINOv2); Sinkhorn-Knopp over all micro-batches and ranks
+        # micro-batch: the unmasked global crops, the patches the student sees masked (on the
+        # student's padded index: static shapes; Sinkhorn-Knopp gives the padding, weight 0, no
+        # mass and zero targets, so the real rows' are DINOv2's); over all micro-batches and ranks
         with torch.no_grad(), autocast:
-            out = [teacher(global_crops=mb['global_crops'],
-                           ibot_index=mb['ibot_index'][:mb['n_masked']]) for mb in micro_batches]
+            out = [teacher(global_crops=mb['global_crops'], ibot_index=mb['ibot_index'])
+                   for mb in micro_batches]
         temp = teacher_temp_at(step)
         p_dino = vtp.sinkhorn_knopp(torch.cat([o['dino_logits'] for o in out]), temp).split(
             [len(o['dino_logits']) for o in out])
-        p_ibot = vtp.sinkhorn_knopp(torch.cat([o['ibot_logits'] for o in out]), temp).split(
-            [len(o['ibot_logits']) for o in out])
-        # zero rows for the padding, where the student's padded index has rows too (weight 0)
-        p_ibot = [torch.cat((p, p.new_zeros(len(mb['ibot_index']) - len(p), p.shape[1])))
-                  for p, mb in zip(p_ibot, micro_batches)]
+        valid = torch.cat([mb['ibot_weight'] > 0 for mb in micro_batches])
+        p_ibot = vtp.sinkhorn_knopp(torch.cat([o['ibot_logits'] for o in out]), temp,
+                                    valid=valid).split([len(o['ibot_logits']) for o in out])
         # SSL's health: the targets' entropy; ln K means uniform targets, no signal for the student
         p = torch.cat(p_dino)
         terms['ssl_target_entropy'] = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
@@ -307,7 +306,7 @@ def train_step(step, micro_batches):
                     o = model(images=mb['images'], tokens=mb['tokens'])
                 feats.append((vtp.all_gather(o['image_features']),
                               vtp.all_gather(o['text_features'])))
-        cache = tuple(torch.stack(f) for f in zip(*feats))  # (k, world b, W) each
+            cache = vtp.clip_cache(*(torch.stack(f) for f in zip(*feats)), o['logit_scale'])
     for m, mb in enumerate(micro_batches):
         if states is not None:  # the cache pass's randomness (drop path): the same features
             vtp.set_rng_state(states[m], device)
@@ -320,20 +319,18 @@ def train_step(step, micro_batches):
             with autocast:
                 out = net(images=mb['images'], tokens=mb['tokens'] if use_clip else None,
                           n_rec=mb['n_rec'] if use_rec else 0, **ssl_inputs)
-            # CLIP's loss is the whole step's in every micro-step (each carries the gradient of its
-            # own features), so it is not divided by k; the other terms are means over one
-            # micro-batch, and their step loss the mean of the k
-            micro, clip, rest = {}, 0.0, 0.0
+            # every term is a mean over one micro-batch, and the step's loss the mean of the k
+            # (CLIP's share too, which the cache makes exact: see vtp.clip_loss)
+            micro, loss = {}, 0.0
             if use_clip:
-                scale = out['logit_scale'].float()  # live in one micro-step only: one gradient
                 micro['loss_clip'] = vtp.clip_loss(out['image_features'], out['text_features'],
-                                                   scale if last else scale.detach(), cache, m)
-                clip = weight['clip'] * micro['loss_clip']
+                                                   out['logit_scale'].float(), cache, m)
+                loss = loss + weight['clip'] * micro['loss_clip']
             if use_rec:  # the first n_rec rows of the main view are the B_rec subset (§3.6)
                 micro['loss_l1'], micro['loss_lpips'] = vtp.reconstruction_loss(
                     out['reconstruction'], mb['images'][:mb['n_rec']], perceptual)
                 micro['loss_rec'] = micro['loss_l1'] + micro['loss_lpips']
-                rest = rest + weight['rec'] * micro['loss_rec']
+                loss = loss + weight['rec'] * micro['loss_rec']
             if use_ssl:
                 micro['loss_dino'] = vtp.dino_loss(out['dino_logits'], p_dino[m], args.student_temp)
                 micro['loss_ibot'] = vtp.ibot_loss(out['ibot_logits'], p_ibot[m], mb['ibot_weight'],
@@ -341,10 +338,10 @@ def train_step(step, micro_batches):
                 # KoLeo on each global crop's cls tokens, per rank and micro-batch (DINOv2)
                 micro['loss_koleo'] = sum(vtp.koleo_loss(c) for c in out['global_cls'].chunk(2))
                 # L_ssl = L_dino + L_ibot (eq. 2), with DINOv2's KoLeo regulariser
-                rest = rest + weight['ssl'] * (micro['loss_dino'] + micro['loss_ibot'] +
+                loss = loss + weight['ssl'] * (micro['loss_dino'] + micro['loss_ibot'] +
                                                weight['koleo'] * micro['loss_koleo'])
-            (clip + rest / k).backward()  # eq. 3, this micro-step's share
-        micro['loss'] = (clip + rest).detach()
+            (loss / k).backward()  # eq. 3, this micro-step's share
+        micro['loss'] = loss.detach()
         for name, v in micro.items():
             terms[name] = terms.get(name, 0.0) + v.detach().float() / k
     return terms
@@ -445,18 +442,28 @@ batches = iter(loader)
 
 # -----------------------------------------------------------------------------
 # the training loop. The FLOPs count what runs (the x-axis of fig. 5): an objective with weight 0
-# adds nothing, the student's heads run on the padded iBOT rows, the teacher's on the real ones
-flops_per_sample = vtp.stage1_flops(
-    cfg, args, subset['ssl'] / B, subset['rec'] / B, perceptual is not None,
-    ibot_rows=loader.builder.ibot_size / max(subset['ssl'] // (world_size * k_acc), 1),
-    ibot_rows_teacher=loader.builder.masked_rows_per_sample)
+# adds nothing; the heads run on the padded iBOT rows, the text tower on the cut captions
+def flops_at(ibot_rows, text_len):  # per pair: iBOT rows per SSL sample, caption tokens
+    return vtp.stage1_flops(cfg, args, subset['ssl'] / B, subset['rec'] / B,
+                            perceptual is not None, ibot_rows, text_len)
+
+
+def step_flops(micro_batches):  # per pair, of a step as it ran
+    return sum(flops_at(len(mb['ibot_index']) / mb['n_ssl'] if use_ssl else 0,
+                        mb['tokens'].shape[1] if use_clip else 0)
+               for mb in micro_batches) / len(micro_batches)
+
+
+# the most a step costs: captions of full length, the iBOT bound
+flops_bound = flops_at(loader.builder.ibot_size / max(subset['ssl'] // (world_size * k_acc), 1),
+                       cfg.text_context_length)
 peak_flops = vtp.gpu_peak_flops(device)
 sources.update(dict.fromkeys(derived, 'machine or tokenizer'))
 vtp.report_config(args, sources, os.path.join(args.out_dir, 'config.json')
                   if master and not measuring else None, cfg,
                   (args.size, vtp.VTP_CONFIGS[args.size]) if init is None else None)
 print0(f"batch {B} (ssl {subset['ssl']}, rec {subset['rec']}) = {world_size} ranks x {k_acc} micro "
-       f"x {b}; {flops_per_sample / 1e9:.3f} GFLOPs/sample; {workers} data worker(s) per rank"
+       f"x {b}; <= {flops_bound / 1e9:.3f} GFLOPs/sample; {workers} data worker(s) per rank"
        f"{'; compiled' if args.compile else ''}")
 model.train()
 if measuring:  # scripts/bench.py: the loader alone, or the train step on one cached step
@@ -465,24 +472,33 @@ if measuring:  # scripts/bench.py: the loader alone, or the train step on one ca
         bench.bench_data(lambda: [next(batches) for _ in range(k_acc)], args.bench_data, B, workers)
     if args.bench or args.profile:
         cached = [to_device(next(batches)) for _ in range(k_acc)]
-        bench.bench(lambda: optimizer_step(0, train_step(0, cached)), args.bench, B,
-                    flops_per_sample, device, world_size, f"VTP-{args.size} {args.image_size}px "
-                    f"batch {B} = {k_acc} micro x {b}", args.profile, args.out_dir)
+        # HFU's repeated work: the CLIP cache pass (k > 1: a forward of the encoder and the text
+        # tower per pair), checkpointing's second forward of the blocks (~1/3 of the step)
+        flops = step_flops(cached)
+        cache_pass = k_acc > 1 and use_clip and sum(vtp.vtp_flops(cfg, part, n) for part, n in (
+            ('encoder', args.image_size), ('embed', args.image_size),
+            ('text', cached[0]['tokens'].shape[1])))
+        recompute = cache_pass / flops + (1 / 3 if args.grad_checkpointing else 0)
+        bench.bench(lambda: optimizer_step(0, train_step(0, cached)), args.bench, B, flops,
+                    device, world_size, f"VTP-{args.size} {args.image_size}px "
+                    f"batch {B} = {k_acc} micro x {b}", args.profile, args.out_dir,
+                    recompute=recompute)
     del net, loader, batches
     vtp.teardown()
     raise SystemExit(0)
 
 log_path, meter = vtp.start_log(args.out_dir, start_step), vtp.Meter()
 t_start = t0 = time.time()
-samples_since = 0
+samples_since = flops_since = 0
 for step in range(start_step, args.max_steps):
     micro_batches = [to_device(next(batches)) for _ in range(k_acc)]
     for mb in micro_batches:
         data.add_counts(skipped, mb['skipped'])
     terms = train_step(step, micro_batches)
     lr = optimizer_step(step, terms)
-    flops_done += flops_per_sample * B
-    samples_since += B
+    flops = step_flops(micro_batches) * B
+    flops_done, flops_since, samples_since = flops_done + flops, flops_since + flops, \
+        samples_since + B
     done = step + 1
     log_due = done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.max_steps
     val_due = args.eval_every and val_set is not None and \
@@ -501,19 +517,20 @@ for step in range(start_step, args.max_steps):
     if log_due:  # the one host sync per log step, checked before any checkpoint is written
         vals = meter.reduce()
         vtp.check_finite(vals, done, ckpt_path)
-        per_s = samples_since / (time.time() - t0)
+        dt = time.time() - t0
+        per_s = samples_since / dt
         record = {'step': done, **{k: round(v, 6) for k, v in vals.items() if k != 'skipped_steps'},
                   'lr': lr, 'img_per_s': round(per_s, 2), 'flops': flops_done,
                   'teacher_temp': teacher_temp_at(step),
                   'teacher_momentum': teacher_momentum_at(step)}
         if peak_flops:
-            record['mfu'] = round(flops_per_sample * per_s / (peak_flops * world_size), 4)
+            record['mfu'] = round(flops_since / dt / (peak_flops * world_size), 4)
         total = data.count_over_ranks(skipped)  # the bad-sample counts live on each rank
         if total:
             record['skipped'] = total
         if use_clip:
             record['logit_scale'] = round(model.logit_scale.exp().item(), 3)
-        t0, samples_since = time.time(), 0
+        t0, samples_since, flops_since = time.time(), 0, 0
     if val_due:
         with vtp.eager():  # a few batches of other shapes: compiling them would not pay
             record = {'step': done, **record, **validate(done)}

@@ -826,36 +826,64 @@ def clip_loss(image_features, text_features, logit_scale, cache=None, chunk=0):
     # Symmetric InfoNCE (OpenCLIP; §3.3) on L2-normalised features (b, W). Each rank scores its own
     # rows against the columns of every rank (OpenCLIP's local loss with gather-with-grad): with
     # DDP's gradient averaging this is the single-process loss of the concatenated batch.
-    # Gradient accumulation over k micro-batches stays exact (OpenCLIP's accum_freq): cache =
-    # (images, texts), each (k, world b, W), the step's features from a pass without gradient;
-    # micro-batch `chunk` puts its live features in its slice and the rank's rows of all k chunks
-    # are scored against all k world b columns, so the contrastive batch is the whole step's. Each
-    # backward then carries the gradient through its own features, and the k of them sum to the
-    # gradient of the step's loss (the caller passes the logit scale detached in all but one).
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
     b = len(image_features)
     img, txt = all_gather(image_features, grad=True), all_gather(text_features, grad=True)
     labels = torch.arange(b, device=img.device) + rank * b
-    rows_img, rows_txt = image_features, text_features
-    if cache is not None:
-        k = cache[0].shape[0]
-        img = torch.cat([img if j == chunk else cache[0][j] for j in range(k)])  # (k world b, W)
-        txt = torch.cat([txt if j == chunk else cache[1][j] for j in range(k)])
-        # this rank's rows of every chunk, whose positives sit at these columns of the step
-        labels = (torch.arange(k, device=img.device)[:, None] * world * b + labels[None]).flatten()
-        rows_img, rows_txt = img[labels], txt[labels]
-    logits_i2t = logit_scale * rows_img @ txt.t()  # (rows, all columns)
-    logits_t2i = logit_scale * rows_txt @ img.t()
-    return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
+    if cache is None:
+        return (F.cross_entropy(logit_scale * image_features @ txt.t(), labels) +
+                F.cross_entropy(logit_scale * text_features @ img.t(), labels)) / 2
+    # Exact accumulation over k micro-batches (OpenCLIP's accum_freq), at the cost of one step's
+    # logits in all, not k: cache = clip_cache(...) of the step. Micro-batch `chunk` returns a
+    # value whose mean over the k micro-steps is the step's loss, and whose gradients sum to the
+    # step's gradient: its live rows against every column (cached ones, its own live), and the
+    # gradient of the other chunks' rows reaching its live columns, d CE / d logit = softmax =
+    # exp(logit - lse), with the rows' lse from the cache (a term of value 0). The logit scale's
+    # gradient comes from the cache too, a constant times (scale - scale), value 0 as well.
+    feats_i, feats_t, lse_i, lse_t, grad_scale = cache
+    k, s = len(feats_i), logit_scale.detach()
+    cols_i = torch.cat([img if j == chunk else feats_i[j] for j in range(k)])  # (k world b, W)
+    cols_t = torch.cat([txt if j == chunk else feats_t[j] for j in range(k)])
+    live = (F.cross_entropy(s * image_features @ cols_t.t(), labels + chunk * world * b) +
+            F.cross_entropy(s * text_features @ cols_i.t(), labels + chunk * world * b)) / 2
+    others = [j for j in range(k) if j != chunk]  # this rank's rows of the other chunks
+    rows = lambda f: f[others][:, rank * b:(rank + 1) * b].flatten(0, 1)  # ((k - 1) b, W)
+    zero = lambda x: x - x.detach()
+    e_i = torch.exp(s * rows(feats_i) @ txt.t() - lse_i[others].flatten()[:, None])
+    e_t = torch.exp(s * rows(feats_t) @ img.t() - lse_t[others].flatten()[:, None])
+    return live + (zero(e_i).sum() + zero(e_t).sum()) / (2 * b) + zero(logit_scale) * grad_scale
 
 
 @torch.no_grad()
-def sinkhorn_knopp(teacher_logits, temp, n_iters=3):
+def clip_cache(image_features, text_features, logit_scale):
+    # what clip_loss needs to accumulate exactly: the step's features (k, world b, W) each, from a
+    # pass without gradient, the log-sum-exp of this rank's rows over all k world b columns, and
+    # d loss / d scale = mean over rows of (E_softmax[cos] - cos of the positive), both directions
+    k, n = image_features.shape[:2]
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+    b = n // world
+    labels = (torch.arange(k, device=image_features.device)[:, None] * n + rank * b +
+              torch.arange(b, device=image_features.device)).flatten()  # (k b)
+    img, txt, s = image_features.flatten(0, 1), text_features.flatten(0, 1), logit_scale
+    lse, grad = [], 0.0
+    for rows, cols in ((img, txt), (txt, img)):
+        cos = rows[labels] @ cols.t()  # (k b, k world b)
+        p = (s * cos).softmax(1)
+        grad = grad + ((p * cos).sum(1) - cos.gather(1, labels[:, None])[:, 0]).mean() / 2
+        lse.append((s * cos).logsumexp(1).view(k, b))
+    return image_features, text_features, lse[0], lse[1], grad
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits, temp, n_iters=3, valid=None):
     # The teacher's targets by Sinkhorn-Knopp centering (DINOv2, SwAV), fp32, normalised over the
     # samples of all ranks: every prototype gets an equal share of the batch, every sample a
-    # distribution. (B, K) -> (B, K) probabilities. A rank may hold no rows (no masked patch in a
-    # step, for iBOT): its result is empty, and nothing divides 0 by 0 (that would put NaN in).
+    # distribution. (B, K) -> (B, K) probabilities. valid (B,) bool: the real rows (iBOT's padded
+    # index), the others take no mass and get zeros. A rank may hold no rows (no masked patch in
+    # a step, for iBOT): its result is empty, and nothing divides 0 by 0 (that would put NaN in).
     logits = teacher_logits.float()
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, None], -math.inf)
     # exp(logits / temp) overflows fp32 above ~88 temp: subtract the global maximum first (a shift
     # common to all ranks cancels out)
     local_max = logits.max().reshape(1) if logits.numel() else logits.new_full((1,), -math.inf)
@@ -863,7 +891,8 @@ def sinkhorn_knopp(teacher_logits, temp, n_iters=3):
                   / temp).t()  # (K, B)
     K = Q.shape[0]
     # the sample count made on the device by a fill: a copy from the host would be a host sync
-    B = all_reduce(Q.new_full((1,), Q.shape[1])).clamp_min(1)
+    B = all_reduce(Q.new_full((1,), Q.shape[1]) if valid is None else
+                   valid.sum().float().reshape(1)).clamp_min(1)
     tiny = torch.finfo(torch.float32).tiny
     Q = Q / all_reduce(Q.sum().reshape(1)).clamp_min(tiny)
     for _ in range(n_iters):  # rows: each prototype 1/K of the mass; columns: each sample 1/B
@@ -1535,21 +1564,21 @@ def vtp_flops(cfg, part, size):
     return flops
 
 
-def stage1_flops(cfg, args, ssl_frac, rec_frac, lpips, ibot_rows, ibot_rows_teacher):
+def stage1_flops(cfg, args, ssl_frac, rec_frac, lpips, ibot_rows, text_len):
     # The training FLOPs per image-text pair of the stage-1 step as it runs, from its flags `args`
     # (the x-axis of the scaling plots, §4.3, and MFU's numerator). CLIP: the encoder on every main
-    # view, the text tower, the projections, each row's logits against the batch. Reconstruction
-    # (a rec_frac of the samples): the decoder, LPIPS (forward on both images, backward through
-    # one), the encoder if CLIP is off. SSL (a ssl_frac): the student on 2 global + n_local crops,
-    # the teacher's forward on the 2 global ones, the heads on the cls tokens and ibot_rows masked
-    # patches a sample (padded; the teacher's real ones: ibot_rows_teacher), KoLeo's products. Not
-    # counted: the no-grad CLIP pass of accumulation, checkpointing's recomputation (costs of the
-    # implementation), norms and other elementwise work.
+    # view, the text tower on text_len tokens (the batch's, cut), the projections, each row's
+    # logits against the batch. Reconstruction (a rec_frac of the samples): the decoder, LPIPS
+    # (forward on both images, backward through one), the encoder if CLIP is off. SSL (a
+    # ssl_frac): the student on 2 global + n_local crops, the teacher's forward on the 2 global
+    # ones, both heads on the cls tokens and ibot_rows masked patches a sample (the padded index),
+    # KoLeo's products. Not counted: the no-grad CLIP pass of accumulation, checkpointing's
+    # recomputation (costs of the implementation), norms and other elementwise work.
     f, S, B = functools.partial(vtp_flops, cfg), args.image_size, args.batch_size
     encoder, flops = 3 * f('encoder', S) + 2 * f('embed', S), 0.0
     if cfg.train_clip:
         W = cfg.text_embed_dim
-        flops += encoder + 3 * f('text', cfg.text_context_length)
+        flops += encoder + 3 * f('text', text_len)
         flops += 3 * 2 * ((cfg.embed_dim if cfg.bottleneck_ae_only else cfg.bottleneck_dim) * W +
                           W * W)  # visual_proj, text_projection
         flops += 3 * 2 * 2 * B * W  # logits i2t and t2i, per row
@@ -1561,7 +1590,7 @@ def stage1_flops(cfg, args, ssl_frac, rec_frac, lpips, ibot_rows, ibot_rows_teac
         g, gemb = f('encoder', G), f('embed', G)
         lo, lemb = (f('encoder', L), f('embed', L)) if n_local else (0, 0)
         student = 3 * (2 * g + n_local * lo) + 2 * (2 * gemb + n_local * lemb)
-        heads = f('head', 0) * (3 * (2 + n_local + ibot_rows) + 2 + ibot_rows_teacher)
+        heads = f('head', 0) * (3 * (2 + n_local + ibot_rows) + 2 + ibot_rows)
         koleo = 3 * 2 * 2 * B * ssl_frac * cfg.embed_dim  # per global crop, x2 crops
         flops += ssl_frac * (student + 2 * (g + gemb) + heads) + koleo
     return flops

@@ -149,14 +149,15 @@ if __name__ == '__main__':  # the paper-scale planner
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = replace(vtp.VTP_CONFIGS[args.size], decoder_depth=args.decoder_depth)
     model = vtp.VTP(cfg)
-    # the paper's batch split, views and captions; DINOv2's mask: a crop masked with p 0.5 at a
-    # ratio U(0.1, 0.5), so 2 x 0.5 x 0.3 of the patches of an SSL sample's two crops on average
+    # the paper's batch split, views and captions (at full length); DINOv2's mask: a crop masked
+    # with p 0.5 at a ratio U(0.1, 0.5), so 2 x 0.5 x 0.3 of the patches of an SSL sample's two
+    # crops on average, padded by half a bucket (1/16 of the bound N) on average
     B, B_ssl, B_rec, S, G, L, n_local, T = 16384, 4096, 2048, 256, 224, 96, 8, 77
     recipe = argparse.Namespace(image_size=S, batch_size=B, global_crop_size=G, local_crop_size=L,
                                 n_local_crops=n_local)
     n_patches = (G // cfg.patch_size) ** 2
-    flops = vtp.stage1_flops(cfg, recipe, B_ssl / B, B_rec / B, True, n_patches,
-                             2 * 0.5 * 0.3 * n_patches)
+    flops = vtp.stage1_flops(cfg, recipe, B_ssl / B, B_rec / B, True,
+                             (2 * 0.5 * 0.3 + 1 / 32) * n_patches, T)
     weights = model.num_params()
     # AdamW: fp32 weights, gradients and two moments; the EMA teacher (encoder + heads) in fp32
     state_gib = (16 * weights + 4 * (model.num_params(model.trunk) +

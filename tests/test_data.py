@@ -6,6 +6,7 @@ import math
 import os
 import re
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -154,15 +155,35 @@ def test_loader_batch_layout_and_masks(synth):
     # normalised: the mean image of a batch is roughly centred
     assert b['images'].mean().abs() < 1.5 and b['images'].std() > 0.3
     # iBOT gather: the real entries are exactly the masked flat indices, weights 1/#masked per image
+    # padded to a bucket, 1/16 of the bound M, or to M itself
     M = math.ceil(2 * n * N * 0.5)
-    idx, w, masks = b['ibot_index'], b['ibot_weight'], b['masks']
-    assert idx.shape == w.shape == (M,)
+    bucket, idx, w, masks = math.ceil(M / 16), b['ibot_index'], b['ibot_weight'], b['masks']
     real = w > 0
+    assert idx.shape == w.shape and (len(idx) == M or len(idx) % bucket == 0)
+    assert 0 <= len(idx) - real.sum() < bucket and len(idx) <= M
     assert torch.equal(idx[real], masks.flatten().nonzero().squeeze(1))
     assert (idx[~real] == 0).all() and real.sum() == masks.sum()
     per_image = torch.zeros(2 * n).index_add_(0, idx[real] // N, w[real])
     assert torch.allclose(per_image, (masks.sum(1) > 0).float())
     assert (masks.sum(1) <= int(N * 0.5)).all()
+
+
+def test_captions_cut_after_the_longest_change_no_feature(synth):
+    """The loader cuts the token ids after the batch's longest caption (to a multiple of 8); the
+    text tower attends causally and pools at EOT, so its features are those of the full ids."""
+    tok = data.WordTokenizer(vtp.VTP_CONFIGS['tiny'].text_context_length)  # 32
+    b = take(data.TrainLoader(synth, tok, **KW), 1)[0]
+    full = tok([synth[data.permute_index(p, 1000, 0, 0)][1] for p in b['positions'].tolist()])
+    L = b['tokens'].shape[1]
+    assert L % 8 == 0 and L < 32 and (full[:, L:] == 0).all() and (full[:, L - 8:] != 0).any()
+    assert torch.equal(b['tokens'], full[:, :L])
+    model = vtp.VTP(replace(vtp.VTP_CONFIGS['tiny'], text_vocab_size=tok.vocab_size)).eval()
+    with torch.no_grad():
+        cut, cut_tokens = model.text_features(b['tokens'], return_tokens=True)
+        ref, ref_tokens = model.text_features(full, return_tokens=True)
+    # fp32 rounding only (attention's kernel blocks over another length): 1.3e-6 measured
+    torch.testing.assert_close(cut, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cut_tokens, ref_tokens[:, :L], rtol=1e-5, atol=1e-5)
 
 
 def test_loader_workers_resume_and_rng(synth):

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import vtp
 
@@ -189,6 +190,35 @@ def test_clip_loss_equals_direct_computation():
     torch.testing.assert_close(vtp.clip_loss(img, txt, s), ref / 12)
 
 
+def test_clip_accumulation_is_exact_at_linear_cost():
+    """k micro-steps over the cache (vtp.clip_cache) give the loss and every gradient (features,
+    logit scale) of the whole batch at once, in float64 to rounding; their logits cost a few times
+    the one-pass loss, not k times (scoring all of a rank's rows in every micro-step: k x)."""
+    torch.manual_seed(0)
+    k, b, W = 8, 4, 16
+    img, txt = (F.normalize(torch.randn(k * b, W, dtype=torch.float64), dim=-1) for _ in 'it')
+    scale = torch.tensor(2.3, dtype=torch.float64, requires_grad=True)
+    leaves = lambda: (img.clone().requires_grad_(), txt.clone().requires_grad_())
+    i1, t1 = leaves()
+    with FlopCounterMode(display=False) as one:
+        loss = vtp.clip_loss(i1, t1, scale.exp())
+        loss.backward()
+    ref = (i1.grad, t1.grad, scale.grad.clone())
+    scale.grad, (i2, t2), total = None, leaves(), 0
+    with FlopCounterMode(display=False) as acc:
+        cache = vtp.clip_cache(img.view(k, b, W), txt.view(k, b, W), scale.exp())
+        for m in range(k):
+            share = vtp.clip_loss(i2[m * b:(m + 1) * b], t2[m * b:(m + 1) * b], scale.exp(),
+                                  cache, m)
+            (share / k).backward()
+            total = total + share.detach() / k
+    torch.testing.assert_close(total, loss.detach(), rtol=1e-12, atol=0)
+    for got, want in zip((i2.grad, t2.grad, scale.grad), ref):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert acc.get_total_flops() < 4 * one.get_total_flops(), \
+        (acc.get_total_flops(), one.get_total_flops())
+
+
 def test_sinkhorn_knopp_balances_prototypes():
     torch.manual_seed(0)
     logits = torch.randn(64, 8) * 3
@@ -200,6 +230,13 @@ def test_sinkhorn_knopp_balances_prototypes():
     empty = vtp.sinkhorn_knopp(torch.zeros(0, 8), 0.07)
     assert empty.shape == (0, 8)
     assert vtp.ibot_loss(torch.zeros(0, 8), empty, torch.zeros(0), n_images=4).item() == 0.0
+    # iBOT's padded index: rows marked invalid take no mass and get zeros; the real rows' targets
+    # are those of the real rows alone (even where the padding's logits are huge)
+    valid = torch.rand(64) < 0.6
+    padded = logits.masked_fill(~valid[:, None], 1e4)
+    q = vtp.sinkhorn_knopp(padded, 0.07, valid=valid)
+    torch.testing.assert_close(q[valid], vtp.sinkhorn_knopp(logits[valid], 0.07))
+    assert (q[~valid] == 0).all()
 
 
 def test_dino_ibot_koleo_equal_direct_computation():
