@@ -99,6 +99,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 def feature_stats(feats):
+    # the Gaussian FID fits to a feature set: mean (d,) and covariance (d, d), float64
     feats = np.asarray(feats, np.float64)
     return feats.mean(0), np.cov(feats, rowvar=False)
 
@@ -145,7 +146,8 @@ def precision_recall(real, fake, k=3, device='cpu'):
     if len(real) <= k or len(fake) <= k:
         raise ValueError(f"precision/recall need more than k={k} images in each set")
 
-    def covered(query, feats):  # the share of query rows inside a ball of feats (chunked)
+    def covered(query, feats):
+        # the share of query rows inside a ball of feats (chunked)
         # the radius of a ball: the distance to the k-th nearest other row (the row itself is 0th)
         radii = torch.cat([torch.cdist(a, feats).kthvalue(k + 1, dim=1).values
                            for a in feats.split(4096)])
@@ -158,7 +160,8 @@ def precision_recall(real, fake, k=3, device='cpu'):
 # 2. the FID Inception: torchvision's InceptionV3 with the TF graph's pooling (pytorch-fid's port)
 
 class FIDInceptionA(InceptionA):
-    def forward(self, x):  # TF's average pool does not count the padding
+    def forward(self, x):
+        # TF's average pool does not count the padding
         b5 = self.branch5x5_2(self.branch5x5_1(x))
         b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
         bp = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
@@ -273,7 +276,8 @@ def inception_features(batches, model, device='cpu', total=None, desc='inception
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
 
-def to_uint8(x01):  # [0, 1] -> uint8 by truncation of x * 255, as the official scripts save PNGs
+def to_uint8(x01):
+    # [0, 1] -> uint8 by truncation of x * 255, as the official scripts save PNGs
     return (x01.clamp(0, 1) * 255).to(torch.uint8)
 
 
@@ -287,7 +291,7 @@ class ImageSource:
         self.path, self.files, self.array, self.mu, self.sigma, self.skipped = \
             path, None, None, None, None, 0
         self.has_images = True  # False for an npz of statistics only
-        if os.path.isdir(path):
+        if os.path.isdir(path):  # every image below it, in sorted order: the same on every run
             self.files = sorted(os.path.join(d, n)
                                 for d, _, names in os.walk(path, followlinks=True)
                                 for n in names if n.lower().endswith(data.IMAGE_EXTS))
@@ -295,6 +299,8 @@ class ImageSource:
                 raise ValueError(f"no images ({', '.join(data.IMAGE_EXTS)}) found in {path}")
             self.files, self.kind = self.files[:limit] if limit else self.files, 'folder'
             return
+        # an npz: ADM's reference batches hold both images and statistics, ours (sample.py)
+        # images, a --save-ref-stats file statistics only
         try:
             npz = np.load(path)
             keys = set(npz.files)
@@ -321,7 +327,8 @@ class ImageSource:
         return len(self.files if self.files is not None else self.array if self.has_images else [])
 
     @property
-    def resolution(self):  # (H, W) of the first readable image
+    def resolution(self):
+        # (H, W) of the first readable image
         if self.array is not None:
             return tuple(self.array.shape[1:3])
         for f in self.files:
@@ -333,7 +340,8 @@ class ImageSource:
         raise ValueError(f"no readable image in {self.path}")
 
     @staticmethod
-    def read(path):  # one image file -> uint8 (H, W, 3), or None (corrupt, truncated, not one)
+    def read(path):
+        # one image file -> uint8 (H, W, 3), or None (corrupt, truncated, not one)
         try:
             with Image.open(path) as img:
                 return np.asarray(img.convert('RGB'))
@@ -341,6 +349,7 @@ class ImageSource:
             return None
 
     def batches(self, batch_size, num_workers=0):
+        # uint8 (B, H, W, 3) batches; a folder's files decoded in workers, the unreadable counted
         if self.array is not None:
             yield from (self.array[i: i + batch_size]
                         for i in range(0, len(self.array), batch_size))
@@ -363,7 +372,8 @@ class ImageSource:
 # -----------------------------------------------------------------------------
 # 3. the tokenizer: reconstruction, zero-shot classification, linear probes
 
-def load_vtp(path, device='cpu'):  # a VTP tokenizer in eval mode, or one line saying why not
+def load_vtp(path, device='cpu'):
+    # a VTP tokenizer in eval mode, or one line saying why not
     try:
         model = vtp.load_tokenizer(path)
     except (OSError, ValueError) as e:
@@ -374,7 +384,8 @@ def load_vtp(path, device='cpu'):  # a VTP tokenizer in eval mode, or one line s
     return model.to(device).eval().requires_grad_(False)
 
 
-def unpack(batch):  # (images, labels or None, skipped) of a dict batch, an (images, labels) pair
+def unpack(batch):
+    # (images, labels or None, skipped) of a dict batch, an (images, labels) pair
     if isinstance(batch, dict):
         return batch['images'], batch.get('labels'), batch.get('skipped') or {}
     return batch[0], batch[1] if len(batch) > 1 else None, {}
@@ -397,9 +408,10 @@ def reconstruction_metrics(model, batches, device='cpu', inception=None, lpips_n
     for batch in batches:
         x, labels, skip = unpack(batch)
         data.add_counts(skipped, skip)
-        if x is None or len(x) == 0:
+        if x is None or len(x) == 0:  # a batch whose every file was unreadable
             continue
         x = x[: max_images - n] if max_images else x
+        # every metric on [0, 1] images: the originals and the reconstructions de-normalised
         with vtp.autocast(device):
             z = model.encode(x.to(device))  # (B, d, h, w)
         recon = vtp.to_unit_range(model.decode(z.float()).float()).clamp(0, 1)  # (B, 3, H, W)
@@ -408,7 +420,7 @@ def reconstruction_metrics(model, batches, device='cpu', inception=None, lpips_n
         sums['ssim'] += ssim(recon, x).sum().item()
         if lpips_net is not None:
             sums['lpips'] += lpips_net(recon * 2 - 1, x * 2 - 1).sum().item()
-        if inception is not None:
+        if inception is not None:  # rFID: pool3 features of both, as ADM's evaluator sees PNGs
             real_f.append(inception(to_uint8(x))[0].double().cpu())
             fake_f.append(inception(to_uint8(recon))[0].double().cpu())
         for kind, judge in (judges or {}).items():
@@ -445,6 +457,7 @@ def zeroshot_accuracy(model, classifier, batches, device=None):
             raise ValueError("zero-shot accuracy needs class labels (a class-folder dataset or "
                              "'synthetic')")
         logits = vtp.zeroshot_logits(model, classifier, x.to(device))  # (B, C)
+        # top-5 is over min(5, C) classes: a toy world of fewer classes still has a top-5 row
         hit = logits.topk(min(5, classifier.shape[1]), dim=1).indices.cpu() == y[:, None]
         correct1 += hit[:, 0].sum().item()
         correct5 += hit.any(1).sum().item()
@@ -503,6 +516,7 @@ def train_linear_probes(train_x, train_y, val_x, val_y, num_classes, lrs=PROBE_L
                 logits = torch.einsum('bf,hfc->hbc', val_x[i: i + 1024].float(), W) + b
                 correct += (logits.argmax(-1) == val_y[i: i + 1024][None]).sum(1)
             acc = 100 * correct / len(val_x)  # (H,)
+            # the best head this epoch; the best over heads and epochs is DINOv2's figure
             h = int(acc.argmax())
             if acc[h].item() > best['top1']:
                 best = {'top1': acc[h].item(), 'lr': lrs[h], 'epoch': epoch + 1}
@@ -530,7 +544,8 @@ class SyntheticJudge(nn.Module):
         self.features = nn.Sequential(*layers, nn.Flatten())
         self.head = nn.Linear(64, num_classes)
 
-    def forward(self, x):  # uint8 (B, 3, H, W), any size (resized to 32) -> (B, 64), (B, C)
+    def forward(self, x):
+        # uint8 (B, 3, H, W), any size (resized to 32) -> (B, 64), (B, C)
         f = self.features(F.interpolate(x.float() / 255, size=(32, 32), mode='area'))
         return f, self.head(f)
 
@@ -556,7 +571,8 @@ def synthetic_images(split, n, image_size=32, seed=0, degrade=False):
     return torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(), torch.tensor(ys)
 
 
-def judge_suffix(kind):  # result keys: the robust judge's have none, the crisp one's end in _crisp
+def judge_suffix(kind):
+    # result keys: the robust judge's have none, the crisp one's end in _crisp
     return '' if kind == 'robust' else f'_{kind}'
 
 
@@ -595,6 +611,7 @@ def synthetic_judge(image_size=32, kind='robust', cache_dir=None):
     xv, yv = synthetic_images('val', 512, image_size)
     with torch.no_grad():
         acc = (net(xv)[1].argmax(1) == yv).float().mean().item()
+    # a judge that misreads real images would score samples by its own errors
     if acc < 0.99:
         raise RuntimeError(f"the {kind} synthetic judge recognises only {acc:.1%} of real val "
                            "images")
@@ -660,6 +677,7 @@ def report(args, name, device, result, title, rows, beside=None):
     result = {'command': name, 'argv': sys.argv[1:], 'device': str(device),
               'date': time.strftime('%Y-%m-%d %H:%M:%S'), 'torch': torch.__version__, **result}
     path = getattr(args, 'tokenizer', None) if name != 'synthetic' else None
+    # the JSON goes beside the tokenizer (its folder, or the file's), or `beside`, or into the cwd
     folder = beside or (path if path and os.path.isdir(path) else
                         os.path.dirname(os.path.abspath(path)) if path else os.getcwd())
     out = args.out or os.path.join(folder, f'eval_{name}.json')
@@ -671,13 +689,15 @@ def report(args, name, device, result, title, rows, beside=None):
 
 
 def device_of(name):
+    # --device: 'auto' takes CUDA where torch sees it; 'cuda' without one is an error, not the CPU
     if name == 'cuda' and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
     return torch.device('cuda' if name == 'cuda' or name == 'auto' and torch.cuda.is_available()
                         else 'cpu')
 
 
-def tokenizer_and_data(args):  # recon and zeroshot: device, tokenizer, image size, images
+def tokenizer_and_data(args):
+    # recon and zeroshot: device, tokenizer, image size, images
     device = device_of(args.device)
     model = load_vtp(args.tokenizer, device)
     S = args.image_size or model.config.image_size
@@ -688,7 +708,9 @@ def tokenizer_and_data(args):  # recon and zeroshot: device, tokenizer, image si
 
 
 def cmd_recon(args):
+    # the paper's reconstruction table: rFID, PSNR, SSIM, LPIPS on ADM-centre-cropped val images
     device, model, S, dataset = tokenizer_and_data(args)
+    # the FID Inception: downloaded once per machine, or --inception-weights, or random (tests)
     inception = None if args.no_fid else \
         build_fid_inception(args.inception_weights, args.random_inception).to(device)
     lpips_net = vtp.make_lpips(args.lpips, device=device)
@@ -701,6 +723,7 @@ def cmd_recon(args):
                                  judges)
     if lpips_net is None:
         res['lpips'] = 'unavailable' if args.lpips != 'none' else 'off'
+    # the JSON: the numbers and how each was computed (preprocessing, precision, definitions)
     result = {'tokenizer': os.path.abspath(args.tokenizer), 'data': args.data,
               'split': args.split, **res,
               'preprocess': f'ADM center_crop_arr to {S}, ImageNet mean/std',
@@ -725,7 +748,8 @@ def cmd_recon(args):
                   f"{S}px, skipped {res['skipped'] or 0})", rows)
 
 
-def read_lines(path, what):  # the non-empty lines of a UTF-8 file, or one line saying why not
+def read_lines(path, what):
+    # the non-empty lines of a UTF-8 file, or one line saying why not
     try:
         with open(path, encoding='utf-8') as f:
             lines = [line.strip() for line in f if line.strip()]
@@ -739,6 +763,8 @@ def read_lines(path, what):  # the non-empty lines of a UTF-8 file, or one line 
 
 
 def cmd_zeroshot(args):
+    # CLIP's zero-shot protocol: a classifier of class-name prompts (each class the mean of its
+    # templates' text embeddings), then the top-1 / top-5 of every image's cosine logits
     device, model, S, dataset = tokenizer_and_data(args)
     names = read_lines(args.classnames, 'class names') if args.classnames else \
         list(dataset.class_names or [])
@@ -747,6 +773,7 @@ def cmd_zeroshot(args):
     if not names:
         raise ValueError(f"{args.data} has no class names; pass --classnames FILE (one per line, "
                          "label order)")
+    # an ImageNet folder's sub-folders are WordNet ids: prompts of them would measure nothing
     if all(len(c) == 9 and c[0] == 'n' and c[1:].isdigit() for c in names):
         raise ValueError("the class names are WordNet ids (n01440364, ...): pass --classnames FILE "
                          "with readable names in label order")
@@ -778,6 +805,8 @@ def cmd_zeroshot(args):
 
 
 def cmd_linprobe(args):
+    # a linear probe of frozen features: extracted once per image (train: one random view), then
+    # a grid of linear heads trained on them at once (train_linear_probes)
     import torchvision.transforms as T
     device = device_of(args.device)
     model = load_vtp(args.tokenizer, device)
@@ -785,6 +814,7 @@ def cmd_linprobe(args):
         raise ValueError(f"--n-last-blocks {args.n_last_blocks} > encoder depth "
                          f"{len(model.trunk.blocks)}")
     S = model.config.image_size
+    # DINOv2's views: 224 crops of a 256 resize (the tokenizer's size, where it is smaller)
     crop = args.crop_size or (224 if S >= 224 else S)
     resize = args.resize_size or round(crop * 256 / 224)
     if crop % model.config.patch_size:
@@ -804,6 +834,7 @@ def cmd_linprobe(args):
     t_val = T.Compose([T.Resize(resize, interpolation=bicubic), T.CenterCrop(crop)])
     t_train = t_val if aug == 'none' else T.Compose([
         T.RandomResizedCrop(crop, interpolation=bicubic), T.RandomHorizontalFlip()])
+    # the frozen features of both splits, extracted once and kept on the host
     feats = {}
     for split, ds, tf, limit in (('train', train_set, t_train, args.num_train),
                                  ('val', val_set, t_val, args.num_val)):
@@ -825,6 +856,7 @@ def cmd_linprobe(args):
     if ty.min() < 0 or vy.min() < 0:
         raise ValueError("linear probing needs class labels (a class-folder dataset or "
                          "'synthetic')")
+    # the class count: the train set's names, or the largest label seen in either split
     num_classes = max(len(getattr(train_set, 'class_names', None) or []), int(ty.max()) + 1,
                       int(vy.max()) + 1)
     lrs = [float(v) for v in args.lrs.split(',')] if args.lrs else list(PROBE_LRS)
@@ -862,21 +894,26 @@ def cmd_fid(args):
     if not samples.has_images:
         raise ValueError(f"--samples {args.samples} holds statistics only; IS/precision/recall "
                          "need images")
+    # an FID across resolutions measures the resize as much as the images (ADM's refs are 256 px)
     if ref.has_images and samples.resolution != ref.resolution and \
             not args.allow_resolution_mismatch:
         (h, w), (rh, rw) = samples.resolution, ref.resolution
         raise ValueError(f"samples are {w}x{h} but the reference is {rw}x{rh} "
                          "(--allow-resolution-mismatch to go on)")
+    # pool3 features (FID, precision / recall) and logits (IS) of the samples, then the reference
     inception, bs = build_fid_inception(args.inception_weights, args.random_inception), \
         args.batch_size
     f_fake, l_fake = inception_features(samples.batches(bs, args.num_workers), inception, device,
                                         math.ceil(len(samples) / bs), 'samples')
     if len(f_fake) < 2:
         raise ValueError("FID needs at least 2 sample images")
+    # the reference's features only where they are needed: its images give the statistics
+    # (--ref-stats images, or an npz without mu / sigma) or precision / recall ask for them
     f_real = None
     if ref.has_images and (ref.mu is None or args.ref_stats == 'images' or args.precision_recall):
         f_real, _ = inception_features(ref.batches(bs, args.num_workers), inception, device,
                                        math.ceil(len(ref) / bs), 'reference')
+    # the stored statistics by default, as LightningDiT's evaluation reads ADM's reference
     if ref.mu is not None and args.ref_stats == 'npz':
         ref_stats = 'mu/sigma stored in the npz (precomputed)'
         fid, fid_method = frechet_distance(*feature_stats(f_fake), ref.mu, ref.sigma), 'scipy sqrtm'
@@ -885,9 +922,10 @@ def cmd_fid(args):
             raise ValueError(f"--ref {args.ref} has no images to compute statistics from")
         ref_stats = f'computed here from {len(f_real)} images'
         fid, fid_method = fid_from_features(f_fake, f_real)
-    if args.save_ref_stats:
+    if args.save_ref_stats:  # a reference's statistics alone, for later runs against it
         mu_real, s_real = (ref.mu, ref.sigma) if f_real is None else feature_stats(f_real)
         np.savez(args.save_ref_stats, mu=mu_real, sigma=s_real)
+    # IS from the samples' 1008-way softmax (the TF graph's), in --is-splits splits
     is_mean, is_std = inception_score(torch.softmax(torch.from_numpy(l_fake), dim=1).numpy(),
                                       args.is_splits)
     precision = recall = 'unavailable (the reference has no images)'
@@ -915,6 +953,7 @@ def cmd_fid(args):
 def cmd_synthetic(args):
     # generation (or reconstruction) metrics on the synthetic world by the two judges: the keys
     # without a suffix are the robust judge's, those ending in _crisp the crisp judge's
+    # the samples, the real val images they are compared with, the class each sample was asked for
     samples = ImageSource(args.samples, args.num_samples)
     fake = np.concatenate(list(samples.batches(256)))  # (N, H, W, 3) uint8
     args.image_size = args.image_size or fake.shape[1]
@@ -924,6 +963,7 @@ def cmd_synthetic(args):
               'num_real': len(real),
               'real': f'the first {len(real)} synthetic val images at {args.image_size} px'}
     rows = []
+    # per judge: the Fréchet distance in its feature space (the toy gFID) and its class accuracy
     for kind in JUDGES:
         net, suffix = synthetic_judge(args.image_size, kind), judge_suffix(kind)
         (f_fake, p_fake), (f_real, p_real) = judge_features(net, fake), judge_features(net, real)
@@ -975,6 +1015,8 @@ def cmd_synthetic(args):
 # 6. the command line
 
 def build_parser():
+    # one sub-command per evaluation; the flags they share are added in the loop, then each one's
+    # own below it
     parser = argparse.ArgumentParser(description="VTP evaluation: reconstruction, zero-shot, "
                                      "linear probe, FID, the synthetic world's judges")
     sub = parser.add_subparsers(dest='command', required=True)
@@ -1066,7 +1108,9 @@ def build_parser():
 
 
 def main(argv=None):
+    # every failure of bad input ends in one line: a missing file, a wrong format, a bad flag
     args = build_parser().parse_args(argv)
+    # --num-workers unset: the CPUs less one, at most 16 (evaluation is one process)
     if hasattr(args, 'num_workers'):
         args.num_workers = data.worker_count(args.num_workers, print)
     try:

@@ -85,6 +85,7 @@ if args.compile is None:  # compile where it pays: full-size models on the GPU
     args.compile = device.type == 'cuda' and recipe_name == 'paper'
 B = args.batch_size
 vtp.split_batch(B, world_size, args.grad_accum or 1)  # a bad --batch-size stops here, early
+# the tokenizer's resolution unless told otherwise (the decoder is resolution-free: RoPE)
 args.image_size = args.image_size or cfg.image_size
 if args.image_size % cfg.patch_size:
     raise SystemExit(f"error: --image-size {args.image_size} is not a multiple of the patch size "
@@ -103,6 +104,7 @@ if world_size > 1 and device.type == 'cuda' and args.disc_norm == 'batch':
 print0(f"discriminator: PatchGAN {args.disc_layers} layers, ndf {args.disc_ndf}, {args.disc_norm} "
        f"norm, {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M parameters")
 perceptual = vtp.make_lpips(args.perceptual, device, verbose=master)
+# LDM's Adam for both players: betas (0.5, 0.9), the low beta1 GAN training usually takes
 opt_g = torch.optim.Adam(decoder.parameters(), lr=args.lr, betas=(0.5, 0.9), fused=True)
 opt_d = torch.optim.Adam(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9), fused=True)
 
@@ -112,6 +114,7 @@ measuring = args.bench or args.profile or args.bench_data  # no run folder, log 
 resume = vtp.open_run(args.out_dir, args.resume, master) if not measuring else None
 if resume:
     ckpt = vtp.load_checkpoint(resume, stage=2)
+    # the same tokenizer, or the decoder would be loaded onto another model's encoder
     if ckpt.get("config") != asdict(cfg):
         raise SystemExit(f"error: --resume {resume} fine-tunes another tokenizer than "
                          f"{args.tokenizer}")
@@ -139,6 +142,7 @@ workers = data.worker_count(args.num_workers, print0)
 
 
 def make_loader(grad_accum, num_workers):
+    # stage 1's loader with neither CLIP nor SSL: every sample is a reconstruction row (B_rec = B)
     return data.TrainLoader(train_set, None, image_size=args.image_size, global_size=0,
                             local_size=0, n_local=0, global_batch=B, ssl_batch=0, rec_batch=B,
                             world_size=world_size, rank=rank, grad_accum=grad_accum,
@@ -147,7 +151,8 @@ def make_loader(grad_accum, num_workers):
 
 
 @torch.no_grad()
-def reconstruct(images):  # images -> reconstructions, both in [0, 1], by chunks of 64
+def reconstruct(images):
+    # images -> reconstructions, both in [0, 1], in chunks of 64, the decoder in eval mode
     was_training = decoder.training
     decoder.eval()
     out = []
@@ -158,10 +163,12 @@ def reconstruct(images):  # images -> reconstructions, both in [0, 1], by chunks
     return torch.cat(out)
 
 
-val_before = reconstruct(val_images) if val_images is not None else None  # stage 1's decoder
+# the stage-1 decoder's reconstructions: the grids' middle row
+val_before = reconstruct(val_images) if val_images is not None else None
 
 
-def validate(step):  # val PSNR, and a grid of rows input | stage-1 decoder | this decoder
+def validate(step):
+    # val PSNR, and a grid of rows: input | stage-1 decoder | this decoder
     x = vtp.to_unit_range(val_images).clamp(0, 1)
     recon = reconstruct(val_images)
     k = min(8, len(x))
@@ -176,7 +183,8 @@ def validate(step):  # val PSNR, and a grid of rows input | stage-1 decoder | th
 train_decoder, train_disc = decoder, disc  # DDP's wrappers, once the ranks have agreed on k
 
 
-def to_disc(x):  # ImageNet-normalised -> [-1, 1], the range LDM's discriminator sees
+def to_disc(x):
+    # ImageNet-normalised -> [-1, 1], the range LDM's discriminator sees
     return vtp.to_unit_range(x) * 2 - 1
 
 
@@ -187,6 +195,7 @@ def train_step(step, micro_batches, meter, probe_disc=None):
     d_gen, d_own = (probe_disc, probe_disc) if probe_disc else (disc, train_disc)
     d_gen.requires_grad_(False)  # the generator step needs gradients through D, not for it
     zs, loss_sum = [], 0.0
+    # the decoder's step: each micro-batch encoded once, without gradient; D's step reuses the z
     for m, x in enumerate(micro_batches):
         with torch.no_grad(), autocast:
             zs.append(model.encode(x))  # (b, d, S/p, S/p), frozen
@@ -195,6 +204,7 @@ def train_step(step, micro_batches, meter, probe_disc=None):
                 contextlib.nullcontext():
             with autocast:
                 recon = train_decoder(zs[-1])  # (b, 3, S, S)
+            # L1 in the normalised space, LPIPS on [-1, 1] (vtp.reconstruction_loss)
             l1, lp = vtp.reconstruction_loss(recon, x, perceptual)
             loss_rec = l1 + args.perceptual_weight * lp
             terms = {'loss_rec': loss_rec, 'loss_l1': l1}
@@ -212,7 +222,7 @@ def train_step(step, micro_batches, meter, probe_disc=None):
             (loss / k).backward()
         meter.add(terms)
         loss_sum = loss_sum + loss.detach()
-    if probe_disc is None:
+    if probe_disc is None:  # the memory probe measures; it never steps
         grad_norm = vtp.clip_grad_norms([list(decoder.parameters())], 0.0)  # logged, not clipped
         found = vtp.skip_if_not_finite(opt_g, grad_norm, loss_sum)  # on the device: no host sync
         opt_g.step()
@@ -221,6 +231,7 @@ def train_step(step, micro_batches, meter, probe_disc=None):
     if not gan:
         return
     d_gen.requires_grad_(True)
+    # D's step: the hinge loss on the real images against the updated decoder's reconstructions
     d_sum = 0.0
     for m, (x, z) in enumerate(zip(micro_batches, zs)):
         with d_own.no_sync() if d_own is not disc and m < k - 1 else contextlib.nullcontext():
@@ -234,12 +245,14 @@ def train_step(step, micro_batches, meter, probe_disc=None):
                    'logits_fake': logits_fake.float().mean()})
         d_sum = d_sum + loss_d.detach()
     if probe_disc is None:
+        # a non-finite D loss skips D's step on the device, as a bad decoder loss skips the other
         vtp.skip_if_not_finite(opt_d, d_sum)
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)
 
 
-def save(step):  # the checkpoint is also a tokenizer for the later stages: 'model' is the VTP
+def save(step):
+    # the checkpoint is also a tokenizer for the later stages: its 'model' is the whole VTP
     ckpt = vtp.make_checkpoint(2, model, None, opt_g, step, args, cfg, device,
                                {'position': step * B, 'skipped': skipped},
                                discriminator=disc.state_dict(), disc_optimizer=opt_d.state_dict())
@@ -249,6 +262,7 @@ def save(step):  # the checkpoint is also a tokenizer for the later stages: 'mod
 # -----------------------------------------------------------------------------
 # micro-batches: --grad-accum, or on CUDA the fewest micro-steps whose micro-batch fits, probed on
 # each rank alone before the process group exists (SyncBatchNorm then runs as plain batch norm)
+# what the machine or the tokenizer chose, not a flag: config.json reports it as such
 derived = {'compile', 'num_workers', 'image_size'} - {k for k, s in sources.items() if s == 'flag'}
 k_acc = args.grad_accum or 1
 if args.grad_accum is None:
@@ -267,13 +281,15 @@ vtp.start_ranks(device)
 args.grad_accum = k_acc = vtp.agree_grad_accum(k_acc)
 args.num_workers = workers
 b = vtp.split_batch(B, world_size, k_acc)
-if world_size > 1:  # the encoder runs under no_grad; DDP wraps what trains, D on its own
+if world_size > 1:
+    # the encoder runs under no_grad; DDP wraps what trains, D on its own
     ids = [device.index] if device.type == 'cuda' else None
     train_decoder = DDP(decoder, device_ids=ids, gradient_as_bucket_view=True)
     # D runs twice (real, fake) per backward: re-broadcasting its batch-norm buffers in between
     # would bump the version of tensors saved for backward (train mode does not read them)
     warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated')
     train_disc = DDP(disc, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True)
+# the bench and the profile time the step on a cached batch: no workers left busy then
 loader = make_loader(k_acc, workers if args.bench_data or not measuring else 0)
 batches = iter(loader)
 
@@ -291,6 +307,7 @@ if measuring:  # scripts/bench.py: the loader alone, or the step (GAN on) on one
         bench.bench_data(lambda: [next(batches) for _ in range(k_acc)], args.bench_data, B, workers)
     if args.bench or args.profile:
         cached = [next(batches)['images'].to(device) for _ in range(k_acc)]
+        # MFU counts the decoder's training and the frozen encoder's forward only
         flops = 3 * vtp.vtp_flops(cfg, 'decoder', args.image_size) + \
             vtp.vtp_flops(cfg, 'encoder', args.image_size)
         bench.bench(lambda: train_step(args.disc_start, cached, meter), args.bench, B, flops,
@@ -300,7 +317,8 @@ if measuring:  # scripts/bench.py: the loader alone, or the step (GAN on) on one
     vtp.teardown()
     raise SystemExit(0)
 log_path = vtp.start_log(args.out_dir, start_step)
-if master and start_step == 0 and val_images is not None:  # the baseline GAN training must beat
+# step 0's val PSNR: the stage-1 decoder, the baseline GAN training must beat
+if master and start_step == 0 and val_images is not None:
     vtp.append_log(log_path, {'step': 0, **validate(0)})
 t_start = t0 = time.time()
 samples_since = 0
@@ -309,7 +327,8 @@ for step in range(start_step, args.max_steps):
     for _ in range(k_acc):
         batch = next(batches)
         data.add_counts(skipped, batch['skipped'])
-        micro_batches.append(batch['images'].to(device, non_blocking=True))  # (b, 3, S, S)
+        # (b, 3, S, S), pinned by the loader: the copy overlaps the previous step's compute
+        micro_batches.append(batch['images'].to(device, non_blocking=True))
     train_step(step, micro_batches, meter)
     samples_since += B
     done = step + 1
@@ -317,6 +336,7 @@ for step in range(start_step, args.max_steps):
     if done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.max_steps:
         vals = meter.reduce()  # the one host sync per log step, checked before any checkpoint
         vtp.check_finite(vals, done, ckpt_path)
+        # log.jsonl's line: each term's mean over the steps since the last log line
         record = {'step': done, **{k: round(v, 6) for k, v in vals.items() if k != 'skipped_steps'},
                   'lr': args.lr, 'disc_lr': args.disc_lr,
                   'img_per_s': round(samples_since / (time.time() - t0), 2)}
@@ -324,6 +344,7 @@ for step in range(start_step, args.max_steps):
         if total:
             record['skipped'] = total
         t0, samples_since = time.time(), 0
+    # rank 0 validates alone, on the val images it holds
     if master and val_images is not None and args.eval_every and \
             (done % args.eval_every == 0 or done == args.max_steps):
         record = {'step': done, **record, **validate(done)}

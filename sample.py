@@ -47,17 +47,20 @@ vtp.add_run_flags(parser, None, "decodes the samples (unset: the one recorded in
                   "a batch pay for it; off on CPUs)",
                   out_dir="where the run writes: the samples (unset: samples/ beside --ckpt)")
 parser.set_defaults(batch_size=32)
+# the DiT and what it needs to decode
 arg('--ckpt', required=True, help="train_dit.py ckpt.pt, or an official LightningDiT checkpoint")
 arg('--dit-config', default=None, choices=list(vtp.DIT_CONFIGS),
     help="official checkpoints: the preset (unset: read from the weights' shapes)")
 arg('--latent-stats', default=None, help="latents_stats.pt {'mean','std'} (unset: the ones in "
     "our checkpoint; required for official ones)")
+# what to sample: how many, of which labels or prompts
 arg('--num-samples', type=int, default=64, help="samples to generate (FID: 50000)")
 arg('--labels', default=None, help="comma-separated labels, cycled (unset: class-balanced, "
     "label of sample i = i %% num_classes)")
 arg('--prompt', action='append', default=None,
     help="text DiTs: a prompt (repeatable); prompts are cycled over the samples, in order")
 arg('--prompts', default=None, help="text DiTs: a file of prompts, one per line")
+# the sampler (the defaults: VTP's LightningDiT inference settings)
 arg('--cfg-scale', type=float, default=1.0, help="classifier-free guidance (1: none)")
 arg('--cfg-interval-start', type=float, default=0.0, help="no guidance while t < this")
 arg('--cfg-channels', type=int, default=0,
@@ -65,16 +68,18 @@ arg('--cfg-channels', type=int, default=0,
 arg('--num-steps', type=int, default=250, help="Euler time points (num_steps - 1 calls)")
 arg('--timestep-shift', type=float, default=0.075, help="time-grid shift (VTP's)")
 arg('--heun', action='store_true', help="Heun steps instead of Euler (2 calls a step)")
+# what is written beyond the PNGs, samples.npz and grid.png
 arg('--fid-ref', default=None, help="run `evaluate.py fid` against this reference at the end")
 arg('--save-latents', action='store_true', help="also write latents.npy (N, C, h, w): the DiT's "
     "normalised latents before decoding, for a judge that never sees pixels")
 args = vtp.parse_args(parser)[0]
-# the inputs checked before anything loads, each with one line
+# the inputs checked before anything loads, each with one line: a bad flag found after minutes of
+# loading and compiling, on every rank, is the costliest kind of typo
 try:
     label_list = [int(v) for v in args.labels.split(',')] if args.labels is not None else None
 except ValueError:
     raise SystemExit(f"error: --labels {args.labels!r}: comma-separated integers expected")
-prompts = list(args.prompt or [])
+prompts = list(args.prompt or [])  # --prompt, then the lines of --prompts
 if args.prompts:
     try:
         with open(args.prompts, encoding='utf-8') as f:
@@ -92,9 +97,9 @@ for bad, why in ((args.num_samples < 1, "--num-samples must be at least 1"),
     if bad:
         raise SystemExit(f"error: {why}")
 rank, world_size, device = vtp.setup(args.device)
-vtp.start_ranks(device)
+vtp.start_ranks(device)  # the process group: sampling has no memory probe to run first
 master, print0 = rank == 0, vtp.print0
-per_rank = vtp.split_batch(args.batch_size, world_size, 1)
+per_rank = vtp.split_batch(args.batch_size, world_size, 1)  # one line if it does not divide
 
 # -----------------------------------------------------------------------------
 # DiT (EMA weights), latent statistics, tokenizer (and text tower)
@@ -107,10 +112,13 @@ if args.ckpt.endswith('.safetensors'):
     exported = {k.split('.', 1)[1]: ckpt.pop(k) for k in list(ckpt)
                 if k.startswith('latent_stats.')}
 else:
+    # weights only (torch.load's safe unpickler): loading a checkpoint never runs code
     ckpt = vtp.load_checkpoint(args.ckpt, '--ckpt')
+# ours carries its config, EMA weights, latent statistics and the tokenizer it was trained on;
+# an official LightningDiT file holds weights only, its preset read from their shapes
 ours = isinstance(ckpt, dict) and ckpt.get('stage') == 3
 try:
-    if ours:
+    if ours:  # a config written by a later version may hold fields this one does not know
         known = {f.name for f in fields(vtp.DiTConfig)}
         model = vtp.DiT(vtp.DiTConfig(**{k: v for k, v in ckpt['config'].items() if k in known}))
         model.load_state_dict(ckpt['ema'])
@@ -126,6 +134,7 @@ if args.compile is None:  # 250 steps a batch: compiling the blocks pays on the 
     args.compile = device.type == 'cuda'
 if args.compile:  # one block at a time, in place
     vtp.compile_model(dit)
+# the DiT learned normalised latents (z - mean) / std of its cache: the decoder needs them back
 if args.latent_stats:
     stats = vtp.load_checkpoint(args.latent_stats, '--latent-stats')
 elif ours or exported:
@@ -152,6 +161,8 @@ def recorded(entry, flag):
     return path
 
 
+# the decoder: --tokenizer, or the one recorded at training; a stage-2 decoder of the same encoder
+# is fine (the fingerprint is the encoder's), another encoder gets a warning
 tok_path = args.tokenizer or (recorded(ckpt['tokenizer'], '--tokenizer') if ours else None)
 if tok_path is None:
     raise SystemExit("error: an official checkpoint needs --tokenizer")
@@ -166,6 +177,7 @@ trained_on = ckpt['tokenizer']['encoder_sha256'] if ours else None
 if ours and args.tokenizer and data.encoder_fingerprint(tokenizer) != trained_on:
     print0(f"warning: {tok_path}'s encoder is not the one whose latents the DiT learned; decodes "
            f"may be off unless its decoder was trained for those latents")
+# the condition: a text DiT reads its prompts through the frozen text tower it was trained with
 if cfg.text_dim:
     if not prompts:
         raise SystemExit("error: a text-to-image DiT needs --prompt TEXT (repeatable) or --prompts "
@@ -176,10 +188,13 @@ elif prompts:
     raise SystemExit(f"error: {args.ckpt} is class-conditional: use --labels, not prompts")
 else:
     prompts = None
-del ckpt
+del ckpt  # its tensors live on in the modules (or were not needed)
 
+# checked now that the DiT's class count is known
 if label_list is not None and not all(0 <= v < cfg.num_classes for v in label_list):
     raise SystemExit(f"error: --labels must lie in [0, {cfg.num_classes})")
+# the run folder: rank 0 makes and locks it and records what the samples came from
+# (sample_args.json, prompts.txt: what evaluate.py synthetic reads to know each sample's target)
 out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), 'samples')
 image_dir = os.path.join(out_dir, 'images')
 if master and not args.bench:
@@ -204,6 +219,7 @@ def condition(idx):
     if prompts is None:
         return torch.tensor([label_list[i % len(label_list)] if label_list else i % cfg.num_classes
                              for i in idx], device=device)
+    # (B, 1 + L, W): the pooled embedding, then every token's features, as train_dit.py encodes
     tokens = text_tokenizer([prompts[i % len(prompts)] for i in idx]).to(device)
     with torch.no_grad():
         pooled, feats = text_encoder.text_features(tokens, normalize=True, return_tokens=True)
@@ -220,10 +236,12 @@ def noise_of(i):
 def sample(idx):
     # samples idx -> (uint8 images (n, H, W, 3), decoded by the tokenizer (fp32, as upstream);
     # with --save-latents the DiT's normalised latents (n, C, h, w) on the CPU, else n Nones)
+    # the Euler ODE from noise (t = 0) to data (t = 1) on the EMA weights, fp32 as upstream
     noise = torch.stack([noise_of(i) for i in idx]).to(device)  # (n, C, H, W)
     z = vtp.euler_sample(dit, noise, condition(idx), args.num_steps, args.timestep_shift,
                          args.cfg_scale, args.cfg_interval_start, null_class=dit.null_condition(),
                          cfg_channels=args.cfg_channels or None, heun=args.heun)
+    # the latents in the space the DiT learned, before un-normalising (the latent judge's input)
     latents = z.float().cpu().numpy() if args.save_latents else [None] * len(idx)
     z = z * std + mean  # un-normalise: a forgotten step costs FID ~130 (LightningDiT#34)
     x = vtp.to_unit_range(tokenizer.decode(z).float()).clamp(0, 1)  # (n, 3, H, W)
@@ -244,21 +262,25 @@ if args.bench:  # sampling throughput on the first batch's samples, nothing writ
 n_batches = math.ceil(args.num_samples / args.batch_size)
 t0 = time.time()
 for k in range(n_batches):
+    # this rank's share of batch k starts at `start`
     start = k * args.batch_size + rank * per_rank
     # --resume: the samples written are kept (with --save-latents, those whose latent is too)
     idx = [i for i in range(start, min(start + per_rank, args.num_samples))
            if not os.path.exists(os.path.join(image_dir, f'{i:06d}.png')) or args.save_latents
            and not os.path.exists(os.path.join(out_dir, 'latents', f'{i:06d}.npy'))]
+    # the ranks sample their shares at once; each file is written whole, so a kill leaves no
+    # half PNG that --resume would keep
     for i, img, z in zip(idx, *(sample(idx) if idx else ([], []))):
         if args.save_latents:  # first, so that a sample whose PNG exists has its latent
             np.save(os.path.join(out_dir, 'latents', f'{i:06d}.npy'), z)
         Image.fromarray(img).save(os.path.join(image_dir, f'{i:06d}.png'))
-    if master and (k % 10 == 0 or k == n_batches - 1):
+    if master and (k % 10 == 0 or k == n_batches - 1):  # rank 0's progress: one line
         print(f"batch {k + 1}/{n_batches} ({(time.time() - t0) / (k + 1):.1f} s/batch)", flush=True)
 
-data.barrier()
+data.barrier()  # every rank's PNGs are on disk
 if master:
     # the ADM-style npz, streamed: the PNGs go one by one into a memory-mapped .npy, then the zip
+    # every sample has the shape of the first, (H, W, 3)
     first = np.asarray(Image.open(os.path.join(image_dir, '000000.png')))
     npy = os.path.join(out_dir, 'arr_0.npy')
     arr = np.lib.format.open_memmap(npy, mode='w+', dtype=np.uint8,
@@ -267,9 +289,11 @@ if master:
         arr[i] = np.asarray(Image.open(os.path.join(image_dir, f'{i:06d}.png')))
     arr.flush()
     npz = os.path.join(out_dir, 'samples.npz')
+    # np.savez's layout, an uncompressed zip of arr_0.npy, written whole under a temporary name
     with zipfile.ZipFile(npz + '.tmp', 'w', zipfile.ZIP_STORED, allowZip64=True) as z:
         z.write(npy, 'arr_0.npy')
     os.replace(npz + '.tmp', npz)
+    # a grid of the first 64 to look at, and with --save-latents all latents in one array
     grid = torch.from_numpy(np.array(arr[:64])).permute(0, 3, 1, 2).float() / 255
     save_image(grid, os.path.join(out_dir, 'grid.png'), nrow=8)
     del arr
@@ -278,11 +302,12 @@ if master:
         np.save(os.path.join(out_dir, 'latents.npy'), np.stack([np.load(os.path.join(
             out_dir, 'latents', f'{i:06d}.npy')) for i in range(args.num_samples)]))
     print0(f"wrote {args.num_samples} samples to {image_dir}, {npz} ({args.num_samples}, "
-           f"{first.shape}) and "
-           f"grid.png (cfg {args.cfg_scale}, {args.num_steps} points, shift {args.timestep_shift})")
+           f"{first.shape}) and grid.png (cfg {args.cfg_scale}, {args.num_steps} points, shift "
+           f"{args.timestep_shift})")
     if args.fid_ref:  # evaluate.py in its own process: sampling never imports the FID machinery
-        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                     'evaluate.py'),
-                        'fid', '--samples', npz, '--ref', args.fid_ref, '--device', device.type,
-                        '--out', os.path.join(out_dir, 'fid.json')], check=False)
+        # check=False: a failed FID says why on its own, and the samples stay
+        evaluate = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'evaluate.py')
+        subprocess.run([sys.executable, evaluate, 'fid', '--samples', npz, '--ref', args.fid_ref,
+                        '--device', device.type, '--out', os.path.join(out_dir, 'fid.json')],
+                       check=False)
 vtp.teardown()

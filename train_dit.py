@@ -197,6 +197,7 @@ start_step = 0
 ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
 if resume:
     ckpt = vtp.load_checkpoint(resume, stage=3)
+    # the same latents (encoder, DiT config, statistics), or the run would resume another problem
     if ckpt['tokenizer']['encoder_sha256'] != fingerprint['encoder_sha256']:
         raise SystemExit(f"error: --resume {resume} was trained on the latents of another encoder "
                          f"({ckpt['tokenizer']['path']})")
@@ -224,7 +225,7 @@ def step_seed(step, micro):
 
 
 def forward_backward(x, y, net, k=1):
-    """The flow-matching loss of one micro-batch, and the backward of loss / k (k micro-steps)."""
+    # The flow-matching loss of one micro-batch, and the backward of loss / k (k micro-steps).
     with autocast:
         loss, terms = vtp.flow_loss(net, x, y, lognorm=lognorm, use_cosine=not args.no_cosine_loss)
     (loss / k).backward()
@@ -232,7 +233,7 @@ def forward_backward(x, y, net, k=1):
 
 
 def train_step(step, micro_batches, meter):
-    """Forward and backward over the micro-batches, then the optimizer and EMA steps."""
+    # Forward and backward over the micro-batches, then the optimizer and EMA steps.
     loss_sum = 0.0
     for micro, (x, y) in enumerate(micro_batches):
         torch.manual_seed(step_seed(step, micro))
@@ -252,8 +253,8 @@ def train_step(step, micro_batches, meter):
 
 
 def preview_conditions(n):
-    """Labels 0, 1, 2, ... or, for text, the prompts "a {class}." of the data (its first captions if
-    it has no classes)."""
+    # Labels 0, 1, 2, ... or, for text, the prompts "a {class}." of the data (its first captions if
+    # it has no classes).
     if not text:
         return (torch.arange(n) % num_classes).to(device), None
     names = train_set.class_names or [train_set[p][2] for p in range(min(n, len(train_set)))]
@@ -264,7 +265,7 @@ def preview_conditions(n):
 
 @torch.no_grad()
 def save_preview(step, n=32):
-    """A grid of EMA samples (fixed noise), fp32 as upstream inference."""
+    # A grid of EMA samples (fixed noise), fp32 as upstream inference.
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(n, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(device)
     y, _ = preview_conditions(n)
@@ -290,7 +291,7 @@ def save(step):
 # -----------------------------------------------------------------------------
 # micro-batches: --grad-accum, or on CUDA the fewest micro-steps whose micro-batch fits (probed)
 def random_batch(n):
-    """n random latents and conditions of this run's shapes (the probe's and --bench's input)."""
+    # n random latents and conditions of this run's shapes (the probe's and --bench's input).
     x = torch.randn(n, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
     y = torch.randn(n, 1 + cfg.text_len, cfg.text_dim, device=device) if text else \
         torch.randint(0, num_classes, (n,), device=device)
@@ -298,7 +299,7 @@ def random_batch(n):
 
 
 def probe(b):
-    """One micro-step of b samples per rank, forward and backward, nothing updated."""
+    # One micro-step of b samples per rank, forward and backward, nothing updated.
     try:
         forward_backward(*random_batch(b), model)
     finally:
@@ -315,7 +316,7 @@ if args.grad_accum is None:
 args.grad_accum = k_acc = vtp.agree_grad_accum(k_acc)
 args.num_workers = workers
 b = vtp.split_batch(G, world_size, k_acc)
-if world_size > 1:
+if world_size > 1:  # only now: the probe ran the bare model, without gradient all-reduces
     train_model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None,
                       gradient_as_bucket_view=True)
 
@@ -351,6 +352,8 @@ if measuring or args.bench_data:  # scripts/bench.py: the step on a cached rando
     vtp.teardown()
     raise SystemExit(0)
 
+# this rank's share of every step's positions from start_step on: a resumed run reads exactly
+# the latents the interrupted one would have
 positions = data.latent_positions(start_step, G, world_size, rank, k_acc)
 loader = DataLoader(train_set, batch_size=b, sampler=positions, num_workers=workers,
                     pin_memory=device.type == 'cuda', persistent_workers=workers > 0)
@@ -362,6 +365,7 @@ for step in range(start_step, args.max_steps):
     micro_batches = []
     for _ in range(k_acc):
         x, labels, captions = next(batches)  # (b, C, h, w) normalised latents, (b,) labels
+        # text: the frozen tower's features of the captions, computed here (the cache keeps text)
         y = encode_text(captions) if text else labels.to(device, non_blocking=True)
         micro_batches.append((x.to(device, non_blocking=True), y))
     train_step(step, micro_batches, meter)
@@ -371,6 +375,7 @@ for step in range(start_step, args.max_steps):
         vals = meter.reduce()  # the one host sync per log step, checked before any checkpoint
         vtp.check_finite(vals, done, ckpt_path)
         per_s = samples_since / (time.time() - t0)
+        # log.jsonl's line: each term's mean over the steps since the last log line
         record = {'step': done, **{k: round(v, 6) for k, v in vals.items() if k != 'skipped_steps'},
                   'lr': args.lr, 'img_per_s': round(per_s, 2),
                   'epoch': round(done * G / train_set.n, 3)}

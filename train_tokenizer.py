@@ -161,6 +161,7 @@ if args.tokenizer:  # continued pre-training: the checkpoint's sizes and text to
         init = vtp.load_tokenizer(args.tokenizer)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise SystemExit(f"error: --tokenizer {args.tokenizer}: {e}")
+# the model's shape: the preset's, or the checkpoint's; flags given explicitly change either
 cfg = init.config if init is not None else vtp.VTP_CONFIGS[args.size]
 for field, flag in (('patch_size', 'patch_size'), ('bottleneck_dim', 'bottleneck_dim'),
                     ('decoder_depth', 'decoder_depth'), ('decoder_embed_dim', 'decoder_dim'),
@@ -169,12 +170,15 @@ for field, flag in (('patch_size', 'patch_size'), ('bottleneck_dim', 'bottleneck
         cfg = replace(cfg, **{field: getattr(args, flag)})
 if init is None:
     cfg = replace(cfg, qk_norm=not args.no_qk_norm, decoder_qk_norm=not args.no_qk_norm)
+# captions are tokenized in the loader's workers; without CLIP there are no captions to read
 tokenizer = data.get_tokenizer(cfg.text_tokenizer, cfg.text_context_length, args.bpe_path) \
     if use_clip else None
 cfg = replace(cfg, image_size=args.image_size, train_clip=use_clip, train_ssl=use_ssl,
               train_reconstruction=use_rec, dino_out_dim=args.prototypes,
               text_vocab_size=tokenizer.vocab_size if tokenizer else cfg.text_vocab_size)
 model = vtp.VTP(cfg).to(device)
+# continued pre-training: what the checkpoint has is loaded, what it lacks (e.g. heads of an
+# objective it was trained without) stays at its random init
 if init is not None:
     missing, _ = model.load_state_dict(init.state_dict(), strict=False)
     print0(f"started from {args.tokenizer}; new (random) parts: "
@@ -193,6 +197,8 @@ if use_ssl:  # the EMA teacher: encoder and heads, started as a copy of the stud
     vtp.update_ema(teacher, model, 0.0)
     teacher.requires_grad_(False)
 perceptual = vtp.make_lpips(args.perceptual, device, verbose=master) if use_rec else None
+# AdamW's groups: weight decay on matrices only, layer-wise lr decay, the patch embedding's and the
+# prototypes apart, to freeze them at first (vtp.param_groups); eps 1e-6 as OpenCLIP
 groups = vtp.param_groups(model, args.weight_decay, args.layer_decay, args.patch_embed_lr_mult)
 optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6, fused=True)
 # gradient clipping per module (--clip-per-module): the encoder, the decoder, the SSL heads, and
@@ -209,7 +215,7 @@ start_step, flops_done, skipped = 0, 0.0, {}
 ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
 measuring = args.bench or args.profile or args.bench_data  # no run folder, log or checkpoint
 resume = vtp.open_run(args.out_dir, args.resume, master) if not measuring else None
-if resume:
+if resume:  # everything a step depends on: weights, teacher, moments, counters, RNG
     ckpt = vtp.load_checkpoint(resume, stage=1)
     vtp.check_resume(ckpt, args, args.out_dir)
     vtp.load_state(model, ckpt['model'], f"--resume {resume}")
@@ -228,6 +234,8 @@ if args.compile:  # a block at a time, in place: `model` keeps its keys for chec
 
 # -----------------------------------------------------------------------------
 # data: every micro-batch is built in workers from the global sample positions it covers
+# the data's order is a permutation of the sample positions (map-style data) or a seeded shard
+# order (tar streams): no state to save beyond the step
 train_set, val_set = data.open_train_val(args.data, args.val_data, args.image_size, args.seed)
 workers = data.worker_count(args.num_workers, print0)
 
@@ -405,6 +413,7 @@ def validate(step):
 
 
 def save(step):
+    # ckpt.pt, written atomically (the previous one kept as ckpt.prev.pt); --keep-every a copy
     ckpt = vtp.make_checkpoint(1, model, teacher, optimizer, step, args, cfg, device,
                                {'position': step * B, 'skipped': skipped}, flops=flops_done)
     vtp.save_checkpoint(ckpt, ckpt_path)
@@ -428,6 +437,7 @@ if args.grad_accum is None:
                                                 if p.requires_grad)  # AdamW's, fp32, made later
     k_acc = vtp.fit_grad_accum(try_micro, B, world_size, device, subset_flags.values(), moments)
     derived.add('grad_accum')
+# the process group only now: the probe ran on each rank alone, with no collective to wait on
 vtp.start_ranks(device)
 args.grad_accum = k_acc = vtp.agree_grad_accum(k_acc)
 args.num_workers = workers
@@ -487,11 +497,13 @@ if measuring:  # scripts/bench.py: the loader alone, or the train step on one ca
     vtp.teardown()
     raise SystemExit(0)
 
+# log.jsonl continues where a resumed run stopped; the meter sums each term on the device
 log_path, meter = vtp.start_log(args.out_dir, start_step), vtp.Meter()
 t_start = t0 = time.time()
 samples_since = flops_since = 0
 for step in range(start_step, args.max_steps):
     micro_batches = [to_device(next(batches)) for _ in range(k_acc)]
+    # the loader's bad-sample counts (corrupt files, too small, no caption): summed for the log
     for mb in micro_batches:
         data.add_counts(skipped, mb['skipped'])
     terms = train_step(step, micro_batches)
@@ -519,6 +531,7 @@ for step in range(start_step, args.max_steps):
         vtp.check_finite(vals, done, ckpt_path)
         dt = time.time() - t0
         per_s = samples_since / dt
+        # log.jsonl's line: each term's mean over the steps since the last log line
         record = {'step': done, **{k: round(v, 6) for k, v in vals.items() if k != 'skipped_steps'},
                   'lr': lr, 'img_per_s': round(per_s, 2), 'flops': flops_done,
                   'teacher_temp': teacher_temp_at(step),
@@ -539,6 +552,7 @@ for step in range(start_step, args.max_steps):
         if 'loss' in record:
             vtp.log_line(done, args.max_steps, start_step, t_start, record['loss'],
                          record['img_per_s'])
+    # rank 0 writes the checkpoint: every rank holds the same weights after the all-reduce
     if master and (done % args.ckpt_every == 0 or done == args.max_steps or
                    args.keep_every and done % args.keep_every == 0):
         save(done)
