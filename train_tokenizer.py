@@ -227,10 +227,14 @@ if resume:  # everything a step depends on: weights, teacher, moments, counters,
     print0(f"resumed from {resume} at step {start_step}")
 if args.compile is None:  # compile where it pays: full-size models on the GPU
     args.compile = device.type == 'cuda' and args.size != 'tiny'
+dino_loss, ibot_loss = vtp.dino_loss, vtp.ibot_loss
 if args.compile:  # a block at a time, in place: `model` keeps its keys for checkpoints and EMA
     vtp.compile_model(model)
-    if teacher is not None:
-        vtp.compile_model(teacher.trunk)
+    if teacher is not None:  # its heads too: they run on the student's padded, static rows
+        vtp.compile_model(teacher)
+    # the SSL losses on those static shapes: the log-softmax, products and sums of the K-wide
+    # logits (K = 65536 at the paper's size) fuse, where eager writes fp32 copies of them
+    dino_loss, ibot_loss = (torch.compile(f, dynamic=False) for f in (dino_loss, ibot_loss))
 
 # -----------------------------------------------------------------------------
 # data: every micro-batch is built in workers from the global sample positions it covers
@@ -340,9 +344,9 @@ def train_step(step, micro_batches):
                 micro['loss_rec'] = micro['loss_l1'] + micro['loss_lpips']
                 loss = loss + weight['rec'] * micro['loss_rec']
             if use_ssl:
-                micro['loss_dino'] = vtp.dino_loss(out['dino_logits'], p_dino[m], args.student_temp)
-                micro['loss_ibot'] = vtp.ibot_loss(out['ibot_logits'], p_ibot[m], mb['ibot_weight'],
-                                                   len(mb['global_crops']), args.student_temp)
+                micro['loss_dino'] = dino_loss(out['dino_logits'], p_dino[m], args.student_temp)
+                micro['loss_ibot'] = ibot_loss(out['ibot_logits'], p_ibot[m], mb['ibot_weight'],
+                                               len(mb['global_crops']), args.student_temp)
                 # KoLeo on each global crop's cls tokens, per rank and micro-batch (DINOv2)
                 micro['loss_koleo'] = sum(vtp.koleo_loss(c) for c in out['global_cls'].chunk(2))
                 # L_ssl = L_dino + L_ibot (eq. 2), with DINOv2's KoLeo regulariser

@@ -70,6 +70,26 @@ def test_compiled_blocks_equal_eager():
     assert_close(res[1][1], res[0][1], 1e-5)
 
 
+def test_ssl_losses_compile_whole_and_equal_eager():
+    """train_tokenizer.py compiles the DINO and iBOT losses on the padded iBOT rows: each is one
+    graph (fullgraph: no host sync, no data-dependent shape) and computes what eager does."""
+    torch.manual_seed(0)
+    n, K, M = 4, 64, 40
+    student, p_dino = torch.randn(6 * n, K), torch.softmax(torch.randn(2 * n, K), -1)
+    s_ibot, p_ibot = torch.randn(M, K), torch.softmax(torch.randn(M, K), -1)
+    weight = torch.rand(M) * (torch.arange(M) < 30)  # the padding: weight 0
+    for loss, args in ((vtp.dino_loss, (student, p_dino)),
+                       (vtp.ibot_loss, (s_ibot, p_ibot, weight, 2 * n))):
+        res = []
+        for f in (loss, torch.compile(loss, dynamic=False, fullgraph=True)):
+            x = args[0].clone().requires_grad_()
+            value = f(x, *args[1:])
+            value.backward()
+            res.append(({'loss': value.detach()}, {'grad': x.grad}))
+        assert_close(res[1][0], res[0][0], 1e-5)
+        assert_close(res[1][1], res[0][1], 1e-5)
+
+
 def test_grad_accum_probe_halves_on_out_of_memory():
     """Without --grad-accum the scripts take the fewest micro-steps whose micro-batch fits: here a
     simulated device on which more than `limit` samples run out of memory. The micro-batch is halved
