@@ -24,7 +24,6 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision.utils import save_image
 
 import data
 import vtp
@@ -172,8 +171,8 @@ def validate(step):
     x = vtp.to_unit_range(val_images).clamp(0, 1)
     recon = reconstruct(val_images)
     k = min(8, len(x))
-    save_image(torch.cat((x[:k], val_before[:k], recon[:k])),
-               os.path.join(args.out_dir, f'recon_{step:06d}.png'), nrow=k)
+    vtp.save_grid(torch.cat((x[:k], val_before[:k], recon[:k])),
+                  os.path.join(args.out_dir, f'recon_{step:06d}.png'), nrow=k)
     return {'val_psnr': round(vtp.psnr(recon, x).mean().item(), 4)}
 
 

@@ -31,7 +31,6 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import save_image
 
 import data
 import vtp
@@ -295,7 +294,7 @@ if master:
     os.replace(npz + '.tmp', npz)
     # a grid of the first 64 to look at, and with --save-latents all latents in one array
     grid = torch.from_numpy(np.array(arr[:64])).permute(0, 3, 1, 2).float() / 255
-    save_image(grid, os.path.join(out_dir, 'grid.png'), nrow=8)
+    vtp.save_grid(grid, os.path.join(out_dir, 'grid.png'), nrow=8)
     del arr
     os.remove(npy)
     if args.save_latents:

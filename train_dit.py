@@ -26,7 +26,6 @@ from dataclasses import asdict, replace
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
-from torchvision.utils import save_image
 
 import data
 import vtp
@@ -273,7 +272,7 @@ def save_preview(step, n=32):
                          null_class=ema.null_condition())
     z = z * stats['std'].to(device) + stats['mean'].to(device)  # un-normalise (LightningDiT#34)
     images = vtp.to_unit_range(tokenizer.decode(z).float()).clamp(0, 1)
-    save_image(images, os.path.join(args.out_dir, f'samples_{step:07d}.png'), nrow=8)
+    vtp.save_grid(images, os.path.join(args.out_dir, f'samples_{step:07d}.png'), nrow=8)
 
 
 def save(step):

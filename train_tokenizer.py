@@ -22,7 +22,6 @@ from dataclasses import replace
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision.utils import save_image
 
 import data
 import vtp
@@ -410,7 +409,7 @@ def validate(step):
     if use_rec:
         res['val_psnr'] = round((sums[0] / sums[2]).item(), 4)
         if master and grid is not None:
-            save_image(grid, os.path.join(args.out_dir, f'recon_{step:06d}.png'), nrow=8)
+            vtp.save_grid(grid, os.path.join(args.out_dir, f'recon_{step:06d}.png'), nrow=8)
     if clf is not None:
         res['val_zeroshot_top1'] = round(100 * (sums[1] / sums[3].clamp_min(1)).item(), 3)
     return res

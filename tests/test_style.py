@@ -99,3 +99,14 @@ def test_importing_vtp_registers_nothing():
             "dist.is_initialized())")
     out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.split() == ['True', 'False'], out.stdout + out.stderr
+
+
+def test_stage_scripts_start_without_torchvision():
+    """The stage scripts import neither torchvision nor lpips to start (2 s of each launch, most of
+    it in a test suite of subprocesses): LPIPS imports them when it is used."""
+    code = ("import runpy, sys\nfor s in ('train_tokenizer.py', 'finetune_decoder.py', "
+            "'train_dit.py', 'sample.py'):\n    sys.argv = [s, '--help']\n    try:\n"
+            "        runpy.run_path(s, run_name='__main__')\n    except SystemExit:\n        pass\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torchvision', 'lpips'}))")
+    out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip().splitlines()[-1:] == ['[]'], out.stdout[-500:] + out.stderr[-500:]

@@ -7,6 +7,7 @@ import socket
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -217,6 +218,19 @@ def test_clip_accumulation_is_exact_at_linear_cost():
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert acc.get_total_flops() < 4 * one.get_total_flops(), \
         (acc.get_total_flops(), one.get_total_flops())
+
+
+def test_save_grid_writes_torchvisions_png(tmp_path):
+    """vtp.save_grid, the stage scripts' image grids, writes the bytes of torchvision's
+    save_image (which they no longer import: it cost each of them 2 s to start)."""
+    from PIL import Image
+    from torchvision.utils import save_image
+    for n, nrow in ((16, 8), (13, 4), (3, 8)):
+        x = torch.rand(n, 3, 7, 9)
+        save_image(x, tmp_path / 'theirs.png', nrow=nrow)
+        vtp.save_grid(x, tmp_path / 'ours.png', nrow=nrow)
+        theirs, ours = (np.asarray(Image.open(tmp_path / f)) for f in ('theirs.png', 'ours.png'))
+        assert theirs.shape == ours.shape and (theirs == ours).all(), (n, nrow)
 
 
 def test_sinkhorn_knopp_balances_prototypes():
