@@ -989,9 +989,20 @@ class TrainLoader:
                             f"{max(num_workers, 1)} workers: need at least one shard per "
                             "(rank, worker); use fewer workers")
 
-    def peek(self):  # the first micro-batch, built in this process (the memory probe's input)
-        return next(iter(self.source(1))) if self.streaming else \
+    def peek(self):
+        # the first micro-batch, built in this process, at the largest shapes a batch can take:
+        # captions at full length, the iBOT index at its bound (the memory probe's input, so
+        # that every later batch fits too)
+        batch = next(iter(self.source(1))) if self.streaming else \
             self.source(1)[self.start_step * self.grad_accum]
+        if batch['tokens'] is not None:
+            batch['tokens'] = torch.nn.functional.pad(batch['tokens'], (
+                0, self.builder.tokenizer.context_length - batch['tokens'].shape[1]))
+        if self.builder.ssl_batch:
+            pad = (0, self.builder.ibot_size - len(batch['ibot_index']))
+            batch['ibot_index'] = torch.nn.functional.pad(batch['ibot_index'], pad)
+            batch['ibot_weight'] = torch.nn.functional.pad(batch['ibot_weight'], pad)
+        return batch
 
     def source(self, workers):
         k0 = self.start_step * self.grad_accum

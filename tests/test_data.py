@@ -170,7 +170,8 @@ def test_loader_batch_layout_and_masks(synth):
 
 def test_captions_cut_after_the_longest_change_no_feature(synth):
     """The loader cuts the token ids after the batch's longest caption (to a multiple of 8); the
-    text tower attends causally and pools at EOT, so its features are those of the full ids."""
+    text tower attends causally and pools at EOT, so its features are those of the full ids. The
+    memory probe's batch keeps the full length (and the iBOT bound): it must fit any batch."""
     tok = data.WordTokenizer(vtp.VTP_CONFIGS['tiny'].text_context_length)  # 32
     b = take(data.TrainLoader(synth, tok, **KW), 1)[0]
     full = tok([synth[data.permute_index(p, 1000, 0, 0)][1] for p in b['positions'].tolist()])
@@ -181,6 +182,14 @@ def test_captions_cut_after_the_longest_change_no_feature(synth):
     with torch.no_grad():
         cut, cut_tokens = model.text_features(b['tokens'], return_tokens=True)
         ref, ref_tokens = model.text_features(full, return_tokens=True)
+    # the memory probe's batch (peek) takes the largest shapes: full captions, the iBOT bound
+    loader = data.TrainLoader(synth, tok, **KW)
+    first = loader.peek()
+    assert first['tokens'].shape[1] == 32 and torch.equal(first['tokens'][:, :L], b['tokens'])
+    assert len(first['ibot_index']) == loader.builder.ibot_size > len(b['ibot_index'])
+    n = len(b['ibot_index'])
+    assert torch.equal(first['ibot_weight'][:n], b['ibot_weight'])
+    assert not first['ibot_weight'][n:].any()
     # fp32 rounding only (attention's kernel blocks over another length): 1.3e-6 measured
     torch.testing.assert_close(cut, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cut_tokens, ref_tokens[:, :L], rtol=1e-5, atol=1e-5)
