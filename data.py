@@ -869,7 +869,7 @@ class MicroBatchBuilder:
             local = [lo[c] for c in range(self.n_local) for lo in loc]
             batch.update(global_crops=to_images(glob_[0] + glob_[1]), masks=torch.from_numpy(m),
                          local_crops=to_images(local) if local else None, ibot_index=index,
-                         ibot_weight=weight, n_masked=len(idx))
+                         ibot_weight=weight)
         return batch
 
 
@@ -963,7 +963,7 @@ class TrainLoader:
     # {reason: count}). With SSL also: global_crops (2n, 3, G, G), local_crops (n_local n, 3, l, l)
     # crop-major, masks (2n, (G / patch)^2) bool, ibot_index and ibot_weight (M,) padded to a
     # bucket of M <= ceil(2n N mask_ratio[1]) (weight 1 / masked patches of the image, 0 for the
-    # padding) and n_masked, the real entries. Tokens are cut after the batch's longest caption
+    # padding), the real entries first. Tokens are cut after the batch's longest caption
     # (to a multiple of 8). Rows are ordered rec, other SSL, the rest: the model reconstructs
     # images[:n_rec]. clip=False: the CLIP batch is not used; jitter, gray_p: the SSL crops' colour
     # augmentation.

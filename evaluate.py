@@ -677,7 +677,7 @@ def report(args, name, device, result, title, rows, beside=None):
     result = {'command': name, 'argv': sys.argv[1:], 'device': str(device),
               'date': time.strftime('%Y-%m-%d %H:%M:%S'), 'torch': torch.__version__, **result}
     path = getattr(args, 'tokenizer', None) if name != 'synthetic' else None
-    # the JSON goes beside the tokenizer (its folder, or the file's), or `beside`, or into the cwd
+    # the JSON: --out, else in `beside`, else beside the tokenizer (its folder), else the cwd
     folder = beside or (path if path and os.path.isdir(path) else
                         os.path.dirname(os.path.abspath(path)) if path else os.getcwd())
     out = args.out or os.path.join(folder, f'eval_{name}.json')
@@ -856,7 +856,7 @@ def cmd_linprobe(args):
     if ty.min() < 0 or vy.min() < 0:
         raise ValueError("linear probing needs class labels (a class-folder dataset or "
                          "'synthetic')")
-    # the class count: the train set's names, or the largest label seen in either split
+    # the class count: the train set's names or the largest label seen, whichever is more
     num_classes = max(len(getattr(train_set, 'class_names', None) or []), int(ty.max()) + 1,
                       int(vy.max()) + 1)
     lrs = [float(v) for v in args.lrs.split(',')] if args.lrs else list(PROBE_LRS)
@@ -1108,7 +1108,7 @@ def build_parser():
 
 
 def main(argv=None):
-    # every failure of bad input ends in one line: a missing file, a wrong format, a bad flag
+    # bad input ends in one line (a missing file, a wrong format); argparse reports bad flags
     args = build_parser().parse_args(argv)
     # --num-workers unset: the CPUs less one, at most 16 (evaluation is one process)
     if hasattr(args, 'num_workers'):

@@ -248,6 +248,13 @@ def sample(idx):
     return images.permute(0, 2, 3, 1).cpu().numpy(), latents
 
 
+def write_whole(path, write):
+    # write(file) into path + '.tmp', then the rename: the file is there whole or not at all
+    with open(path + '.tmp', 'wb') as f:
+        write(f)
+    os.replace(path + '.tmp', path)
+
+
 if args.bench:  # sampling throughput on the first batch's samples, nothing written
     from scripts import bench
     bench.bench(lambda: sample(range(rank * per_rank, (rank + 1) * per_rank)), args.bench,
@@ -267,12 +274,13 @@ for k in range(n_batches):
     idx = [i for i in range(start, min(start + per_rank, args.num_samples))
            if not os.path.exists(os.path.join(image_dir, f'{i:06d}.png')) or args.save_latents
            and not os.path.exists(os.path.join(out_dir, 'latents', f'{i:06d}.npy'))]
-    # the ranks sample their shares at once; each file is written whole, so a kill leaves no
-    # half PNG that --resume would keep
+    # each file is written under a temporary name and renamed: a kill leaves no torn PNG or
+    # latent that --resume would take for a finished one
     for i, img, z in zip(idx, *(sample(idx) if idx else ([], []))):
         if args.save_latents:  # first, so that a sample whose PNG exists has its latent
-            np.save(os.path.join(out_dir, 'latents', f'{i:06d}.npy'), z)
-        Image.fromarray(img).save(os.path.join(image_dir, f'{i:06d}.png'))
+            write_whole(os.path.join(out_dir, 'latents', f'{i:06d}.npy'), lambda f: np.save(f, z))
+        write_whole(os.path.join(image_dir, f'{i:06d}.png'),
+                    lambda f: Image.fromarray(img).save(f, format='PNG'))
     if master and (k % 10 == 0 or k == n_batches - 1):  # rank 0's progress: one line
         print(f"batch {k + 1}/{n_batches} ({(time.time() - t0) / (k + 1):.1f} s/batch)", flush=True)
 

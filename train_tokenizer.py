@@ -196,8 +196,8 @@ if use_ssl:  # the EMA teacher: encoder and heads, started as a copy of the stud
     vtp.update_ema(teacher, model, 0.0)
     teacher.requires_grad_(False)
 perceptual = vtp.make_lpips(args.perceptual, device, verbose=master) if use_rec else None
-# AdamW's groups: weight decay on matrices only, layer-wise lr decay, the patch embedding's and the
-# prototypes apart, to freeze them at first (vtp.param_groups); eps 1e-6 as OpenCLIP
+# AdamW's groups (vtp.param_groups): weight decay on matrices only, layer-wise lr decay, the patch
+# embedding's lr multiplier, the prototypes apart (frozen at first); eps 1e-6 as OpenCLIP
 groups = vtp.param_groups(model, args.weight_decay, args.layer_decay, args.patch_embed_lr_mult)
 optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6, fused=True)
 # gradient clipping per module (--clip-per-module): the encoder, the decoder, the SSL heads, and

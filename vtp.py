@@ -1673,8 +1673,8 @@ def compile_model(model):
     # wraps a compiled block as an eager one. Elementwise work (norms, RoPE, modulation, SwiGLU,
     # residuals) is fused around the matrix products: on an H200 a DiT-XL/1 step ran 2.5x as fast
     # as eager. emulate_precision_casts: compiled kernels round to bf16 where eager does.
-    # One graph per shape and grad mode: a stage-1 step has ~8, its caption and iBOT buckets
-    # add a few, where torch's limit is 8.
+    # One graph per shape and grad mode: a stage-1 step has ~8, more with its caption and iBOT
+    # buckets, where torch's default limit is 8.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     if hasattr(torch._inductor.config, 'emulate_precision_casts'):  # torch >= 2.5
         torch._inductor.config.emulate_precision_casts = True

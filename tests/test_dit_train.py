@@ -239,9 +239,12 @@ def test_sampling_is_the_same_on_one_and_two_ranks(trained_dit, tiny_tokenizer, 
     assert np.array_equal(x.numpy(), one)
     # a resumed run makes again the samples whose latent is missing (a batch of one instead of
     # two: other GEMMs, so equal to float rounding, not bit for bit)
+    # (files go in under a temporary name: a torn one left by a kill is written over, not kept)
     os.remove(tmp_path / 'one' / 'latents' / '000003.npy')
+    (tmp_path / 'one' / 'images' / '000003.png.tmp').write_bytes(b'\x89PNG torn')
     run('sample.py', *flags, '--batch-size', 2, '--out-dir', tmp_path / 'one', '--resume', 'auto')
     assert np.allclose(np.load(tmp_path / 'one' / 'latents.npy'), z[0], rtol=0, atol=1e-4)
+    assert sorted(os.listdir(tmp_path / 'one' / 'images')) == [f'{i:06d}.png' for i in range(10)]
     assert sorted(os.listdir(tmp_path / 'two' / 'images')) == [f'{i:06d}.png' for i in range(10)]
     assert (tmp_path / 'two' / 'grid.png').exists()
 
