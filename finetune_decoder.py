@@ -18,12 +18,10 @@ import contextlib
 import copy
 import os
 import time
-import warnings
 from dataclasses import asdict
 
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import vtp
@@ -281,13 +279,10 @@ args.grad_accum = k_acc = vtp.agree_grad_accum(k_acc)
 args.num_workers = workers
 b = vtp.split_batch(B, world_size, k_acc)
 if world_size > 1:
-    # the encoder runs under no_grad; DDP wraps what trains, D on its own
-    ids = [device.index] if device.type == 'cuda' else None
-    train_decoder = DDP(decoder, device_ids=ids, gradient_as_bucket_view=True)
-    # D runs twice (real, fake) per backward: re-broadcasting its batch-norm buffers in between
-    # would bump the version of tensors saved for backward (train mode does not read them)
-    warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated')
-    train_disc = DDP(disc, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True)
+    # the encoder runs under no_grad; DDP wraps what trains, D on its own. D runs twice (real,
+    # fake) per backward: vtp.ddp broadcasts no buffers, so its batch-norm statistics are not
+    # rewritten between the two (that would bump the version of tensors saved for backward)
+    train_decoder, train_disc = vtp.ddp(decoder, device), vtp.ddp(disc, device)
 # the bench and the profile time the step on a cached batch: no workers left busy then
 loader = make_loader(k_acc, workers if args.bench_data or not measuring else 0)
 batches = iter(loader)

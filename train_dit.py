@@ -24,7 +24,6 @@ import time
 from dataclasses import asdict, replace
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
@@ -316,8 +315,7 @@ args.grad_accum = k_acc = vtp.agree_grad_accum(k_acc)
 args.num_workers = workers
 b = vtp.split_batch(G, world_size, k_acc)
 if world_size > 1:  # only now: the probe ran the bare model, without gradient all-reduces
-    train_model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None,
-                      gradient_as_bucket_view=True)
+    train_model = vtp.ddp(model, device)
 
 # -----------------------------------------------------------------------------
 # the training loop

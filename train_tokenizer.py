@@ -21,7 +21,6 @@ import time
 from dataclasses import replace
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import vtp
@@ -226,14 +225,16 @@ if resume:  # everything a step depends on: weights, teacher, moments, counters,
     print0(f"resumed from {resume} at step {start_step}")
 if args.compile is None:  # compile where it pays: full-size models on the GPU
     args.compile = device.type == 'cuda' and args.size != 'tiny'
-dino_loss, ibot_loss = vtp.dino_loss, vtp.ibot_loss
+dino_loss, ibot_loss, sinkhorn = vtp.dino_loss, vtp.ibot_loss, vtp.sinkhorn_knopp
 if args.compile:  # a block at a time, in place: `model` keeps its keys for checkpoints and EMA
     vtp.compile_model(model)
     if teacher is not None:  # its heads too: they run on the student's padded, static rows
         vtp.compile_model(teacher)
-    # the SSL losses on those static shapes: the log-softmax, products and sums of the K-wide
-    # logits (K = 65536 at the paper's size) fuse, where eager writes fp32 copies of them
-    dino_loss, ibot_loss = (torch.compile(f, dynamic=False) for f in (dino_loss, ibot_loss))
+    # the SSL losses and Sinkhorn-Knopp on those static shapes: the log-softmax, exps, products
+    # and sums of the K-wide logits (K = 65536 at the paper's size) fuse, where eager writes fp32
+    # copies of them; under DDP Sinkhorn's all_reduces compile in as functional collectives
+    dino_loss, ibot_loss, sinkhorn = (torch.compile(f, dynamic=False)
+                                      for f in (dino_loss, ibot_loss, sinkhorn))
 
 # -----------------------------------------------------------------------------
 # data: every micro-batch is built in workers from the global sample positions it covers
@@ -298,12 +299,14 @@ def train_step(step, micro_batches):
         with torch.no_grad(), autocast:
             out = [teacher(global_crops=mb['global_crops'], ibot_index=mb['ibot_index'])
                    for mb in micro_batches]
-        temp = teacher_temp_at(step)
-        p_dino = vtp.sinkhorn_knopp(torch.cat([o['dino_logits'] for o in out]), temp).split(
+        # the temperature as a device tensor made by a fill (no copy, no host sync): a Python
+        # float would be a constant of the compiled Sinkhorn-Knopp, recompiled at every warm-up step
+        temp = torch.full((), teacher_temp_at(step), device=device)
+        p_dino = sinkhorn(torch.cat([o['dino_logits'] for o in out]), temp).split(
             [len(o['dino_logits']) for o in out])
         valid = torch.cat([mb['ibot_weight'] > 0 for mb in micro_batches])
-        p_ibot = vtp.sinkhorn_knopp(torch.cat([o['ibot_logits'] for o in out]), temp,
-                                    valid=valid).split([len(o['ibot_logits']) for o in out])
+        p_ibot = sinkhorn(torch.cat([o['ibot_logits'] for o in out]), temp,
+                          valid=valid).split([len(o['ibot_logits']) for o in out])
         # SSL's health: the targets' entropy; ln K means uniform targets, no signal for the student
         p = torch.cat(p_dino)
         terms['ssl_target_entropy'] = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
@@ -446,9 +449,7 @@ args.grad_accum = k_acc = vtp.agree_grad_accum(k_acc)
 args.num_workers = workers
 b = vtp.split_batch(B, world_size, k_acc, subset_flags)  # the per-rank micro-batch of B_clip
 if world_size > 1:
-    # the RoPE tables are the model's only buffers, and constant: no broadcast every forward
-    net = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None,
-              broadcast_buffers=False, gradient_as_bucket_view=True)
+    net = vtp.ddp(model, device)
 # the bench and the profile time the step on a cached batch: no workers left busy then
 loader = make_loader(k_acc, workers if args.bench_data or not measuring else 0)
 batches = iter(loader)

@@ -21,6 +21,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -37,6 +38,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 # -----------------------------------------------------------------------------
@@ -371,14 +373,19 @@ class PixelDecoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         Dd, p = cfg.decoder_embed_dim, cfg.patch_size
-        self.proj_in = nn.Conv2d(cfg.bottleneck_dim, Dd, kernel_size=1)
+        # the latents and the blocks' output are transposed token views, channels-last in memory,
+        # and so are these 1x1 convs' weight gradients: weights of that layout let DDP's gradient
+        # bucket alias them (else a copy and a warning)
+        self.proj_in = nn.Conv2d(cfg.bottleneck_dim, Dd, kernel_size=1).to(
+            memory_format=torch.channels_last)
         self.rope_embed = DinoRope(Dd // cfg.decoder_num_heads)
         self.blocks = nn.ModuleList([
             Block(Dd, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.decoder_ffn_layer,
                   cfg.decoder_norm_layer, cfg.decoder_qk_norm, cfg.decoder_init_values,
                   cfg.decoder_ffn_hidden or None) for _ in range(cfg.decoder_depth)])
         self.norm = make_norm(cfg.decoder_norm_layer, Dd)
-        self.proj_out = nn.Conv2d(Dd, 3 * p * p, kernel_size=1)
+        self.proj_out = nn.Conv2d(Dd, 3 * p * p, kernel_size=1).to(
+            memory_format=torch.channels_last)
         self.pixel_shuffle = nn.PixelShuffle(p)
         self.grad_checkpointing = False
 
@@ -1850,6 +1857,18 @@ def start_ranks(device):
         cuda = device.type == 'cuda'
         dist.init_process_group('nccl' if cuda else 'gloo', device_id=device if cuda else None,
                                 timeout=datetime.timedelta(minutes=30))
+
+
+def ddp(module, device):
+    # DDP as every stage wraps what trains: the gradients written straight into the all-reduce
+    # buckets (no copy), and no buffer broadcast before each forward: the buffers are constant
+    # (RoPE tables, positional embeddings) or unread in training (D's batch-norm statistics).
+    # torch >= 2.14 names that option forward_sync_buffers (it syncs once at construction: the
+    # same values)
+    sync = 'forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(DDP).parameters \
+        else 'broadcast_buffers'
+    return DDP(module, device_ids=[device.index] if device.type == 'cuda' else None,
+               gradient_as_bucket_view=True, **{sync: False})
 
 
 def print0(*args):  # rank 0 only, flushed (torchrun interleaves the ranks' output)

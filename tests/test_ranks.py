@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import vtp
@@ -129,7 +128,10 @@ def test_collectives_of_a_step_at_256_ranks(monkeypatch):
         for p in model.parameters():
             p.requires_grad_(p.grad is not None)
             p.grad = None
-        net = DDP(model, broadcast_buffers=False, gradient_as_bucket_view=True)
+        net = vtp.ddp(model, torch.device('cpu'))  # the stage scripts' options
+        # gradients into the buckets, and the constant RoPE tables not broadcast every forward
+        assert net.gradient_as_bucket_view and list(model.buffers())
+        assert not net.will_sync_module_buffers()
         buckets = []
 
         def hook(state, bucket):  # DDP's buckets: what its reducer all-reduces

@@ -71,8 +71,9 @@ def test_compiled_blocks_equal_eager():
 
 
 def test_ssl_losses_compile_whole_and_equal_eager():
-    """train_tokenizer.py compiles the DINO and iBOT losses on the padded iBOT rows: each is one
-    graph (fullgraph: no host sync, no data-dependent shape) and computes what eager does."""
+    """train_tokenizer.py compiles the DINO and iBOT losses and Sinkhorn-Knopp on the padded iBOT
+    rows: each is one graph (fullgraph: no host sync, no data-dependent shape) and computes what
+    eager does."""
     torch.manual_seed(0)
     n, K, M = 4, 64, 40
     student, p_dino = torch.randn(6 * n, K), torch.softmax(torch.randn(2 * n, K), -1)
@@ -88,6 +89,12 @@ def test_ssl_losses_compile_whole_and_equal_eager():
             res.append(({'loss': value.detach()}, {'grad': x.grad}))
         assert_close(res[1][0], res[0][0], 1e-5)
         assert_close(res[1][1], res[0][1], 1e-5)
+    # Sinkhorn-Knopp too, on the padded rows, its temperature a tensor (one graph for every value)
+    logits, valid = torch.randn(M, K) * 8, torch.arange(M) < 30
+    sinkhorn = torch.compile(vtp.sinkhorn_knopp, dynamic=False, fullgraph=True)
+    for t in (0.07, 0.04):
+        assert_close({'q': sinkhorn(logits, torch.tensor(t), valid=valid)},
+                     {'q': vtp.sinkhorn_knopp(logits, t, valid=valid)}, 1e-5)
 
 
 def test_grad_accum_probe_halves_on_out_of_memory():

@@ -180,6 +180,23 @@ def test_shapes_and_bottleneck_api():
         torch.testing.assert_close(f, m.trunk.feature_bottleneck(m.features(x)))
 
 
+def test_gradients_keep_the_parameters_layout():
+    """Every gradient of a training forward has its parameter's strides (the layout DDP's
+    gradient buckets alias; a mismatch costs a copy and a warning every step): the decoder's 1x1
+    convs read transposed token views, so their weights are channels-last."""
+    torch.manual_seed(0)
+    m = vtp.VTP(small_config())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # one thread takes another conv kernel, which follows the weight
+    bad = []  # the gradients as autograd hands them over (to DDP's hooks), before .grad
+    for n, p in m.named_parameters():
+        p.register_hook(lambda g, n=n, p=p: bad.append(n) if g.stride() != p.stride() else None)
+    out = m(images=torch.randn(2, 3, 32, 32), tokens=torch.randint(1, 50, (2, 8)), n_rec=2)
+    sum(v.float().sum() for v in out.values()).backward()
+    torch.set_num_threads(threads)
+    assert not bad, bad
+
+
 def test_clip_loss_equals_direct_computation():
     torch.manual_seed(0)
     img, txt = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
@@ -325,7 +342,16 @@ def _distributed_losses(rank, world, port, inputs, results):
     dino = vtp.dino_loss(local(s_logits, 4), probs)
     # iBOT's masked patches: rank 1 may hold none; Sinkhorn-Knopp still agrees with one process
     ibot = vtp.sinkhorn_knopp(t_logits[:5] if rank == 0 else t_logits[:0], 0.07)
-    results[rank] = (loss.detach(), img_r.grad, txt_r.grad, dino, probs, ibot)
+    # compiled (train_tokenizer.py --compile) with its all_reduces: one graph (fullgraph), the
+    # temperature a tensor so that a new value does not recompile, the same targets as eager
+    from torch._dynamo.testing import CompileCounterWithBackend
+    counter = CompileCounterWithBackend('aot_eager')
+    sinkhorn = torch.compile(vtp.sinkhorn_knopp, dynamic=False, fullgraph=True, backend=counter)
+    valid = torch.arange(2 * m) < m + rank  # padded rows, as iBOT's bucket
+    compiled = [(sinkhorn(local(t_logits, 2), torch.tensor(t), valid=valid),
+                 vtp.sinkhorn_knopp(local(t_logits, 2), t, valid=valid)) for t in (0.07, 0.05)]
+    results[rank] = (loss.detach(), img_r.grad, txt_r.grad, dino, probs, ibot, compiled,
+                     counter.frame_count)
     dist.destroy_process_group()
 
 
@@ -355,6 +381,10 @@ def test_distributed_clip_and_dino_equal_single_process():
     torch.testing.assert_close(local_probs, probs)
     assert r1[5].shape == (0, K)
     torch.testing.assert_close(r0[5], vtp.sinkhorn_knopp(t_logits[:5], 0.07))
+    for r in (r0, r1):
+        assert r[7] == 1  # one graph for both temperatures
+        for got, want in r[6]:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
 def test_flops_count_matches_a_direct_count():
