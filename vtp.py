@@ -373,9 +373,9 @@ class PixelDecoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         Dd, p = cfg.decoder_embed_dim, cfg.patch_size
-        # the latents and the blocks' output are transposed token views, channels-last in memory,
-        # and so are these 1x1 convs' weight gradients: weights of that layout let DDP's gradient
-        # bucket alias them (else a copy and a warning)
+        # in training the latents and the blocks' output are transposed token views, channels-last
+        # in memory, and so are these 1x1 convs' weight gradients: weights of that layout let DDP's
+        # gradient buckets alias them (else a copy and a warning every step)
         self.proj_in = nn.Conv2d(cfg.bottleneck_dim, Dd, kernel_size=1).to(
             memory_format=torch.channels_last)
         self.rope_embed = DinoRope(Dd // cfg.decoder_num_heads)
@@ -1862,9 +1862,9 @@ def start_ranks(device):
 def ddp(module, device):
     # DDP as every stage wraps what trains: the gradients written straight into the all-reduce
     # buckets (no copy), and no buffer broadcast before each forward: the buffers are constant
-    # (RoPE tables, positional embeddings) or unread in training (D's batch-norm statistics).
-    # torch >= 2.14 names that option forward_sync_buffers (it syncs once at construction: the
-    # same values)
+    # (RoPE tables, positional embeddings) or unread in training (D's batch-norm statistics);
+    # DDP still broadcasts them once, at construction, so every rank starts from rank 0's.
+    # torch >= 2.14 names the option forward_sync_buffers (broadcast_buffers warns there)
     sync = 'forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(DDP).parameters \
         else 'broadcast_buffers'
     return DDP(module, device_ids=[device.index] if device.type == 'cuda' else None,

@@ -187,7 +187,7 @@ def test_gradients_keep_the_parameters_layout():
     torch.manual_seed(0)
     m = vtp.VTP(small_config())
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # one thread takes another conv kernel, which follows the weight
+    torch.set_num_threads(2)  # at these shapes one thread takes a kernel that follows the weight
     bad = []  # the gradients as autograd hands them over (to DDP's hooks), before .grad
     for n, p in m.named_parameters():
         p.register_hook(lambda g, n=n, p=p: bad.append(n) if g.stride() != p.stride() else None)
