@@ -591,33 +591,34 @@ def synthetic_judge(image_size=32, kind='robust', cache_dir=None):
               'degrade' if kind == 'robust' else 'crisp')
     path = os.path.join(cache_dir, f'synthetic_judge_'
                         f'{hashlib.sha256(repr(recipe).encode()).hexdigest()[:12]}.pt')
-    net = SyntheticJudge()
-    if os.path.isfile(path):
-        net.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
-        return net.eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
+    # trained once per machine: a process that asks meanwhile waits for it, then loads it
+    with vtp.machine_lock(path):
         net = SyntheticJudge()
-        x, y = synthetic_images('train', JUDGE_IMAGES, image_size, degrade=kind == 'robust')
-        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-        for _ in range(JUDGE_EPOCHS):
-            for j in torch.randperm(len(x), generator=g).split(64):
-                loss = F.cross_entropy(net(x[j])[1], y[j])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    net.eval()
-    xv, yv = synthetic_images('val', 512, image_size)
-    with torch.no_grad():
-        acc = (net(xv)[1].argmax(1) == yv).float().mean().item()
-    # a judge that misreads real images would score samples by its own errors
-    if acc < 0.99:
-        raise RuntimeError(f"the {kind} synthetic judge recognises only {acc:.1%} of real val "
-                           "images")
-    os.makedirs(cache_dir, exist_ok=True)
-    torch.save(net.state_dict(), path + '.tmp')
-    os.replace(path + '.tmp', path)
+        if os.path.isfile(path):
+            net.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
+            return net.eval()
+        g = torch.Generator().manual_seed(0)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            net = SyntheticJudge()
+            x, y = synthetic_images('train', JUDGE_IMAGES, image_size, degrade=kind == 'robust')
+            opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+            for _ in range(JUDGE_EPOCHS):
+                for j in torch.randperm(len(x), generator=g).split(64):
+                    loss = F.cross_entropy(net(x[j])[1], y[j])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+        net.eval()
+        xv, yv = synthetic_images('val', 512, image_size)
+        with torch.no_grad():
+            acc = (net(xv)[1].argmax(1) == yv).float().mean().item()
+        # a judge that misreads real images would score samples by its own errors
+        if acc < 0.99:
+            raise RuntimeError(f"the {kind} synthetic judge recognises only {acc:.1%} of real "
+                               "val images")
+        torch.save(net.state_dict(), path + '.tmp')
+        os.replace(path + '.tmp', path)
     return net
 
 

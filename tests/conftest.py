@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock  # installed with torch
 
 # one torch thread per process: the stage scripts run as subprocesses beside data workers (and 2
 # DDP ranks), and on a 2-core machine oversubscribed OpenMP threads slow torch down 10x
@@ -53,20 +54,41 @@ def read_log(out_dir):
     return [json.loads(line) for line in open(Path(out_dir) / 'log.jsonl')]
 
 
+def pytest_collection_modifyitems(items):
+    # the order in which pytest-xdist hands the files out (pytest.ini): test_dit_train.py first,
+    # the longest chain (the tiny tokenizer below, then two DiTs on it); then the files that do not
+    # need the tokenizer, so that no worker waits for it idle; the files that need it last
+    needs = {}
+    for item in items:
+        needs[item.path] = needs.get(item.path, False) or 'tiny_tokenizer' in item.fixturenames
+    items.sort(key=lambda item: 0 if item.path.name == 'test_dit_train.py' else
+               1 + needs[item.path])
+
+
 @pytest.fixture(scope='session')
 def tiny_tokenizer(tmp_path_factory):
     """Path of the ckpt.pt of a tiny stage-1 run on the synthetic data (all objectives, L1 only);
-    its folder is the run's out-dir, with log.jsonl. Trained once per test session (~1.5 minutes
-    on 2 CPU cores: it runs alone, so with 2 threads)."""
-    out = tmp_path_factory.mktemp('tiny_tokenizer')
-    cmd = [sys.executable, str(ROOT / 'train_tokenizer.py'), '--size', 'tiny',
-           '--max-steps', str(TOKENIZER_STEPS), '--num-workers', '1', '--perceptual', 'none',
-           '--log-every', '10', '--eval-every', str(TOKENIZER_STEPS // 2), '--num-val', '256',
-           '--out-dir', str(out)]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                       env=dict(os.environ, OMP_NUM_THREADS='2'))
-    if p.returncode != 0:
-        raise RuntimeError("tiny tokenizer training "
-                           f"failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
-    (out / 'output.txt').write_text(p.stdout + p.stderr)  # what a user redirecting it would keep
+    its folder is the run's out-dir, with log.jsonl. Trained once per test session (~2 minutes on
+    a CPU core): pytest-xdist's workers share one run, which the first to ask trains under a file
+    lock while the others wait; output.txt, written last, says that it finished."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        root = root.parent  # the folder every worker's temporary folder lies in
+    out = root / 'tiny_tokenizer'
+    # 2 threads when it runs alone; beside another worker, oversubscribed threads would slow both
+    threads = '2' if int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')) < 2 else '1'
+    with FileLock(f'{out}.lock'):
+        if not (out / 'output.txt').exists():
+            cmd = [sys.executable, str(ROOT / 'train_tokenizer.py'), '--size', 'tiny',
+                   '--max-steps', str(TOKENIZER_STEPS), '--num-workers', '1',
+                   '--perceptual', 'none', '--log-every', '10',
+                   '--eval-every', str(TOKENIZER_STEPS // 2), '--num-val', '256',
+                   '--out-dir', str(out)]
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS=threads))
+            if p.returncode != 0:
+                raise RuntimeError("tiny tokenizer training "
+                                   f"failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+            # what a user redirecting it would keep
+            (out / 'output.txt').write_text(p.stdout + p.stderr)
     return out / 'ckpt.pt'
