@@ -77,7 +77,10 @@ def tiny_tokenizer(tmp_path_factory):
     out = root / 'tiny_tokenizer'
     # 2 threads when it runs alone; beside another worker, oversubscribed threads would slow both
     threads = '2' if int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')) < 2 else '1'
+    failed = Path(f'{out}.failed')  # a worker that comes later raises the same error
     with FileLock(f'{out}.lock'):
+        if failed.exists():
+            raise RuntimeError(failed.read_text())
         if not (out / 'output.txt').exists():
             cmd = [sys.executable, str(ROOT / 'train_tokenizer.py'), '--size', 'tiny',
                    '--max-steps', str(TOKENIZER_STEPS), '--num-workers', '1',
@@ -87,8 +90,9 @@ def tiny_tokenizer(tmp_path_factory):
             p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                                env=dict(os.environ, OMP_NUM_THREADS=threads))
             if p.returncode != 0:
-                raise RuntimeError("tiny tokenizer training "
-                                   f"failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+                failed.write_text("tiny tokenizer training "
+                                  f"failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+                raise RuntimeError(failed.read_text())
             # what a user redirecting it would keep
             (out / 'output.txt').write_text(p.stdout + p.stderr)
     return out / 'ckpt.pt'
