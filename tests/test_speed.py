@@ -1,7 +1,11 @@
-"""The fast path: compiled blocks compute what eager ones do, the memory probe halves the
-micro-batch until it fits, the data loader's worker count follows the machine."""
+"""The fast path: compiled blocks compute what eager ones do, no training step makes the host
+wait for the device, the memory probe halves the micro-batch until it fits, the data loader's
+worker count follows the machine."""
 import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +13,7 @@ import torch
 import data
 import vtp
 
+ROOT = Path(__file__).resolve().parents[1]
 
 def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -95,6 +100,36 @@ def test_ssl_losses_compile_whole_and_equal_eager():
     for t in (0.07, 0.04):
         assert_close({'q': sinkhorn(logits, torch.tensor(t), valid=valid)},
                      {'q': vtp.sinkhorn_knopp(logits, t, valid=valid)}, 1e-5)
+
+
+def test_training_steps_make_no_host_sync(tmp_path):
+    """No training step of any stage makes the host wait for the device (an .item(), a bool() of a
+    tensor, nonzero, a boolean-mask index): on a GPU each one idles it until the host has caught
+    up, and a CUDA graph could not capture such a step. tests/host_syncs.py counts those ops from
+    the loop's start; 4 steps must count as many as 2, each run logging once, at its end (the log
+    step syncs once, by design). Every path a step can take: stage 1 with all objectives, and with
+    2 micro-steps (the exact CLIP cache pass); stage 2 with its GAN; stage 3, class and text."""
+    def syncs(script, flags, steps):
+        out = tmp_path / f'{script}-{len(list(tmp_path.iterdir()))}'
+        p = subprocess.run([sys.executable, str(ROOT / 'tests' / 'host_syncs.py'),
+                            str(ROOT / script), '--out-dir', str(out), '--max-steps', str(steps),
+                            '--log-every', str(steps), '--ckpt-every', '100', '--num-workers', '1',
+                            *flags],
+                           cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 0 and 'host syncs: ' in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+        return int(p.stdout.rsplit('host syncs: ', 1)[1]), out / 'ckpt.pt'
+
+    tokenizer = None
+    for script, flags in (('train_tokenizer.py', ['--size', 'tiny', '--eval-every', '0']),
+                          ('train_tokenizer.py', ['--size', 'tiny', '--eval-every', '0',
+                                                  '--grad-accum', '2']),
+                          ('finetune_decoder.py', ['--disc-start', '0', '--eval-every', '0']),
+                          ('train_dit.py', ['--num-images', '256']),
+                          ('train_dit.py', ['--num-images', '256', '--condition', 'text'])):
+        flags = flags + (['--tokenizer', str(tokenizer)] if tokenizer else [])
+        (short, _), (long, ckpt) = syncs(script, flags, 2), syncs(script, flags, 4)
+        assert short == long, (script, flags, f"2 steps: {short} host syncs, 4 steps: {long}")
+        tokenizer = tokenizer or ckpt
 
 
 def test_grad_accum_probe_halves_on_out_of_memory():
