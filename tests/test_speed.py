@@ -15,6 +15,7 @@ import vtp
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -107,7 +108,7 @@ def test_training_steps_make_no_host_sync(tmp_path):
     tensor, nonzero, a boolean-mask index): on a GPU each one idles it until the host has caught
     up, and a CUDA graph could not capture such a step. tests/host_syncs.py counts those ops from
     the loop's start; 4 steps must count as many as 2, each run logging once, at its end (the log
-    step syncs once, by design). Every path a step can take: stage 1 with all objectives, and with
+    step syncs once, by design). The steps checked: stage 1 with all objectives, and with
     2 micro-steps (the exact CLIP cache pass); stage 2 with its GAN; stage 3, class and text."""
     def syncs(script, flags, steps):
         out = tmp_path / f'{script}-{len(list(tmp_path.iterdir()))}'
