@@ -108,8 +108,9 @@ def test_training_steps_make_no_host_sync(tmp_path):
     tensor, nonzero, a boolean-mask index): on a GPU each one idles it until the host has caught
     up, and a CUDA graph could not capture such a step. tests/host_syncs.py counts those ops from
     the loop's start; 4 steps must count as many as 2, each run logging once, at its end (the log
-    step syncs once, by design). The steps checked: stage 1 with all objectives, and with
-    2 micro-steps (the exact CLIP cache pass); stage 2 with its GAN; stage 3, class and text."""
+    step syncs once, by design), and more ops (so the counter ran). The steps checked: stage 1
+    with all objectives, and with 2 micro-steps (the exact CLIP cache pass); stage 2 with its GAN;
+    stage 3, class and text."""
     def syncs(script, flags, steps):
         out = tmp_path / f'{script}-{len(list(tmp_path.iterdir()))}'
         p = subprocess.run([sys.executable, str(ROOT / 'tests' / 'host_syncs.py'),
@@ -118,7 +119,8 @@ def test_training_steps_make_no_host_sync(tmp_path):
                             *flags],
                            cwd=ROOT, capture_output=True, text=True)
         assert p.returncode == 0 and 'host syncs: ' in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
-        return int(p.stdout.rsplit('host syncs: ', 1)[1]), out / 'ckpt.pt'
+        n, _, ops, _ = p.stdout.rsplit('host syncs: ', 1)[1].split()  # 'N of M ops'
+        return int(n), int(ops), out / 'ckpt.pt'
 
     tokenizer = None
     for script, flags in (('train_tokenizer.py', ['--size', 'tiny', '--eval-every', '0']),
@@ -128,8 +130,11 @@ def test_training_steps_make_no_host_sync(tmp_path):
                           ('train_dit.py', ['--num-images', '256']),
                           ('train_dit.py', ['--num-images', '256', '--condition', 'text'])):
         flags = flags + (['--tokenizer', str(tokenizer)] if tokenizer else [])
-        (short, _), (long, ckpt) = syncs(script, flags, 2), syncs(script, flags, 4)
-        assert short == long, (script, flags, f"2 steps: {short} host syncs, 4 steps: {long}")
+        (short, short_ops, _), (long, long_ops, ckpt) = syncs(script, flags, 2), \
+            syncs(script, flags, 4)
+        assert short == long and long_ops > short_ops > 0, (
+            script, flags, f"2 steps: {short} host syncs of {short_ops} ops, "
+            f"4 steps: {long} of {long_ops}")
         tokenizer = tokenizer or ckpt
 
 
